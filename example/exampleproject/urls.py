@@ -1,0 +1,3 @@
+"""URLs of the example project (the demo page arrives with the browser client)."""
+
+urlpatterns: list = []

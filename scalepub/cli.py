@@ -1,0 +1,123 @@
+"""The ``scalepub`` command: ``run`` the shard pool, ``tail`` nodes live."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from scalepub import __version__, exitcodes
+from scalepub.settings import Settings, SettingsError
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
+
+
+def _settings(**overrides: Any) -> Settings:
+    """SCALEPUB_* variables, then the command-line options."""
+    try:
+        return Settings.from_env(**overrides)
+    except SettingsError as exc:
+        click.echo(f"scalepub: bad setting: {exc}", err=True)
+        sys.exit(exitcodes.USAGE)
+
+
+def _common(func: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--redis-url", help="Redis URL [env SCALEPUB_REDIS_URL]"),
+        click.option("--key-prefix", help="Redis key prefix [env SCALEPUB_KEY_PREFIX]"),
+        click.option("--xmpp-host", help="XMPP server host [env SCALEPUB_XMPP_HOST]"),
+        click.option("--xmpp-port", type=int, help="XMPP c2s port [env SCALEPUB_XMPP_PORT]"),
+        click.option("--pubsub-service", help="pubsub JID, e.g. pubsub.example.com "
+                     "[env SCALEPUB_PUBSUB_SERVICE]"),
+        click.option("--log-level", default="INFO", show_default=True,
+                     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"])),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="scalepub")
+def main() -> None:
+    """scalepub: new Django rows, live to many XMPP pubsub subscribers.
+
+    Settings come from SCALEPUB_* environment variables (`eval "$(ops/stack env)"` sets
+    them for the local stack); options override them. See README.md.
+    """
+
+
+@main.command()
+@click.option("--shards", type=int, help="stream shards; must match the producers' SCALEPUB "
+              "SHARDS [env SCALEPUB_SHARDS, default 8]")
+@click.option("--processes", type=int, help="shard processes (default: one per shard)")
+@click.option("--xmpp-jid", help="publisher account [env SCALEPUB_XMPP_JID]")
+@click.option("--xmpp-password", help="prefer env SCALEPUB_XMPP_PASSWORD (not in ps output)")
+@click.option("--batch-max-entries", type=int, help="entries per pubsub item [default 200]")
+@click.option("--batch-max-bytes", type=int, help="bytes per pubsub item [default 120000]")
+@click.option("--linger-ms", type=float, help="wait this long for a batch to fill [default 5]")
+@click.option("--window", type=int, help="publish IQs in flight per connection [default 32]")
+@_common
+def run(log_level: str, processes: int | None, **options: Any) -> None:
+    """Run the shard pool: publish the streams to XMPP until SIGTERM or Ctrl-C.
+
+    One Ctrl-C (or SIGTERM) stops gracefully: no new reads, the in-flight IQs are awaited
+    and acknowledged, counts are logged. A second one stops at once (nothing unconfirmed
+    is acknowledged, so nothing is lost: it is re-published by the next run).
+    """
+    from scalepub.shard.pool import Pool
+
+    logging.basicConfig(level=log_level, format=LOG_FORMAT)
+    settings = _settings(**options)
+    sys.exit(Pool(settings, processes=processes, log_level=log_level).run())
+
+
+@main.command()
+@click.argument("nodes", nargs=-1)
+@click.option("--all", "follow_all", is_flag=True, help="follow every node of the service, "
+              "including nodes created later")
+@click.option("--jid", help="log in as this account instead of anonymously")
+@click.option("--password", envvar="SCALEPUB_TAIL_PASSWORD", help="password for --jid "
+              "[env SCALEPUB_TAIL_PASSWORD]")
+@click.option("--count", type=int, default=0, help="exit after this many entries")
+@_common
+def tail(nodes: tuple[str, ...], follow_all: bool, jid: str | None, password: str | None,
+         count: int, log_level: str, **options: Any) -> None:
+    """Print entries of NODES as they arrive, with their end-to-end latency.
+
+    Example: scalepub tail /twitter/Tweet/user1 /twitter/Tweet/user2, or scalepub tail --all.
+    Logs in anonymously on SCALEPUB_ANON_DOMAIN unless --jid is given; nodes that do not
+    exist yet are subscribed to as soon as they are created.
+    """
+    if not nodes and not follow_all:
+        raise click.UsageError("give one or more NODES, or --all")
+    logging.basicConfig(level=log_level, format=LOG_FORMAT)
+    settings = _settings(**options)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_tail(settings, nodes, follow_all, jid, password or "", count))
+
+
+async def _tail(settings: Settings, nodes: tuple[str, ...], follow_all: bool,
+                jid: str | None, password: str, count: int) -> None:
+    from scalepub.subscriber import ReceivedEntry, Subscriber
+
+    done = asyncio.Event()
+    seen = 0
+
+    def show(entry: ReceivedEntry) -> None:
+        nonlocal seen
+        seen += 1
+        click.echo(f"{entry.node} #{entry.seq} {entry.latency_s * 1000:7.1f} ms  "
+                   f"{entry.summary()}")
+        if count and seen >= count:
+            done.set()
+
+    sub = Subscriber(settings, nodes, show, follow_all=follow_all, jid=jid, password=password)
+    task = asyncio.create_task(sub.run())
+    await done.wait() if count else await task
+    task.cancel()

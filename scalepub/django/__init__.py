@@ -1,0 +1,1 @@
+"""Django integration: add ``"scalepub.django"`` to INSTALLED_APPS, then ``scalepub.register``."""

@@ -1,0 +1,206 @@
+"""The one settings object, built from ``SCALEPUB_*`` variables, a Django dict or CLI flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+ENV_PREFIX = "SCALEPUB_"
+DJANGO_SETTING = "SCALEPUB"
+
+PAYLOAD_FORMATS = ("xml", "json")
+TLS_MODES = ("auto", "required", "off")
+_KEY_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_JID_RE = re.compile(r"^[^@/\s]+@[^@/\s]+$")
+
+
+class SettingsError(ValueError):
+    """A setting has a wrong value; the message names the setting."""
+
+
+Check = Callable[[Any], str | None]
+
+
+def _positive(value: Any) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _port(value: Any) -> str | None:
+    return None if 0 < value < 65536 else "must be a TCP port (1-65535)"
+
+
+def _one_of(choices: tuple[str, ...]) -> Check:
+    def check(value: Any) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(choices)}"
+
+    return check
+
+
+def _url(*schemes: str) -> Check:
+    def check(value: Any) -> str | None:
+        parts = urlsplit(value)
+        if parts.scheme in schemes and parts.hostname:
+            return None
+        return f"must be a {' or '.join(s + '://' for s in schemes)} URL with a host"
+
+    return check
+
+
+def _matches(pattern: re.Pattern[str], what: str) -> Check:
+    def check(value: Any) -> str | None:
+        return None if pattern.match(value) else f"must be {what}"
+
+    return check
+
+
+def _nonempty(value: Any) -> str | None:
+    return None if value.strip() else "must not be empty"
+
+
+def _setting(default: Any, check: Check | None = None, secret: bool = False) -> Any:
+    return field(default=default, repr=not secret, metadata={"check": check})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything scalepub can be told; one instance per process, immutable."""
+
+    # Redis: where producers append and shards read.
+    redis_url: str = _setting("redis://127.0.0.1:6379/0", _url("redis", "rediss", "unix"))
+    # Bounds how long a Django save can wait on Redis (connect and command), in seconds.
+    redis_timeout: float = _setting(1.0, _positive)
+    key_prefix: str = _setting("scalepub", _matches(_KEY_PREFIX_RE, "1-64 of [A-Za-z0-9_.:-]"))
+    shards: int = _setting(8, _positive)
+    # XADD MAXLEN ~ bound per shard stream: the memory cap when XMPP falls behind.
+    stream_maxlen: int = _setting(250_000, _positive)
+    payload_format: str = _setting("xml", _one_of(PAYLOAD_FORMATS))
+
+    xmpp_host: str = _setting("127.0.0.1", _nonempty)
+    xmpp_port: int = _setting(5222, _port)
+    xmpp_domain: str = _setting("localhost", _nonempty)
+    pubsub_service: str = _setting("pubsub.localhost", _nonempty)
+    xmpp_jid: str = _setting("pub@localhost", _matches(_JID_RE, "a bare JID like pub@example.com"))
+    xmpp_password: str = _setting("", secret=True)
+    # auto: plain TCP only to a loopback host, STARTTLS with certificate check elsewhere.
+    xmpp_tls: str = _setting("auto", _one_of(TLS_MODES))
+    anon_domain: str = _setting("anon.localhost", _nonempty)
+    bosh_url: str = _setting("http://127.0.0.1:5280/bosh", _url("http", "https"))
+    ws_url: str = _setting("ws://127.0.0.1:5280/ws", _url("ws", "wss"))
+
+    # Shard batching and pipelining.
+    batch_max_entries: int = _setting(200, _positive)
+    # Kept well under ejabberd's max_payload_size (250,000 B by default) and max_stanza_size.
+    batch_max_bytes: int = _setting(120_000, _positive)
+    linger_ms: float = _setting(5.0, lambda v: None if v >= 0 else "must be 0 or more")
+    window: int = _setting(32, _positive)
+
+    metrics_host: str = _setting("127.0.0.1", _nonempty)
+    metrics_port: int = _setting(9464, lambda v: None if 0 <= v < 65536 else "must be 0-65535")
+
+    def __post_init__(self) -> None:
+        _validate(self, lambda name: f"{ENV_PREFIX}{name.upper()}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build from ``SCALEPUB_*`` variables; keyword overrides (CLI flags) win."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f, raw, ENV_PREFIX + f.name.upper())
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return _build(cls, values, lambda name: f"{ENV_PREFIX}{name.upper()}")
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any], **overrides: Any) -> Settings:
+        """Build from Django's ``SCALEPUB = {"REDIS_URL": ...}`` dict."""
+        names = {f.name.upper(): f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for key, raw in mapping.items():
+            label = f"{DJANGO_SETTING}[{key!r}]"
+            if key not in names:
+                raise SettingsError(f"{label}: unknown setting (known: {', '.join(sorted(names))})")
+            f = names[key]
+            values[f.name] = _parse(f, raw, label) if isinstance(raw, str) else raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return _build(cls, values, lambda name: f"{DJANGO_SETTING}[{name.upper()!r}]")
+
+    def replace(self, **overrides: Any) -> Settings:
+        """A copy with some values changed (``None`` means keep)."""
+        values = {k: v for k, v in overrides.items() if v is not None}
+        return _build(type(self), {**dataclasses.asdict(self), **values}, lambda n: f"--{n}")
+
+    @property
+    def xmpp_host_is_loopback(self) -> bool:
+        """True when the XMPP server is on this machine (plain TCP is then acceptable)."""
+        if self.xmpp_host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.xmpp_host).is_loopback
+        except ValueError:
+            return False
+
+
+def _type_of(f: dataclasses.Field[Any]) -> type:
+    return {"int": int, "float": float, "str": str, "bool": bool}[str(f.type)]
+
+
+def _parse(f: dataclasses.Field[Any], raw: str, label: str) -> Any:
+    kind = _type_of(f)
+    if kind is str:
+        return raw
+    try:
+        return kind(raw.strip())
+    except ValueError:
+        raise SettingsError(f"{label}: expected {kind.__name__}, got {raw!r}") from None
+
+
+def _build(cls: type[Settings], values: dict[str, Any], label: Callable[[str], str]) -> Settings:
+    unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise SettingsError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+    for f in dataclasses.fields(cls):
+        if f.name in values:
+            values[f.name] = _coerce(f, values[f.name], label(f.name))
+    obj = object.__new__(cls)
+    for name, value in {**{f.name: f.default for f in dataclasses.fields(cls)}, **values}.items():
+        object.__setattr__(obj, name, value)
+    _validate(obj, label)
+    return obj
+
+
+def _coerce(f: dataclasses.Field[Any], value: Any, label: str) -> Any:
+    kind = _type_of(f)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise SettingsError(f"{label}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def _validate(obj: Settings, label: Callable[[str], str]) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        _coerce(f, value, label(f.name))
+        check: Check | None = f.metadata.get("check")
+        problem = check(value) if check else None
+        if problem:
+            shown = "***" if not f.repr else repr(value)
+            raise SettingsError(f"{label(f.name)}: {problem} (got {shown})")
+
+
+def env_mapping(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``{"REDIS_URL": ...}`` from the ``SCALEPUB_*`` variables of known settings.
+
+    For a Django project that takes its ``SCALEPUB`` dict from the environment.
+    """
+    environ = os.environ if environ is None else environ
+    names = (f.name.upper() for f in dataclasses.fields(Settings))
+    return {n: environ[ENV_PREFIX + n] for n in names if environ.get(ENV_PREFIX + n)}

@@ -1,0 +1,1 @@
+"""The shard pool: stream consumers that publish to XMPP (never imports Django)."""

@@ -1,0 +1,125 @@
+"""Group entries into per-node batches and decide which batch goes out next.
+
+Pure bookkeeping, no I/O. Per-node order is kept by allowing at most one batch of a node in
+flight: a batch that must be retried or split is always published before anything later of
+its node. Different nodes are pipelined freely.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+from scalepub.shard.batch import Batch, Entry
+
+
+@dataclass(frozen=True)
+class Caps:
+    """When an open batch is closed: entry count, byte size, or age (linger)."""
+
+    max_entries: int
+    max_bytes: int
+    linger_s: float
+
+
+class _NodeQueue:
+    __slots__ = ("busy", "open", "opened_at", "ready")
+
+    def __init__(self) -> None:
+        self.ready: deque[Batch] = deque()
+        self.open: Batch | None = None
+        self.opened_at = 0.0
+        self.busy = False  # a batch of this node is in flight
+
+
+class Batcher:
+    """Per-node batches, closed on caps, handed out one in flight per node."""
+
+    def __init__(self, caps: Caps) -> None:
+        self.caps = caps
+        self._nodes: dict[str, _NodeQueue] = {}
+        # Nodes that have a ready batch and nothing in flight, oldest first: fair across nodes.
+        self._sendable: OrderedDict[str, None] = OrderedDict()
+        self._open_nodes: OrderedDict[str, None] = OrderedDict()
+        self.buffered = 0  # entries held (open, ready or in flight)
+
+    def add(self, entry: Entry, shard: int, now: float) -> bool:
+        """Add an entry; False if it alone exceeds the byte cap (the caller dead-letters it)."""
+        part = entry.xml()
+        if len(part) > self.caps.max_bytes:
+            return False
+        q = self._nodes.get(entry.node)
+        if q is None:
+            q = self._nodes[entry.node] = _NodeQueue()
+        batch = q.open
+        if batch is not None and batch.size + len(part) > self.caps.max_bytes:
+            self._close(entry.node, q)
+            batch = None
+        if batch is None:
+            batch = q.open = Batch(entry.node, shard)
+            q.opened_at = now
+            self._open_nodes[entry.node] = None
+        batch.add(entry, part)
+        self.buffered += 1
+        if len(batch.entries) >= self.caps.max_entries:
+            self._close(entry.node, q)
+        return True
+
+    def flush_due(self, now: float, everything: bool = False) -> float | None:
+        """Close open batches older than the linger; return when the next one is due."""
+        deadline = now - self.caps.linger_s
+        for node in list(self._open_nodes):
+            q = self._nodes[node]
+            if not everything and q.opened_at > deadline:
+                return q.opened_at + self.caps.linger_s
+            self._close(node, q)
+        return None
+
+    def next_batch(self) -> Batch | None:
+        """The next batch to publish (its node becomes busy), or None."""
+        if not self._sendable:
+            return None
+        node, _ = self._sendable.popitem(last=False)
+        q = self._nodes[node]
+        batch = q.ready.popleft()
+        q.busy = True
+        return batch
+
+    def done(self, batch: Batch) -> None:
+        """The server confirmed ``batch`` (or it was dead-lettered): free its node."""
+        self.buffered -= len(batch.entries)
+        self.release(batch.node)
+
+    def retry(self, *batches: Batch) -> None:
+        """Put ``batches`` back at the head of their node's queue, in the given order."""
+        for batch in reversed(batches):
+            self._nodes[batch.node].ready.appendleft(batch)
+        for node in {b.node: None for b in batches}:
+            self.release(node)
+
+    def forget(self, count: int) -> None:
+        """Entries removed without being published (dead-lettered out of a split batch)."""
+        self.buffered -= count
+
+    def release(self, node: str) -> None:
+        """Nothing of ``node`` is in flight any more."""
+        q = self._nodes[node]
+        q.busy = False
+        if q.ready:
+            self._sendable[node] = None
+        elif q.open is None:
+            del self._nodes[node]  # idle: keeps memory proportional to active nodes
+
+    def _close(self, node: str, q: _NodeQueue) -> None:
+        if q.open is None:
+            return
+        q.ready.append(q.open)
+        q.open = None
+        self._open_nodes.pop(node, None)
+        if not q.busy:
+            self._sendable[node] = None
+
+    @property
+    def idle(self) -> bool:
+        """Nothing held at all."""
+        return self.buffered == 0

@@ -1,0 +1,169 @@
+"""The supervisor: spawns the shard processes, restarts the dead, stops them gracefully."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait
+from multiprocessing.context import SpawnProcess
+from multiprocessing.synchronize import Event
+from types import FrameType
+
+import redis
+
+from scalepub import exitcodes
+from scalepub.producer import redis_client
+from scalepub.settings import Settings
+from scalepub.shard.process import shard_main
+from scalepub.shard.streams import ShardCountMismatch, agree_shard_count
+from scalepub.sharding import Keys
+
+log = logging.getLogger(__name__)
+
+RESTART_BACKOFF_MAX_S = 30.0
+STABLE_AFTER_S = 30.0  # a shard that lived this long restarts without delay next time
+KILL_AFTER_S = 5.0  # after a second signal, stragglers get SIGKILL
+
+
+@dataclass
+class _Slot:
+    """One shard process position: which shards it owns and its restart history."""
+
+    index: int
+    shards: list[int]
+    process: SpawnProcess | None = None
+    ready: Event | None = None
+    started: float = 0.0
+    failures: int = 0
+    restart_at: float | None = None
+    restarts: int = field(default=0)
+    terminated: bool = False  # SIGTERM sent to the current process
+
+
+class Pool:
+    """``scalepub run``: N shard processes over the streams of ``settings.shards`` shards."""
+
+    def __init__(self, settings: Settings, processes: int | None = None,
+                 log_level: str = "INFO") -> None:
+        self.settings = settings
+        count = min(processes or settings.shards, settings.shards)
+        self.slots = [_Slot(i, list(range(i, settings.shards, count))) for i in range(count)]
+        self.log_level = log_level
+        self._ctx = multiprocessing.get_context("spawn")
+        self._signals = 0
+        self._ever_ready = False
+
+    def run(self) -> int:
+        """Supervise until a signal or a fatal shard error; returns the exit code."""
+        code = self._preflight()
+        if code != exitcodes.OK:
+            return code
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+        for slot in self.slots:
+            self._spawn(slot)
+        log.info("pool: %d shard processes over %d shards", len(self.slots), self.settings.shards)
+        code = self._supervise()
+        self._stop_all()
+        log.info("pool: stopped (exit code %d)", code)
+        return code
+
+    def _preflight(self) -> int:
+        client = redis_client(self.settings.replace(redis_timeout=max(self.settings.redis_timeout,
+                                                                      2.0)))
+        try:
+            previous = agree_shard_count(client, Keys(self.settings.key_prefix),
+                                         self.settings.shards)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.error("cannot reach Redis at %s: %s", self.settings.redis_url, exc)
+            return exitcodes.REDIS_UNREACHABLE
+        except ShardCountMismatch as exc:
+            log.error("%s", exc)
+            return exitcodes.SHARD_COUNT_MISMATCH
+        finally:
+            client.close()
+        if previous is not None:
+            log.warning("pool: shard count changed from %d to %d (streams were drained)",
+                        previous, self.settings.shards)
+        return exitcodes.OK
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self._signals += 1
+        log.info("pool: %s (%s), %s", signal.Signals(signum).name, self._signals,
+                 "stopping gracefully" if self._signals == 1 else "stopping now")
+        for slot in self.slots:
+            self._terminate(slot, again=self._signals > 1)
+
+    @staticmethod
+    def _terminate(slot: _Slot, again: bool = False) -> None:
+        """SIGTERM once (graceful); a second SIGTERM makes a shard exit at once."""
+        if slot.process is not None and slot.process.is_alive() and (again or not slot.terminated):
+            slot.process.terminate()
+            slot.terminated = True
+
+    def _spawn(self, slot: _Slot) -> None:
+        slot.ready = self._ctx.Event()
+        slot.process = self._ctx.Process(
+            target=shard_main, name=f"shard-{slot.index}",
+            args=(self.settings, slot.shards, slot.index, slot.ready.set, self.log_level),
+        )
+        slot.process.start()
+        slot.started = time.monotonic()
+        slot.restart_at = None
+        slot.terminated = False
+
+    def _supervise(self) -> int:
+        while not self._signals:
+            sentinels = [s.process.sentinel for s in self.slots if s.process is not None]
+            wait(sentinels, timeout=0.2)  # a dead child wakes us at once
+            self._ever_ready |= any(s.ready is not None and s.ready.is_set() for s in self.slots)
+            for slot in self.slots:
+                code = self._check(slot)
+                if code is not None:
+                    return code
+        return exitcodes.OK
+
+    def _check(self, slot: _Slot) -> int | None:
+        now = time.monotonic()
+        if slot.process is None:
+            if slot.restart_at is not None and now >= slot.restart_at:
+                self._spawn(slot)
+            return None
+        if slot.process.is_alive():
+            return None
+        code = slot.process.exitcode or 0
+        slot.process.join()
+        slot.process = None
+        if code in exitcodes.FATAL or (not self._ever_ready and code in (
+                exitcodes.XMPP_UNREACHABLE, exitcodes.REDIS_UNREACHABLE)):
+            log.error("pool: shard process %d failed at start (exit code %d); stopping",
+                      slot.index, code)
+            return code
+        self._schedule_restart(slot, code, now)
+        return None
+
+    def _schedule_restart(self, slot: _Slot, code: int, now: float) -> None:
+        slot.failures = 0 if now - slot.started > STABLE_AFTER_S else slot.failures + 1
+        delay = min(0.5 * 2 ** slot.failures, RESTART_BACKOFF_MAX_S) if slot.failures else 0.2
+        slot.restart_at = now + delay
+        slot.restarts += 1
+        log.error("pool: shard process %d (shards %s) died with exit code %d; restart in %.1f s",
+                  slot.index, slot.shards, code, delay)
+
+    def _stop_all(self) -> None:
+        for slot in self.slots:
+            self._terminate(slot)
+        alive = [s.process for s in self.slots if s.process is not None and s.process.is_alive()]
+        deadline = None
+        while any(p.is_alive() for p in alive):
+            if self._signals >= 2 and deadline is None:
+                deadline = time.monotonic() + KILL_AFTER_S
+            if deadline is not None and time.monotonic() > deadline:
+                for process in alive:
+                    process.kill()
+            wait([p.sentinel for p in alive if p.is_alive()], timeout=0.2)
+        for process in alive:
+            log.info("pool: %s exited with %s", process.name, process.exitcode)

@@ -1,0 +1,62 @@
+"""Entry point of one spawned shard process: signals, logging, exit codes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+
+import redis
+
+from scalepub import exitcodes
+from scalepub.settings import Settings
+from scalepub.shard.worker import ShardWorker
+from scalepub.shard.xmpp import XmppAuthError, XmppUnreachable
+
+log = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
+
+
+def shard_main(settings: Settings, shards: Sequence[int], index: int,
+               on_ready: Callable[[], None] | None, log_level: str) -> None:
+    """Run one shard process until SIGTERM; exits with an ``exitcodes`` value."""
+    logging.basicConfig(level=log_level, format=LOG_FORMAT)
+    # Ctrl-C reaches the whole process group: the supervisor turns it into one SIGTERM each,
+    # so a single Ctrl-C is a graceful stop, not a "second signal".
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(asyncio.run(run_worker(settings, shards, f"shard-{index}", on_ready)))
+
+
+async def run_worker(settings: Settings, shards: Sequence[int], consumer: str,
+                     on_ready: Callable[[], None] | None = None) -> int:
+    """Run a ShardWorker with SIGTERM handling; map start-up failures to exit codes."""
+    worker = ShardWorker(settings, shards, consumer, on_ready=on_ready)
+    signals = 0
+
+    def on_term() -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            log.info("shard %s: SIGTERM, draining", consumer)
+            worker.stop()
+        else:  # nothing is acked before the server confirmed it, so stopping now is safe
+            log.warning("shard %s: second signal, exiting now", consumer)
+            os._exit(exitcodes.INTERRUPTED)
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_term)
+    try:
+        await worker.run()
+    except XmppAuthError as exc:
+        log.error("%s", exc)
+        return exitcodes.XMPP_AUTH
+    except XmppUnreachable as exc:
+        log.error("%s", exc)
+        return exitcodes.XMPP_UNREACHABLE
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        log.error("cannot reach Redis at %s: %s", settings.redis_url, exc)
+        return exitcodes.REDIS_UNREACHABLE
+    return exitcodes.OK

@@ -1,0 +1,129 @@
+"""The shard's side of the Redis streams: consumer group reads, acks, dead letters.
+
+Also the start-up check that the pool runs with the shard count the producers wrote for.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import cast
+
+import redis
+import redis.asyncio as aredis
+
+from scalepub.sharding import CONSUMER_GROUP, ENTRY_FIELD, Keys
+
+# Dead-letter streams keep the newest entries only; they are for inspection and replay.
+DEAD_LETTER_MAXLEN = 100_000
+
+StreamEntries = list[tuple[bytes, dict[bytes, bytes]]]
+
+
+class ShardCountMismatch(RuntimeError):
+    """Entries are waiting in streams written for another shard count."""
+
+
+async def ensure_group(r: aredis.Redis, key: str) -> None:
+    """Create the consumer group (and the stream) if missing."""
+    try:
+        await r.xgroup_create(key, CONSUMER_GROUP, id="0", mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+async def claim_pending(r: aredis.Redis, key: str, consumer: str, cursor: bytes,
+                        count: int) -> tuple[bytes, StreamEntries, int]:
+    """Take over pending entries of any consumer (a dead predecessor), oldest first.
+
+    Returns the next cursor (``b"0-0"`` when done), the entries, and how many pending ids
+    pointed at entries already trimmed away (lost to MAXLEN).
+    """
+    reply = await r.xautoclaim(key, CONSUMER_GROUP, consumer, min_idle_time=0,
+                               start_id=cursor, count=count)
+    next_cursor, entries = reply[0], reply[1]
+    deleted = reply[2] if len(reply) > 2 else []
+    return next_cursor, [e for e in entries if e[1]], len(deleted)
+
+
+async def read_new(r: aredis.Redis, keys: Sequence[str], consumer: str, count: int,
+                   block_ms: int) -> list[tuple[bytes, StreamEntries]]:
+    """New entries for this consumer from several streams, waiting up to ``block_ms``."""
+    reply = await r.xreadgroup(CONSUMER_GROUP, consumer, dict.fromkeys(keys, ">"),
+                               count=count, block=block_ms)
+    return cast(list[tuple[bytes, StreamEntries]], reply or [])
+
+
+async def ack(r: aredis.Redis, key: str, ids: Sequence[bytes]) -> None:
+    """Acknowledge entries the server confirmed."""
+    await r.xack(key, CONSUMER_GROUP, *ids)
+
+
+async def dead_letter(r: aredis.Redis, keys: Keys, shard: int, *, stream_id: bytes,
+                      envelope: bytes, reason: str) -> None:
+    """Move one entry to the shard's dead-letter stream, atomically with its ack."""
+    async with r.pipeline(transaction=True) as pipe:  # same hash tag: one slot
+        pipe.xadd(keys.dead(shard), {
+            ENTRY_FIELD: envelope, b"reason": reason.encode("utf-8", "replace"),
+            b"stream_id": stream_id, b"at_ns": str(time.time_ns()).encode(),
+        }, maxlen=DEAD_LETTER_MAXLEN, approximate=True)
+        pipe.xack(keys.stream(shard), CONSUMER_GROUP, stream_id)
+        await pipe.execute()
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """Entries of one stream not yet published: never read (lag) or read, unacked."""
+
+    key: str
+    lag: int
+    pending: int
+
+
+def backlogs(r: redis.Redis, keys: Keys) -> list[Backlog]:
+    """The backlog of every shard stream under the prefix (any shard count)."""
+    out = []
+    for key in sorted(k.decode() for k in r.scan_iter(match=keys.stream_pattern, count=1000)):
+        groups = {g["name"]: g for g in r.xinfo_groups(key)}
+        group = groups.get(CONSUMER_GROUP.encode()) or groups.get(CONSUMER_GROUP)
+        if group is None:
+            out.append(Backlog(key, int(r.xlen(key)), 0))
+            continue
+        lag = group.get("lag")
+        if lag is None:  # Redis cannot tell after trims/deletes: count from the last read id
+            last = group["last-delivered-id"]
+            start = last.decode() if isinstance(last, bytes) else str(last)
+            lag = len(cast(list[object], r.xrange(key, min=f"({start}")))
+        out.append(Backlog(key, int(lag), int(group["pending"])))
+    return out
+
+
+def agree_shard_count(r: redis.Redis, keys: Keys, shards: int) -> int | None:
+    """Record ``shards`` as the count; refuse if entries wait under another count.
+
+    Returns the previously recorded count if it changed (None if it was the same or unset).
+    """
+    recorded = {int(v) for v in [r.get(keys.shard_count)] if v is not None}
+    metas = list(r.scan_iter(match=f"{keys.prefix}:{{*}}:meta", count=1000))
+    recorded |= {int(v) for v in (r.hget(m, "shards") for m in metas) if v is not None}
+    others = recorded - {shards}
+    if others:
+        waiting = [b for b in backlogs(r, keys) if b.lag or b.pending]
+        if waiting:
+            detail = ", ".join(f"{b.key}: {b.lag} unread, {b.pending} pending" for b in waiting)
+            raise ShardCountMismatch(
+                f"the streams were written for {sorted(others)} shards but the pool runs with "
+                f"{shards}, and entries are waiting ({detail}). Run the pool with "
+                f"--shards {max(others)} until the streams are drained, then change the count "
+                "(producers and pool together)."
+            )
+    with r.pipeline(transaction=False) as pipe:
+        pipe.set(keys.shard_count, shards)
+        for meta in metas:
+            pipe.hset(meta, "shards", shards)
+        for shard in range(shards):
+            pipe.hset(keys.meta(shard), "shards", shards)
+        pipe.execute()
+    return max(others) if others else None

@@ -1,0 +1,377 @@
+"""One shard process's work: stream → batches → pipelined publish IQs → XACK.
+
+At-least-once and per-node order: an entry is acknowledged in Redis only after the server's
+IQ result for its batch; a batch lost with the connection is re-published before anything
+later of its node (one batch per node in flight, see batcher.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import logging
+import os
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import redis
+import redis.asyncio as aredis
+
+from scalepub.envelope import EnvelopeError, decode
+from scalepub.nodes import InvalidNodeName, validate_node
+from scalepub.settings import Settings
+from scalepub.shard import streams
+from scalepub.shard.batch import Batch, Entry, publish_iq, well_formed
+from scalepub.shard.batcher import Batcher, Caps
+from scalepub.shard.xmpp import Reply, XmppAuthError, XmppLink, XmppUnreachable
+from scalepub.sharding import CONSUMER_GROUP, ENTRY_FIELD, Keys
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+READ_COUNT = 1000
+READ_BLOCK_MS = 100
+DRAIN_TIMEOUT_S = 10.0
+# A batch in flight at this many connection losses is split; a single entry is dead-lettered.
+SPLIT_AFTER_RESENDS = 2
+DEAD_AFTER_RESENDS = 5
+TRANSIENT_CONDITIONS = frozenset({
+    "internal-server-error", "resource-constraint", "remote-server-timeout",
+    "service-unavailable", "recipient-unavailable",
+})
+
+
+@dataclass
+class Stats:
+    """What a shard did; printed on exit and read by tests and metrics."""
+
+    published: int = 0
+    iqs: int = 0
+    dead_lettered: int = 0
+    retries: int = 0
+    splits: int = 0
+    reconnects: int = 0
+    trimmed: int = 0  # pending ids whose entries MAXLEN had already removed
+    latency_ns_sum: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def summary(self) -> str:
+        """One log line."""
+        rate = self.published / max(time.monotonic() - self.started, 1e-9)
+        return (f"published={self.published} iqs={self.iqs} dead_lettered={self.dead_lettered} "
+                f"retries={self.retries} splits={self.splits} reconnects={self.reconnects} "
+                f"trimmed={self.trimmed} rate={rate:.0f}/s")
+
+
+def async_redis(settings: Settings) -> aredis.Redis:
+    """The shard's Redis client (blocking reads need a timeout above READ_BLOCK_MS)."""
+    return aredis.Redis.from_url(
+        settings.redis_url, socket_timeout=max(5.0, settings.redis_timeout),
+        socket_connect_timeout=max(2.0, settings.redis_timeout),
+    )
+
+
+class ShardWorker:
+    """Publishes the streams of ``shards`` over one XMPP connection until stopped."""
+
+    def __init__(self, settings: Settings, shards: Sequence[int], consumer: str,
+                 on_ready: Callable[[], None] | None = None) -> None:
+        self.settings = settings
+        self.keys = Keys(settings.key_prefix)
+        self.shard_of = {self.keys.stream(s): s for s in shards}
+        self.consumer = consumer
+        self.batcher = Batcher(Caps(settings.batch_max_entries, settings.batch_max_bytes,
+                                    settings.linger_ms / 1000))
+        self.max_buffer = settings.window * settings.batch_max_entries * 4
+        self.inflight: dict[str, Batch] = {}
+        self.stats = Stats()
+        self.redis = async_redis(settings)
+        self.link = XmppLink(settings, self.inflight.__contains__, self._on_reply, self._on_down)
+        self._ids = (f"sp{os.getpid()}-{n}" for n in itertools.count())
+        self._acks: dict[int, list[bytes]] = defaultdict(list)
+        self._ack_wakeup = asyncio.Event()
+        self._space = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._draining = False
+        self._background: set[asyncio.Task[None]] = set()
+        self._valid_nodes: set[str] = set()
+        self._on_ready = on_ready
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def run(self) -> Stats:
+        """Connect, publish until ``stop()``, then drain and return the counts."""
+        for key in self.shard_of:
+            await streams.ensure_group(self.redis, key)
+        await self.link.connect()
+        log.info("shard %s: connected as %s, window %d", self._name, self.settings.xmpp_jid,
+                 self.settings.window)
+        if self._on_ready:
+            self._on_ready()
+        tasks = [asyncio.create_task(c) for c in
+                 (self._read_loop(), self._linger_loop(), self._ack_loop())]
+        await self._stop.wait()
+        tasks[0].cancel()  # stop reading first: what was read stays pending in Redis
+        await self._drain()
+        for task in tasks[1:]:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.link.close()
+        await self.redis.aclose()
+        log.info("shard %s: stopped: %s", self._name, self.stats.summary())
+        return self.stats
+
+    def stop(self) -> None:
+        """Graceful stop: no new reads or publishes; confirmed entries are acked."""
+        self._stop.set()
+
+    async def _drain(self) -> None:
+        self._draining = True
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        while self.inflight and self.link.up and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self.inflight:
+            log.warning("shard %s: %d publish IQs unconfirmed at exit; their entries stay "
+                        "pending and are re-published by the next run", self._name,
+                        len(self.inflight))
+        await self._flush_acks()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    @property
+    def _name(self) -> str:
+        return ",".join(str(s) for s in self.shard_of.values())
+
+    # -- reading -------------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        for key, shard in self.shard_of.items():
+            await self._retrying(functools.partial(self._claim, key, shard))
+        while True:
+            await self._wait_for_space()
+            replies = await self._retrying(self._read_new)
+            now = time.monotonic()
+            for stream, entries in replies or []:
+                shard = self.shard_of[stream.decode()]
+                for sid, fields in entries:
+                    self._take(shard, sid, fields, now)
+            self._pump()
+
+    async def _read_new(self) -> list[tuple[bytes, streams.StreamEntries]]:
+        return await streams.read_new(self.redis, list(self.shard_of), self.consumer,
+                                      READ_COUNT, READ_BLOCK_MS)
+
+    async def _claim(self, key: str, shard: int) -> None:
+        """Entries a dead predecessor read but never got confirmed: they go first."""
+        cursor = b"0-0"
+        while True:
+            await self._wait_for_space()
+            cursor, entries, trimmed = await streams.claim_pending(
+                self.redis, key, self.consumer, cursor, READ_COUNT)
+            self.stats.trimmed += trimmed
+            now = time.monotonic()
+            for sid, fields in entries:
+                self._take(shard, sid, fields, now)
+            self._pump()
+            if cursor in (b"0-0", "0-0"):
+                break
+        if self.stats.trimmed:
+            log.error("shard %s: %d pending entries had been trimmed by MAXLEN before they "
+                      "were published (lost)", shard, self.stats.trimmed)
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
+        delay = 0.1
+        while True:
+            try:
+                return await call()
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("shard %s: Redis unavailable (%s), retrying in %.1f s",
+                            self._name, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _wait_for_space(self) -> None:
+        while self.batcher.buffered >= self.max_buffer:
+            self._space.clear()
+            await self._space.wait()
+
+    def _take(self, shard: int, sid: bytes, fields: dict[bytes, bytes], now: float) -> None:
+        raw = fields.get(ENTRY_FIELD, b"")
+        try:
+            env = decode(raw)
+            if env.node not in self._valid_nodes:
+                self._valid_nodes.add(validate_node(env.node))
+        except (EnvelopeError, InvalidNodeName) as exc:
+            self._dead_letter(shard, sid, raw, f"unreadable entry: {exc}")
+            return
+        entry = Entry(sid, env.node, env.seq, env.ts_ns, env.model, env.pk, env.fmt,
+                      env.payload, raw)
+        if not self.batcher.add(entry, shard, now):
+            self._dead_letter(shard, sid, raw, "entry larger than batch_max_bytes "
+                              f"({self.settings.batch_max_bytes} B)")
+
+    async def _linger_loop(self) -> None:
+        linger = self.settings.linger_ms / 1000
+        while True:
+            due = self.batcher.flush_due(time.monotonic())
+            self._pump()
+            wait = linger if due is None else max(due - time.monotonic(), 0.0005)
+            await asyncio.sleep(min(wait, linger) if linger else 0.001)
+
+    # -- publishing ----------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Fill the window with ready batches."""
+        while (self.link.up and not self._draining
+               and len(self.inflight) < self.settings.window):
+            batch = self.batcher.next_batch()
+            if batch is None:
+                return
+            if batch.resends and not self._screen(batch):
+                continue
+            iq_id = next(self._ids)
+            self.inflight[iq_id] = batch
+            self.link.send(publish_iq(iq_id, self.settings.pubsub_service, batch))
+
+    def _screen(self, batch: Batch) -> bool:
+        """A batch that was in flight when the link dropped may be what broke it.
+
+        Returns True if it can be sent as is; otherwise it was split, trimmed or
+        dead-lettered and handed back to the batcher.
+        """
+        bad = [(e, why) for e in batch.entries if (why := well_formed(e))]
+        for entry, why in bad:
+            self._dead_letter(batch.shard, entry.stream_id, entry.raw, why)
+        if bad:
+            bad_ids = {id(e) for e, _ in bad}
+            self.batcher.forget(len(bad))
+            return self._rebuild(batch, [e for e in batch.entries if id(e) not in bad_ids])
+        if len(batch.entries) == 1 and batch.resends >= DEAD_AFTER_RESENDS:
+            [entry] = batch.entries
+            self._dead_letter(batch.shard, entry.stream_id, entry.raw,
+                              f"connection lost {batch.resends} times while publishing it")
+            self.batcher.forget(1)
+            self.batcher.release(batch.node)
+            return False
+        if len(batch.entries) > 1 and batch.resends >= SPLIT_AFTER_RESENDS:
+            self.stats.splits += 1
+            first, second = batch.split()
+            first.resends = second.resends = batch.resends - 1
+            self.batcher.retry(first, second)
+            return False
+        return True
+
+    def _rebuild(self, batch: Batch, good: list[Entry]) -> bool:
+        if not good:
+            self.batcher.release(batch.node)
+            return False
+        fresh = Batch(batch.node, batch.shard)
+        for entry in good:
+            fresh.add(entry)
+        self.batcher.retry(fresh)
+        return False
+
+    def _on_reply(self, reply: Reply) -> None:
+        batch = self.inflight.pop(reply.iq_id)
+        if reply.ok:
+            self._confirmed(batch)
+        else:
+            self._refused(batch, reply)
+        self._pump()
+
+    def _confirmed(self, batch: Batch) -> None:
+        self._acks[batch.shard].extend(e.stream_id for e in batch.entries)
+        self._ack_wakeup.set()
+        self.batcher.done(batch)
+        self.stats.published += len(batch.entries)
+        self.stats.iqs += 1
+        self.stats.latency_ns_sum += time.time_ns() - batch.entries[0].ts_ns
+        if self.batcher.buffered < self.max_buffer:
+            self._space.set()
+
+    def _refused(self, batch: Batch, reply: Reply) -> None:
+        transient = reply.error_type == "wait" or reply.condition in TRANSIENT_CONDITIONS
+        if transient or reply.error_type == "auth":
+            self.stats.retries += 1
+            delay = 0.2 if transient else 5.0
+            log.warning("shard %s: publish to %s refused (%s), retrying in %.1f s",
+                        self._name, batch.node, reply.reason, delay)
+            asyncio.get_running_loop().call_later(delay, self._requeue, batch)
+        elif len(batch.entries) > 1:
+            self.stats.splits += 1
+            self.batcher.retry(*batch.split())
+        else:
+            [entry] = batch.entries
+            self._dead_letter(batch.shard, entry.stream_id, entry.raw,
+                              f"refused by the XMPP server: {reply.reason}")
+            self.batcher.done(batch)
+
+    def _requeue(self, batch: Batch) -> None:
+        self.batcher.retry(batch)
+        self._pump()
+
+    def _on_down(self) -> None:
+        lost = list(self.inflight.values())
+        self.inflight.clear()
+        for batch in lost:
+            batch.resends += 1
+        self.batcher.retry(*lost)
+        self.stats.reconnects += 1
+        log.warning("shard %s: XMPP connection lost with %d IQs in flight; reconnecting",
+                    self._name, len(lost))
+        if not self._stop.is_set():
+            self._spawn(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        delay = 0.2
+        while not self._stop.is_set():
+            try:
+                await self.link.connect()
+                log.info("shard %s: reconnected", self._name)
+                self._pump()
+                return
+            except (XmppUnreachable, XmppAuthError) as exc:
+                log.warning("shard %s: reconnect failed (%s); next try in %.1f s",
+                            self._name, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+    # -- acks and dead letters -----------------------------------------------------------
+
+    async def _ack_loop(self) -> None:
+        while True:
+            await self._ack_wakeup.wait()
+            self._ack_wakeup.clear()
+            await self._flush_acks()
+
+    async def _flush_acks(self) -> None:
+        acks, self._acks = self._acks, defaultdict(list)
+        if not acks:
+            return
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for shard, ids in acks.items():
+                    pipe.xack(self.keys.stream(shard), CONSUMER_GROUP, *ids)
+                await pipe.execute()
+        except redis.RedisError as exc:
+            # Unacked entries are re-published after a restart: duplicates, never losses.
+            log.warning("shard %s: XACK failed (%s); will retry", self._name, exc)
+            for shard, ids in acks.items():
+                self._acks[shard][:0] = ids
+            await asyncio.sleep(0.5)
+            self._ack_wakeup.set()
+
+    def _dead_letter(self, shard: int, sid: bytes, raw: bytes, reason: str) -> None:
+        self.stats.dead_lettered += 1
+        log.error("shard %d: entry %s dead-lettered: %s", shard, sid.decode(), reason)
+        self._spawn(self._retrying(lambda: streams.dead_letter(
+            self.redis, self.keys, shard, stream_id=sid, envelope=raw, reason=reason)))
+
+    def _spawn(self, coro: Coroutine[object, object, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)

@@ -1,0 +1,58 @@
+"""Which shard a node belongs to, and the Redis keys of one shard.
+
+Every key of a shard carries the Redis Cluster hash tag ``{N}``, so one Lua script can touch
+the shard's stream and sequence counters atomically, and a cluster can spread shards later.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+# The consumer group every shard process reads its stream through.
+CONSUMER_GROUP = "scalepub"
+# Field of a stream entry that holds the msgpack envelope.
+ENTRY_FIELD = b"e"
+
+
+def shard_for(node: str, shards: int) -> int:
+    """The shard of ``node``: a stable hash, the same in every process and on every host."""
+    # crc32 rather than hash(): Python's str hash is salted per process.
+    return zlib.crc32(node.encode("utf-8")) % shards
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Redis key names under one prefix."""
+
+    prefix: str = "scalepub"
+
+    def stream(self, shard: int) -> str:
+        """The stream a shard's entries are appended to."""
+        return f"{self.prefix}:{{{shard}}}:stream"
+
+    def seqs(self, shard: int) -> str:
+        """Hash of per-node sequence counters (field = node)."""
+        return f"{self.prefix}:{{{shard}}}:seq"
+
+    def meta(self, shard: int) -> str:
+        """Hash with the shard count this shard's stream was written for."""
+        return f"{self.prefix}:{{{shard}}}:meta"
+
+    def dead(self, shard: int) -> str:
+        """Dead-letter stream: entries the XMPP server refused, with the reason."""
+        return f"{self.prefix}:{{{shard}}}:dead"
+
+    def heartbeat(self, shard: int) -> str:
+        """Key with a TTL that a live shard process keeps refreshing."""
+        return f"{self.prefix}:{{{shard}}}:alive"
+
+    @property
+    def shard_count(self) -> str:
+        """The shard count producers and the pool agreed on."""
+        return f"{self.prefix}:shards"
+
+    @property
+    def stream_pattern(self) -> str:
+        """SCAN pattern matching every shard stream under this prefix."""
+        return f"{self.prefix}:{{*}}:stream"

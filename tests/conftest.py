@@ -1,0 +1,54 @@
+"""Fixtures: one real Redis + ejabberd per test session, isolated key prefixes per test."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+from django.test import override_settings
+
+from scalepub.settings import Settings, env_mapping
+from tests.stack import Stack, new_stack
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Stack]:
+    """A private Redis + ejabberd on free loopback ports, stopped after the session."""
+    s = new_stack()
+    try:
+        s.up()
+        yield s
+    finally:
+        s.down()
+
+
+@pytest.fixture
+def redis_client(stack: Stack) -> Iterator[redis.Redis]:
+    """A client of the session's Redis."""
+    client = redis.Redis.from_url(stack.env["SCALEPUB_REDIS_URL"])
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def settings_for(stack: Stack, redis_client: redis.Redis) -> Iterator[Settings]:
+    """Settings of the session's stack under a fresh key prefix; its keys are deleted after."""
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    yield Settings.from_mapping(env_mapping(stack.env), key_prefix=prefix, shards=4)
+    for key in redis_client.scan_iter(match=f"{prefix}:*", count=1000):
+        redis_client.delete(key)
+
+
+@pytest.fixture
+def scalepub_django(settings_for: Settings) -> Iterator[Settings]:
+    """The Django side pointed at the session's stack (``settings.SCALEPUB`` overridden)."""
+    mapping = {**env_mapping(_as_env(settings_for))}
+    with override_settings(SCALEPUB=mapping):
+        yield settings_for
+
+
+def _as_env(settings: Settings) -> dict[str, str]:
+    return {"SCALEPUB_" + k.upper(): str(v) for k, v in dataclasses.asdict(settings).items()}

@@ -1,0 +1,58 @@
+"""register() as call, on a list, as decorator; twice is harmless."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+from django.db.models.signals import post_save
+from twitter.models import Tweet
+
+import scalepub
+from scalepub.django.registry import registry
+from scalepub.nodes import InvalidNodeName
+from scalepub.settings import Settings
+from tests.streams import read_all
+
+pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture
+def restore_tweet():
+    original = registry.get(Tweet)
+    yield
+    assert original is not None
+    scalepub.register(Tweet, node=original.node)
+
+
+def receivers() -> int:
+    return len(post_save._live_receivers(Tweet)[0])
+
+
+def test_register_twice_one_entry_per_row(
+    scalepub_django: Settings, redis_client: redis.Redis, restore_tweet: None
+) -> None:
+    count = receivers()
+    assert scalepub.register(Tweet) is Tweet
+    scalepub.register([Tweet])
+    scalepub.register()(Tweet)
+    assert receivers() == count
+    Tweet.objects.create(author="x", text="once")
+    [entry] = read_all(redis_client, scalepub_django)
+    assert entry.env.node == "/twitter/Tweet"  # the default node name
+
+
+def test_unregister_stops_publishing(
+    scalepub_django: Settings, redis_client: redis.Redis, restore_tweet: None
+) -> None:
+    scalepub.unregister(Tweet)
+    Tweet.objects.create(author="x", text="not published")
+    assert read_all(redis_client, scalepub_django) == []
+
+
+def test_register_rejects_bad_arguments() -> None:
+    with pytest.raises(TypeError, match="Django model classes"):
+        scalepub.register(object)
+    with pytest.raises(InvalidNodeName, match="invalid node name"):
+        scalepub.register(Tweet, node="no leading slash")
+    with pytest.raises(TypeError, match="node must be"):
+        scalepub.register(Tweet, node=42)

@@ -1,0 +1,77 @@
+"""Settings: env, Django dict and CLI overrides; errors name the setting."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scalepub.settings import Settings, SettingsError, env_mapping
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_valid() -> None:
+    s = Settings()
+    assert s.shards == 8 and s.payload_format == "xml" and s.xmpp_host_is_loopback
+
+
+def test_from_env_parses_types_and_overrides_win() -> None:
+    env = {"SCALEPUB_SHARDS": "3", "SCALEPUB_REDIS_TIMEOUT": "0.25", "SCALEPUB_XMPP_PORT": "5333"}
+    s = Settings.from_env(env, shards=5)
+    assert (s.shards, s.redis_timeout, s.xmpp_port) == (5, 0.25, 5333)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"SCALEPUB_SHARDS": "eight"}, "SCALEPUB_SHARDS: expected int, got 'eight'"),
+        ({"SCALEPUB_SHARDS": "0"}, "SCALEPUB_SHARDS: must be greater than 0"),
+        ({"SCALEPUB_REDIS_URL": "http://x"}, "SCALEPUB_REDIS_URL: must be a redis://"),
+        ({"SCALEPUB_PAYLOAD_FORMAT": "yaml"}, "SCALEPUB_PAYLOAD_FORMAT: must be one of xml, json"),
+        ({"SCALEPUB_XMPP_JID": "nobody"}, "SCALEPUB_XMPP_JID: must be a bare JID"),
+        ({"SCALEPUB_XMPP_PORT": "70000"}, "SCALEPUB_XMPP_PORT: must be a TCP port"),
+    ],
+)
+def test_env_errors_name_the_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env(env)
+    assert message in str(err.value)
+
+
+def test_django_mapping_errors_name_the_key() -> None:
+    with pytest.raises(SettingsError, match=r"SCALEPUB\['SHARDS'\]: expected int"):
+        Settings.from_mapping({"SHARDS": "many"})
+    with pytest.raises(SettingsError, match=r"SCALEPUB\['SHARD'\]: unknown setting"):
+        Settings.from_mapping({"SHARD": 4})
+    with pytest.raises(SettingsError, match=r"SCALEPUB\['WINDOW'\]: expected int, got True"):
+        Settings.from_mapping({"WINDOW": True})
+    assert Settings.from_mapping({"SHARDS": 2, "LINGER_MS": 1}).linger_ms == 1.0
+
+
+def test_password_never_shown() -> None:
+    s = Settings(xmpp_password="hunter2")
+    assert "hunter2" not in repr(s)
+
+
+def test_cli_override_errors_name_the_flag() -> None:
+    with pytest.raises(SettingsError, match="--window: must be greater than 0"):
+        Settings().replace(window=0)
+
+
+def test_env_mapping_takes_only_known_settings() -> None:
+    env = {"SCALEPUB_SHARDS": "2", "SCALEPUB_STACK_DIR": "/x", "SCALEPUB_WINDOW": ""}
+    assert env_mapping(env) == {"SHARDS": "2"}
+
+
+def test_django_start_fails_naming_the_setting() -> None:
+    env = {**os.environ, "SCALEPUB_SHARDS": "-1", "PYTHONPATH": str(REPO / "example")}
+    done = subprocess.run(
+        [sys.executable, str(REPO / "example" / "manage.py"), "check"],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode != 0
+    assert "SCALEPUB['SHARDS']: must be greater than 0" in done.stderr

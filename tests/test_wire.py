@@ -1,0 +1,78 @@
+"""Node names, the shard hash and the envelope format."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import msgpack
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from scalepub.envelope import Envelope, EnvelopeError, decode, encode, split_encode
+from scalepub.nodes import InvalidNodeName, default_node, validate_node
+from scalepub.sharding import Keys, shard_for
+
+
+def test_default_node_is_the_seed_name() -> None:
+    assert default_node("twitter", "Tweet") == "/twitter/Tweet"
+
+
+@pytest.mark.parametrize("node", ["/twitter/Tweet", "/twitter/Tweet/42", "/a/b.c@d:e~f+g=h-i_j"])
+def test_valid_nodes(node: str) -> None:
+    assert validate_node(node) == node
+
+
+@pytest.mark.parametrize(
+    "node", ["", "twitter/Tweet", "/", "/a//b", "/a/", "/a b", "/a<b", "/é", 42, None, "/" + "x" * 300]
+)
+def test_invalid_nodes(node: object) -> None:
+    with pytest.raises(InvalidNodeName):
+        validate_node(node)
+
+
+def test_shard_hash_is_stable_across_processes() -> None:
+    code = "from scalepub.sharding import shard_for; print([shard_for(f'/n/{i}', 8) for i in range(50)])"
+    outs = {
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+        for seed in ("1", "2")
+    }
+    assert outs == {str([shard_for(f"/n/{i}", 8) for i in range(50)]) + "\n"}
+    assert shard_for("/twitter/Tweet", 8) == 2  # crc32("/twitter/Tweet") % 8, pinned for ever
+
+
+def test_shard_keys_share_one_hash_tag() -> None:
+    k = Keys("sp")
+    tags = {key.split("{")[1].split("}")[0] for key in (k.stream(3), k.seqs(3), k.meta(3), k.dead(3))}
+    assert tags == {"3"}
+
+
+envelopes = st.builds(
+    Envelope, node=st.text(min_size=1), seq=st.integers(1, 2**63 - 1),
+    ts_ns=st.integers(0, 2**63 - 1), model=st.text(), pk=st.text(),
+    fmt=st.sampled_from(["xml", "json"]), payload=st.binary(),
+)
+
+
+@given(envelopes)
+def test_envelope_round_trip(env: Envelope) -> None:
+    assert decode(encode(env)) == env
+
+
+@given(envelopes)
+def test_split_encoding_splices_the_seq(env: Envelope) -> None:
+    head, tail = split_encode(env.node, ts_ns=env.ts_ns, model=env.model, pk=env.pk,
+                              fmt=env.fmt, payload=env.payload)
+    assert decode(head + msgpack.packb(env.seq) + tail) == env
+
+
+def test_decode_rejects_other_versions_and_garbage() -> None:
+    with pytest.raises(EnvelopeError, match="version 2"):
+        decode(msgpack.packb({"v": 2}))
+    with pytest.raises(EnvelopeError):
+        decode(b"\xc1")
+    with pytest.raises(EnvelopeError, match="lacks field"):
+        decode(msgpack.packb({"v": 1, "seq": 1}))
