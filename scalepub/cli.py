@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -12,9 +11,8 @@ from typing import Any
 import click
 
 from scalepub import __version__, exitcodes
+from scalepub.logsetup import configure_logging
 from scalepub.settings import Settings, SettingsError
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -59,7 +57,7 @@ def main() -> None:
 @click.option("--xmpp-jid", help="publisher account [env SCALEPUB_XMPP_JID]")
 @click.option("--xmpp-password", help="prefer env SCALEPUB_XMPP_PASSWORD (not in ps output)")
 @click.option("--batch-max-entries", type=int, help="entries per pubsub item [default 200]")
-@click.option("--batch-max-bytes", type=int, help="bytes per pubsub item [default 120000]")
+@click.option("--batch-max-bytes", type=int, help="bytes per pubsub item [default 64000]")
 @click.option("--linger-ms", type=float, help="wait this long for a batch to fill [default 5]")
 @click.option("--window", type=int, help="publish IQs in flight per connection [default 32]")
 @_common
@@ -72,7 +70,7 @@ def run(log_level: str, processes: int | None, **options: Any) -> None:
     """
     from scalepub.shard.pool import Pool
 
-    logging.basicConfig(level=log_level, format=LOG_FORMAT)
+    configure_logging(log_level)
     settings = _settings(**options)
     sys.exit(Pool(settings, processes=processes, log_level=log_level).run())
 
@@ -96,7 +94,7 @@ def tail(nodes: tuple[str, ...], follow_all: bool, jid: str | None, password: st
     """
     if not nodes and not follow_all:
         raise click.UsageError("give one or more NODES, or --all")
-    logging.basicConfig(level=log_level, format=LOG_FORMAT)
+    configure_logging(log_level)
     settings = _settings(**options)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_tail(settings, nodes, follow_all, jid, password or "", count))
@@ -121,3 +119,7 @@ async def _tail(settings: Settings, nodes: tuple[str, ...], follow_all: bool,
     task = asyncio.create_task(sub.run())
     await done.wait() if count else await task
     task.cancel()
+
+
+if __name__ == "__main__":
+    main()

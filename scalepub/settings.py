@@ -94,9 +94,10 @@ class Settings:
     ws_url: str = _setting("ws://127.0.0.1:5280/ws", _url("ws", "wss"))
 
     # Shard batching and pipelining.
-    batch_max_entries: int = _setting(200, _positive)
-    # Kept well under ejabberd's max_payload_size (250,000 B by default) and max_stanza_size.
-    batch_max_bytes: int = _setting(120_000, _positive)
+    batch_max_entries: int = _setting(250, _positive)
+    # The batch is one text node, so ejabberd's max_payload_size (256 KiB in ops/, checked on
+    # its in-memory form) and max_stanza_size (1 MiB) are both far above this.
+    batch_max_bytes: int = _setting(128_000, _positive)
     linger_ms: float = _setting(5.0, lambda v: None if v >= 0 else "must be 0 or more")
     window: int = _setting(32, _positive)
 

@@ -50,20 +50,20 @@ class ReceivedEntry:
         """The row's fields in one line (XML payload) or its JSON text."""
         if self.fmt == "json":
             return (self.element.text or "").strip()
-        # Payload elements inherit the batch's default namespace (see docs/protocol.md).
-        fields = self.element.iter(f"{{{NS_BATCH}}}field")
+        fields = self.element.iter("field")
         return " ".join(f"{f.get('name')}={(f.text or '').strip()!r}" for f in fields)
 
 
 def unpack(batch: ET.Element, received_ns: int) -> list[ReceivedEntry]:
-    """The entries of a batch element, in seq order."""
+    """The entries of a batch element (its text, a CDATA section, is an XML fragment)."""
+    fragment = ET.fromstring(f"<entries>{batch.text or ''}</entries>")
     return [
         ReceivedEntry(
             node=e.get("node", ""), seq=int(e.get("seq", "0")), stream_id=e.get("id", ""),
             ts_ns=int(e.get("ts", "0")), model=e.get("model", ""), pk=e.get("pk", ""),
             fmt=e.get("fmt", "xml"), element=e, received_ns=received_ns,
         )
-        for e in batch.iter(f"{{{NS_BATCH}}}entry")
+        for e in fragment.iter("entry")
     ]
 
 

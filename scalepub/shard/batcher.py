@@ -45,38 +45,40 @@ class Batcher:
 
     def add(self, entry: Entry, shard: int, now: float) -> bool:
         """Add an entry; False if it alone exceeds the byte cap (the caller dead-letters it)."""
-        part = entry.xml()
-        if len(part) > self.caps.max_bytes:
+        if len(entry.part) > self.caps.max_bytes:
             return False
         q = self._nodes.get(entry.node)
         if q is None:
             q = self._nodes[entry.node] = _NodeQueue()
         batch = q.open
-        if batch is not None and batch.size + len(part) > self.caps.max_bytes:
+        if batch is not None and batch.size + len(entry.part) > self.caps.max_bytes:
             self._close(entry.node, q)
             batch = None
         if batch is None:
             batch = q.open = Batch(entry.node, shard)
             q.opened_at = now
             self._open_nodes[entry.node] = None
-        batch.add(entry, part)
+        batch.add(entry)
         self.buffered += 1
         if len(batch.entries) >= self.caps.max_entries:
             self._close(entry.node, q)
         return True
 
-    def flush_due(self, now: float, everything: bool = False) -> float | None:
-        """Close open batches older than the linger; return when the next one is due."""
-        deadline = now - self.caps.linger_s
-        for node in list(self._open_nodes):
-            q = self._nodes[node]
-            if not everything and q.opened_at > deadline:
-                return q.opened_at + self.caps.linger_s
-            self._close(node, q)
+    def next_due(self) -> float | None:
+        """When the oldest open batch's linger runs out (None: nothing open)."""
+        for node in self._open_nodes:
+            return self._nodes[node].opened_at + self.caps.linger_s
         return None
 
-    def next_batch(self) -> Batch | None:
-        """The next batch to publish (its node becomes busy), or None."""
+    def next_batch(self, now: float) -> Batch | None:
+        """The next batch to publish (its node becomes busy), or None.
+
+        Full batches go first; an open batch goes once its linger ran out and its node has
+        nothing in flight. While a node's previous batch is in flight its open batch keeps
+        growing, so batches get bigger exactly when the server is the bottleneck.
+        """
+        if not self._sendable:
+            self._close_expired(now)
         if not self._sendable:
             return None
         node, _ = self._sendable.popitem(last=False)
@@ -84,6 +86,21 @@ class Batcher:
         batch = q.ready.popleft()
         q.busy = True
         return batch
+
+    def close_all(self) -> None:
+        """Close every open batch (no more entries are coming)."""
+        for node in list(self._open_nodes):
+            self._close(node, self._nodes[node])
+
+    def _close_expired(self, now: float) -> None:
+        deadline = now - self.caps.linger_s
+        for node in self._open_nodes:  # oldest first; skips at most the busy nodes
+            q = self._nodes[node]
+            if q.opened_at > deadline:
+                return
+            if not q.busy:
+                self._close(node, q)
+                return
 
     def done(self, batch: Batch) -> None:
         """The server confirmed ``batch`` (or it was dead-lettered): free its node."""

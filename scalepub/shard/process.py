@@ -12,21 +12,22 @@ from collections.abc import Callable, Sequence
 import redis
 
 from scalepub import exitcodes
+from scalepub.logsetup import configure_logging
 from scalepub.settings import Settings
 from scalepub.shard.worker import ShardWorker
 from scalepub.shard.xmpp import XmppAuthError, XmppUnreachable
 
 log = logging.getLogger(__name__)
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
-
 
 def shard_main(settings: Settings, shards: Sequence[int], index: int,
                on_ready: Callable[[], None] | None, log_level: str) -> None:
     """Run one shard process until SIGTERM; exits with an ``exitcodes`` value."""
-    logging.basicConfig(level=log_level, format=LOG_FORMAT)
-    # Ctrl-C reaches the whole process group: the supervisor turns it into one SIGTERM each,
-    # so a single Ctrl-C is a graceful stop, not a "second signal".
+    configure_logging(log_level)
+    # Own process group: Ctrl-C, `timeout` or `kill -- -PGID` reach only the supervisor, which
+    # forwards one SIGTERM; otherwise a shard would count the group signal plus the forwarded
+    # one as two, and the second means "stop at once".
+    os.setpgrp()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(asyncio.run(run_worker(settings, shards, f"shard-{index}", on_ready)))
 
@@ -48,6 +49,7 @@ async def run_worker(settings: Settings, shards: Sequence[int], consumer: str,
             os._exit(exitcodes.INTERRUPTED)
 
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_term)
+    watch = asyncio.create_task(_stop_when_orphaned(worker, consumer))
     try:
         await worker.run()
     except XmppAuthError as exc:
@@ -59,4 +61,15 @@ async def run_worker(settings: Settings, shards: Sequence[int], consumer: str,
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         log.error("cannot reach Redis at %s: %s", settings.redis_url, exc)
         return exitcodes.REDIS_UNREACHABLE
+    finally:
+        watch.cancel()
     return exitcodes.OK
+
+
+async def _stop_when_orphaned(worker: ShardWorker, consumer: str) -> None:
+    """A supervisor killed with SIGKILL cannot forward signals: stop when it is gone."""
+    parent = os.getppid()
+    while os.getppid() == parent:
+        await asyncio.sleep(1.0)
+    log.warning("shard %s: the supervisor is gone; stopping gracefully", consumer)
+    worker.stop()

@@ -12,37 +12,46 @@ import functools
 import itertools
 import logging
 import os
+import socket
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import msgpack
 import redis
 import redis.asyncio as aredis
 
+from scalepub.envelope import VERSION as ENVELOPE_VERSION
 from scalepub.envelope import EnvelopeError, decode
 from scalepub.nodes import InvalidNodeName, validate_node
 from scalepub.settings import Settings
 from scalepub.shard import streams
-from scalepub.shard.batch import Batch, Entry, publish_iq, well_formed
+from scalepub.shard.batch import Batch, Entry, entry_part, publish_iq, well_formed
 from scalepub.shard.batcher import Batcher, Caps
 from scalepub.shard.xmpp import Reply, XmppAuthError, XmppLink, XmppUnreachable
-from scalepub.sharding import CONSUMER_GROUP, ENTRY_FIELD, Keys
+from scalepub.sharding import ENTRY_FIELD, Keys
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-READ_COUNT = 1000
+READ_COUNT = 5000
 READ_BLOCK_MS = 100
 DRAIN_TIMEOUT_S = 10.0
+CLOSE_TIMEOUT_S = 3.0
 # A batch in flight at this many connection losses is split; a single entry is dead-lettered.
 SPLIT_AFTER_RESENDS = 2
 DEAD_AFTER_RESENDS = 5
 TRANSIENT_CONDITIONS = frozenset({
     "internal-server-error", "resource-constraint", "remote-server-timeout",
     "service-unavailable", "recipient-unavailable",
+    # ejabberd answers item-not-found when two connections auto-create nodes at once and
+    # its mnesia transaction aborts; the retry finds the node.
+    "item-not-found",
 })
+# After this many transient refusals a batch is treated as refused for its content.
+MAX_TRANSIENT_RETRIES = 8
 
 
 @dataclass
@@ -69,10 +78,10 @@ class Stats:
 
 def async_redis(settings: Settings) -> aredis.Redis:
     """The shard's Redis client (blocking reads need a timeout above READ_BLOCK_MS)."""
-    return aredis.Redis.from_url(
+    return streams.raw_replies(aredis.Redis.from_url(
         settings.redis_url, socket_timeout=max(5.0, settings.redis_timeout),
         socket_connect_timeout=max(2.0, settings.redis_timeout),
-    )
+    ))
 
 
 class ShardWorker:
@@ -90,7 +99,9 @@ class ShardWorker:
         self.inflight: dict[str, Batch] = {}
         self.stats = Stats()
         self.redis = async_redis(settings)
-        self.link = XmppLink(settings, self.inflight.__contains__, self._on_reply, self._on_down)
+        resource = f"scalepub-{socket.gethostname()}-{consumer}"
+        self.link = XmppLink(settings, resource, self.inflight.__contains__, self._on_reply,
+                             self._on_down)
         self._ids = (f"sp{os.getpid()}-{n}" for n in itertools.count())
         self._acks: dict[int, list[bytes]] = defaultdict(list)
         self._ack_wakeup = asyncio.Event()
@@ -100,6 +111,7 @@ class ShardWorker:
         self._background: set[asyncio.Task[None]] = set()
         self._valid_nodes: set[str] = set()
         self._on_ready = on_ready
+        self.crashed: BaseException | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -114,16 +126,38 @@ class ShardWorker:
             self._on_ready()
         tasks = [asyncio.create_task(c) for c in
                  (self._read_loop(), self._linger_loop(), self._ack_loop())]
+        for task in tasks:
+            task.add_done_callback(self._loop_ended)
         await self._stop.wait()
         tasks[0].cancel()  # stop reading first: what was read stays pending in Redis
         await self._drain()
         for task in tasks[1:]:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await self.link.close()
-        await self.redis.aclose()
+        await self._bounded("tasks", asyncio.gather(*tasks, return_exceptions=True))
+        await self._bounded("XMPP close", self.link.close())
+        await self._bounded("Redis close", self.redis.aclose())
         log.info("shard %s: stopped: %s", self._name, self.stats.summary())
+        if self.crashed is not None:
+            raise self.crashed
         return self.stats
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        """A loop must only end by cancellation; a bug in one stops the shard (restarted)."""
+        if task.cancelled() or self.crashed is not None:
+            return
+        self.crashed = task.exception() or RuntimeError(f"{task.get_coro()} returned")
+        log.error("shard %s: internal error, stopping", self._name, exc_info=self.crashed)
+        self.stop()
+
+    async def _bounded(self, what: str, step: Awaitable[object]) -> None:
+        """A shutdown step that may not hold the exit up for more than a moment."""
+        try:
+            await asyncio.wait_for(step, CLOSE_TIMEOUT_S)
+        except TimeoutError:
+            stuck = [t.get_stack(limit=3) for t in asyncio.all_tasks()
+                     if t is not asyncio.current_task()]
+            log.warning("shard %s: %s took over %.0f s; exiting anyway (tasks: %s)",
+                        self._name, what, CLOSE_TIMEOUT_S, stuck)
 
     def stop(self) -> None:
         """Graceful stop: no new reads or publishes; confirmed entries are acked."""
@@ -191,36 +225,68 @@ class ShardWorker:
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("shard %s: Redis unavailable (%s), retrying in %.1f s",
                             self._name, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+            except redis.ResponseError as exc:
+                if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
+                    raise
+                # The stream or its group was deleted (or Redis restarted without its data).
+                log.warning("shard %s: %s; re-creating the consumer group", self._name, exc)
+                for key in self.shard_of:
+                    await streams.ensure_group(self.redis, key)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     async def _wait_for_space(self) -> None:
         while self.batcher.buffered >= self.max_buffer:
             self._space.clear()
             await self._space.wait()
 
-    def _take(self, shard: int, sid: bytes, fields: dict[bytes, bytes], now: float) -> None:
-        raw = fields.get(ENTRY_FIELD, b"")
+    def _take(self, shard: int, sid: bytes, fields: list[bytes] | None, now: float) -> None:
+        """Decode one raw stream entry (``[b"e", envelope]``) into the batcher."""
+        if fields is None:  # trimmed by MAXLEN after it was delivered: nothing to publish
+            self.stats.trimmed += 1
+            self._acks[shard].append(sid)
+            return
+        raw = fields[1] if len(fields) == 2 and fields[0] == ENTRY_FIELD else b""
         try:
-            env = decode(raw)
-            if env.node not in self._valid_nodes:
-                self._valid_nodes.add(validate_node(env.node))
+            entry = self._entry(sid, raw)
         except (EnvelopeError, InvalidNodeName) as exc:
             self._dead_letter(shard, sid, raw, f"unreadable entry: {exc}")
             return
-        entry = Entry(sid, env.node, env.seq, env.ts_ns, env.model, env.pk, env.fmt,
-                      env.payload, raw)
         if not self.batcher.add(entry, shard, now):
             self._dead_letter(shard, sid, raw, "entry larger than batch_max_bytes "
                               f"({self.settings.batch_max_bytes} B)")
 
+    def _entry(self, sid: bytes, raw: bytes) -> Entry:
+        # The hot path (a few us an entry): msgpack with bytes keys and values straight into
+        # the entry's XML; anything unexpected goes through envelope.decode() for a precise
+        # error. Field names: scalepub.envelope.
+        try:
+            d = msgpack.unpackb(raw, raw=True)
+            node, payload = d[b"node"].decode(), d[b"payload"]
+            part = entry_part(node=d[b"node"], seq=d[b"seq"], stream_id=sid, ts_ns=d[b"ts"],
+                              model=d[b"model"], pk=d[b"pk"], fmt=d[b"fmt"], payload=payload)
+            ok = d[b"v"] == ENVELOPE_VERSION
+        except Exception:
+            ok = False
+        if not ok:
+            decode(raw)  # raises EnvelopeError saying what is wrong
+            raise EnvelopeError("malformed envelope")
+        if node not in self._valid_nodes:
+            self._valid_nodes.add(validate_node(node))
+        try:
+            payload.decode("utf-8")  # invalid UTF-8 would break the XMPP stream
+        except UnicodeDecodeError as exc:
+            raise EnvelopeError(f"payload is not UTF-8: {exc}") from None
+        return Entry(sid, node, d[b"seq"], d[b"ts"], part, raw)
+
     async def _linger_loop(self) -> None:
+        """Publish open batches whose linger ran out while nothing else woke the pump."""
         linger = self.settings.linger_ms / 1000
         while True:
-            due = self.batcher.flush_due(time.monotonic())
             self._pump()
-            wait = linger if due is None else max(due - time.monotonic(), 0.0005)
-            await asyncio.sleep(min(wait, linger) if linger else 0.001)
+            due = self.batcher.next_due()
+            wait = linger if due is None else due - time.monotonic()
+            await asyncio.sleep(min(max(wait, 0.001), max(linger, 0.001)))
 
     # -- publishing ----------------------------------------------------------------------
 
@@ -228,7 +294,7 @@ class ShardWorker:
         """Fill the window with ready batches."""
         while (self.link.up and not self._draining
                and len(self.inflight) < self.settings.window):
-            batch = self.batcher.next_batch()
+            batch = self.batcher.next_batch(time.monotonic())
             if batch is None:
                 return
             if batch.resends and not self._screen(batch):
@@ -295,14 +361,17 @@ class ShardWorker:
 
     def _refused(self, batch: Batch, reply: Reply) -> None:
         transient = reply.error_type == "wait" or reply.condition in TRANSIENT_CONDITIONS
-        if transient or reply.error_type == "auth":
+        if (transient and batch.retries < MAX_TRANSIENT_RETRIES) or reply.error_type == "auth":
             self.stats.retries += 1
-            delay = 0.2 if transient else 5.0
+            batch.retries += 1
+            delay = min(0.05 * 2 ** batch.retries, 5.0) if transient else 5.0
             log.warning("shard %s: publish to %s refused (%s), retrying in %.1f s",
                         self._name, batch.node, reply.reason, delay)
             asyncio.get_running_loop().call_later(delay, self._requeue, batch)
         elif len(batch.entries) > 1:
             self.stats.splits += 1
+            log.warning("shard %s: batch %s of %s refused (%s); splitting it to find the "
+                        "entry at fault", self._name, batch.item_id, batch.node, reply.reason)
             self.batcher.retry(*batch.split())
         else:
             [entry] = batch.entries
@@ -355,7 +424,7 @@ class ShardWorker:
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for shard, ids in acks.items():
-                    pipe.xack(self.keys.stream(shard), CONSUMER_GROUP, *ids)
+                    streams.queue_acks(pipe, self.keys.stream(shard), ids)
                 await pipe.execute()
         except redis.RedisError as exc:
             # Unacked entries are re-published after a restart: duplicates, never losses.

@@ -66,12 +66,13 @@ class _Client(slixmpp.ClientXMPP):
 class XmppLink:
     """A publisher session; ``on_reply`` gets each Reply, ``on_down`` a lost session."""
 
-    def __init__(self, settings: Settings, is_pending: Callable[[str], bool],
+    def __init__(self, settings: Settings, resource: str, is_pending: Callable[[str], bool],
                  on_reply: Callable[[Reply], None], on_down: Callable[[], None]) -> None:
         self.settings = settings
         self._on_reply = on_reply
         self._on_down = on_down
-        self._client = _make_client(settings)
+        # One resource per shard: two sessions with the same full JID evict each other.
+        self._client = _make_client(settings, resource)
         self._client.register_handler(
             Callback("scalepub publish replies", _OurIqReplies(is_pending), self._reply)
         )
@@ -144,8 +145,8 @@ class XmppLink:
                              err["condition"] or "undefined-condition", err["text"] or ""))
 
 
-def _make_client(settings: Settings) -> _Client:
-    client = _Client(settings.xmpp_jid + "/scalepub", settings.xmpp_password)
+def _make_client(settings: Settings, resource: str) -> _Client:
+    client = _Client(f"{settings.xmpp_jid}/{resource}", settings.xmpp_password)
     configure_transport(client, settings)
     # No XEP-0199 keepalive or stream management: a dead link shows as a failed write/read.
     client.whitespace_keepalive = True

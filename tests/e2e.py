@@ -1,0 +1,216 @@
+"""End-to-end helpers: the pool as a real subprocess, and an independent subscriber.
+
+The subscriber is a plain slixmpp client written here, not the project's code: it proves what
+arrives on the wire, whatever scalepub believes it sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import xml.etree.ElementTree as ET
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import slixmpp
+
+from scalepub.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """SCALEPUB_* variables describing ``settings``."""
+    return {f"SCALEPUB_{k.upper()}": str(v) for k, v in dataclasses.asdict(settings).items()}
+
+
+class PoolProcess:
+    """``scalepub run`` in a subprocess, its output in a log file."""
+
+    def __init__(self, settings: Settings, log_path: Path, *args: str) -> None:
+        self.log_path = log_path
+        self._log = log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "scalepub"), "run", *args],
+            env={**os.environ, **settings_env(settings)}, stdout=self._log, stderr=self._log,
+            cwd=REPO,
+        )
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        """Send a signal to the supervisor."""
+        self.proc.send_signal(signum)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.close()
+
+    def kill(self) -> None:
+        """Best-effort cleanup after a failed test."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._log.close()
+
+    def output(self) -> str:
+        """Everything the pool logged so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def shard_pids(self) -> list[int]:
+        """PIDs of the shard processes (children of the supervisor)."""
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True,
+                             text=True, check=False).stdout
+        pids = [int(p) for p in out.split()]
+        # Not multiprocessing's resource tracker: shards run spawn_main.
+        return [p for p in pids if b"spawn_main" in _cmdline(p)]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
+@dataclasses.dataclass(frozen=True)
+class Got:
+    """An entry as received: its node, seq and stream id."""
+
+    node: str
+    seq: int
+    id: str
+
+
+class Collector:
+    """An anonymous slixmpp subscriber in its own thread, recording every entry received."""
+
+    def __init__(self, env: dict[str, str], nodes: Iterable[str]) -> None:
+        self.env = env
+        self.nodes = list(nodes)
+        self.received: list[Got] = []
+        self.subscribed = threading.Event()
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._error: BaseException | None = None
+
+    def start(self, timeout: float = 60.0) -> Collector:
+        """Connect and subscribe to every node; returns once subscribed."""
+        self._thread.start()
+        if not self.subscribed.wait(timeout):
+            raise TimeoutError(f"subscriber not subscribed within {timeout} s: {self._error!r}")
+        return self
+
+    def stop(self) -> None:
+        """Disconnect and end the thread."""
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def wait_for(self, predicate: Callable[[list[Got]], bool], timeout: float) -> bool:
+        """Poll until ``predicate(received)`` holds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if predicate(self.received):
+                    return True
+            time.sleep(0.2)
+        return False
+
+    def by_node(self) -> dict[str, list[Got]]:
+        """Received entries per node, in arrival order."""
+        out: dict[str, list[Got]] = defaultdict(list)
+        with self._lock:
+            for got in self.received:
+                out[got.node].append(got)
+        return out
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        client = slixmpp.ClientXMPP(self.env["SCALEPUB_ANON_DOMAIN"], "")
+        client.enable_starttls = client.enable_direct_tls = False
+        client.enable_plaintext = True
+        client.register_plugin("xep_0060")
+        client.add_event_handler("session_start", lambda _e: self._subscribe(client))
+        client.add_event_handler("pubsub_publish", self._on_publish)
+        client.connect(self.env["SCALEPUB_XMPP_HOST"], int(self.env["SCALEPUB_XMPP_PORT"]))
+        try:
+            self._loop.run_forever()
+        finally:
+            client.disconnect(wait=0)
+
+    def _subscribe(self, client: Any) -> None:
+        async def go() -> None:
+            try:
+                for node in self.nodes:
+                    await client["xep_0060"].subscribe(
+                        self.env["SCALEPUB_PUBSUB_SERVICE"], node,
+                        subscribee=client.boundjid.full)
+                self.subscribed.set()
+            except Exception as exc:
+                self._error = exc
+        self._loop.create_task(go())
+
+    def _on_publish(self, msg: Any) -> None:
+        payload: ET.Element | None = msg["pubsub_event"]["items"]["item"]["payload"]
+        if payload is None:
+            return
+        # The batch's text is an XML fragment of <entry> elements (docs/protocol.md).
+        fragment = ET.fromstring(f"<entries>{payload.text or ''}</entries>")
+        got = [Got(e.get("node", ""), int(e.get("seq", "0")), e.get("id", ""))
+               for e in fragment.iter("entry")]
+        with self._lock:
+            self.received.extend(got)
+
+
+async def _create_nodes(env: dict[str, str], nodes: list[str]) -> None:
+    client = slixmpp.ClientXMPP(env["SCALEPUB_XMPP_JID"] + "/nodes", env["SCALEPUB_XMPP_PASSWORD"])
+    client.enable_starttls = client.enable_direct_tls = False
+    client.enable_plaintext = True
+    client["feature_mechanisms"].unencrypted_plain = True
+    client.register_plugin("xep_0060")
+    started = asyncio.get_running_loop().create_future()
+    client.add_event_handler("session_start", lambda _e: started.set_result(None))
+    client.connect(env["SCALEPUB_XMPP_HOST"], int(env["SCALEPUB_XMPP_PORT"]))
+    await asyncio.wait_for(started, 20)
+    await asyncio.gather(*(client["xep_0060"].create_node(env["SCALEPUB_PUBSUB_SERVICE"], node)
+                           for node in nodes))
+    await client.disconnect()
+
+
+def create_nodes(env: dict[str, str], nodes: list[str]) -> None:
+    """Create pubsub nodes as the publisher, so subscribers can subscribe before the first row."""
+    asyncio.run(_create_nodes(env, nodes))
+
+
+def assert_complete_and_ordered(by_node: dict[str, list[Got]], expected: dict[str, int]) -> int:
+    """Every node got seqs 1..n, first arrivals in order; duplicates only re-deliveries.
+
+    Returns the number of duplicates seen.
+    """
+    duplicates = 0
+    assert set(by_node) >= set(expected), set(expected) - set(by_node)
+    for node, count in expected.items():
+        first_seen: dict[int, str] = {}
+        order = []
+        for got in by_node[node]:
+            if got.seq in first_seen:
+                assert first_seen[got.seq] == got.id, f"{node} seq {got.seq}: two different ids"
+                duplicates += 1
+                continue
+            first_seen[got.seq] = got.id
+            order.append(got.seq)
+        assert sorted(first_seen) == list(range(1, count + 1)), f"{node}: missing seqs"
+        assert order == sorted(order), f"{node}: out of order {order[:20]}..."
+    return duplicates

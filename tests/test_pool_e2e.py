@@ -1,0 +1,89 @@
+"""The pool end to end: Django saves → streams → `scalepub run` → ejabberd → a subscriber."""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+from django.core.management import call_command
+
+from scalepub.settings import Settings
+from scalepub.shard.streams import backlogs
+from scalepub.sharding import Keys
+from tests.e2e import Collector, PoolProcess, assert_complete_and_ordered, create_nodes
+from tests.stack import Stack
+
+pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
+
+
+def nodes_for(prefix: str, authors: int) -> dict[str, str]:
+    return {f"{prefix}u{i}": f"/twitter/Tweet/{prefix}u{i}" for i in range(authors)}
+
+
+def make_tweets(prefix: str, count: int, authors: int) -> None:
+    call_command("tweet", count=count, authors=authors, rate=0, bulk=0, prefix=prefix + "u",
+                 stdout=open("/dev/null", "w"))  # noqa: SIM115
+
+
+def drained(client: redis.Redis, settings: Settings) -> bool:
+    return all(b.lag == 0 and b.pending == 0 for b in backlogs(client, Keys(settings.key_prefix)))
+
+
+@pytest.fixture
+def authors(stack: Stack) -> dict[str, str]:
+    prefix = f"a{uuid.uuid4().hex[:6]}"
+    nodes = nodes_for(prefix, 200)
+    create_nodes(stack.env, list(nodes.values()))
+    return nodes
+
+
+def test_twenty_thousand_tweets_arrive_complete_and_in_order(
+    scalepub_django: Settings, stack: Stack, authors: dict[str, str], redis_client: redis.Redis,
+    tmp_path: Path,
+) -> None:
+    collector = Collector(stack.env, authors.values()).start()
+    pool = PoolProcess(scalepub_django, tmp_path / "pool.log", "--shards", "4")
+    try:
+        prefix = next(iter(authors))[:-2]
+        make_tweets(prefix, 20_000, 200)
+        assert collector.wait_for(lambda got: len({(g.node, g.seq) for g in got}) >= 20_000,
+                                  timeout=180), f"received {len(collector.received)}"
+        started = time.monotonic()
+        assert pool.stop() == 0, pool.output()[-3000:]
+        assert time.monotonic() - started < 10
+    finally:
+        pool.kill()
+        collector.stop()
+    duplicates = assert_complete_and_ordered(collector.by_node(), dict.fromkeys(authors.values(), 100))
+    assert drained(redis_client, scalepub_django)
+    print(f"20,000 entries over 200 nodes, {duplicates} duplicates")
+
+
+def test_kill_minus_nine_of_a_shard_loses_nothing(
+    scalepub_django: Settings, stack: Stack, authors: dict[str, str], redis_client: redis.Redis,
+    tmp_path: Path,
+) -> None:
+    collector = Collector(stack.env, authors.values()).start()
+    pool = PoolProcess(scalepub_django, tmp_path / "pool.log", "--shards", "4")
+    try:
+        prefix = next(iter(authors))[:-2]
+        make_tweets(prefix, 4_000, 200)
+        victims = pool.shard_pids()
+        assert len(victims) == 4
+        import os
+        os.kill(victims[0], signal.SIGKILL)
+        make_tweets(prefix, 4_000, 200)
+        assert collector.wait_for(lambda got: len({(g.node, g.seq) for g in got}) >= 8_000,
+                                  timeout=120), f"received {len(collector.received)}"
+        assert "died with exit code -9" in pool.output()
+        assert len(pool.shard_pids()) == 4
+        assert pool.stop() == 0
+    finally:
+        pool.kill()
+        collector.stop()
+    assert_complete_and_ordered(collector.by_node(), dict.fromkeys(authors.values(), 40))
+    assert drained(redis_client, scalepub_django)
