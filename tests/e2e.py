@@ -105,6 +105,7 @@ class Collector:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._error: BaseException | None = None
+        self._client: Any = None
 
     def start(self, timeout: float = 60.0) -> Collector:
         """Connect and subscribe to every node; returns once subscribed."""
@@ -115,7 +116,11 @@ class Collector:
 
     def stop(self) -> None:
         """Disconnect and end the thread."""
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        async def close() -> None:
+            if self._client is not None:
+                await self._client.disconnect(wait=1.0)
+            self._loop.stop()
+        asyncio.run_coroutine_threadsafe(close(), self._loop)
         self._thread.join(10)
 
     def wait_for(self, predicate: Callable[[list[Got]], bool], timeout: float) -> bool:
@@ -145,10 +150,12 @@ class Collector:
         client.add_event_handler("session_start", lambda _e: self._subscribe(client))
         client.add_event_handler("pubsub_publish", self._on_publish)
         client.connect(self.env["SCALEPUB_XMPP_HOST"], int(self.env["SCALEPUB_XMPP_PORT"]))
-        try:
-            self._loop.run_forever()
-        finally:
-            client.disconnect(wait=0)
+        self._client = client
+        self._loop.run_forever()
+        for task in asyncio.all_tasks(self._loop):
+            task.cancel()
+        self._loop.run_until_complete(asyncio.sleep(0.05))
+        self._loop.close()
 
     def _subscribe(self, client: Any) -> None:
         async def go() -> None:

@@ -1,0 +1,197 @@
+"""The pool under faults: server restarts, refused batches, poison entries, SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import slixmpp
+
+from scalepub.producer import PendingEntry, StreamProducer
+from scalepub.settings import Settings, env_mapping
+from scalepub.shard.streams import backlogs
+from scalepub.sharding import CONSUMER_GROUP, ENTRY_FIELD, Keys, shard_for
+from tests.e2e import Collector, PoolProcess, assert_complete_and_ordered, create_nodes
+from tests.stack import Stack, new_stack
+
+pytestmark = pytest.mark.stack
+
+
+def payload(i: int, size: int = 300) -> bytes:
+    text = (f"entry {i} " * (size // 8))[:size]
+    return f"<row><text>{text}</text></row>".encode()
+
+
+def produce(settings: Settings, nodes: list[str], per_node: int, size: int = 300) -> None:
+    producer = StreamProducer(settings)
+    for i in range(per_node):
+        producer.enqueue([PendingEntry(n, time.time_ns(), "t.row", str(i), "xml", payload(i, size))
+                          for n in nodes])
+    producer.close()
+
+
+def drained(settings: Settings) -> bool:
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        return all(b.lag == 0 and b.pending == 0 for b in backlogs(client, Keys(settings.key_prefix)))
+    finally:
+        client.close()
+
+
+def wait_until(predicate, timeout: float) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.fixture(scope="module")
+def storing_stack() -> Iterator[Stack]:
+    """A second stack whose ejabberd keeps 1000 items per node on disk: the server itself
+    can then be asked, after a restart, which entries it acknowledged."""
+    s = new_stack()
+    s.control["SCALEPUB_PUBSUB_MAX_ITEMS"] = "1000"
+    try:
+        s.up()
+        yield s
+    finally:
+        s.down()
+
+
+async def _stored_entries(env: dict[str, str], nodes: list[str]) -> dict[str, list[int]]:
+    client = slixmpp.ClientXMPP(env["SCALEPUB_ANON_DOMAIN"], "")
+    client.enable_starttls = client.enable_direct_tls = False
+    client.enable_plaintext = True
+    client.register_plugin("xep_0060")
+    started = asyncio.get_running_loop().create_future()
+    client.add_event_handler("session_start", lambda _e: started.set_result(None))
+    client.connect(env["SCALEPUB_XMPP_HOST"], int(env["SCALEPUB_XMPP_PORT"]))
+    await asyncio.wait_for(started, 20)
+    out: dict[str, list[int]] = {}
+    for node in nodes:
+        reply = await client.plugin["xep_0060"].get_items(env["SCALEPUB_PUBSUB_SERVICE"], node)
+        seqs = []
+        for item in reply["pubsub"]["items"]:
+            fragment = ET.fromstring(f"<entries>{item['payload'].text}</entries>")
+            seqs += [int(e.get("seq", "0")) for e in fragment.iter("entry")]
+        out[node] = seqs
+    await client.disconnect()
+    return out
+
+
+def test_ejabberd_restart_mid_stream_loses_nothing(storing_stack: Stack, tmp_path: Path) -> None:
+    settings = Settings.from_mapping(env_mapping(storing_stack.env),
+                                     key_prefix=f"r{uuid.uuid4().hex[:8]}", shards=2)
+    nodes = [f"/faults/restart/{settings.key_prefix}/n{i}" for i in range(20)]
+    produce(settings, nodes, 100)
+    pool = PoolProcess(settings, tmp_path / "pool.log", "--shards", "2", "--window", "4",
+                       "--batch-max-entries", "10")
+    try:
+        time.sleep(1.0)  # let it publish part of the backlog
+        done = storing_stack.run("restart", "ejabberd")
+        assert done.returncode == 0, done.stderr
+        produce(settings, nodes, 100)
+        assert wait_until(lambda: drained(settings), 120), pool.output()[-3000:]
+        assert pool.stop() == 0
+    finally:
+        pool.kill()
+    assert "reconnected" in pool.output()
+    stored = asyncio.run(_stored_entries(storing_stack.env, nodes))
+    for node in nodes:
+        assert sorted(set(stored[node])) == list(range(1, 201)), node
+
+
+@pytest.fixture
+def nodes_created(stack: Stack) -> list[str]:
+    nodes = [f"/faults/{uuid.uuid4().hex[:8]}/n{i}" for i in range(4)]
+    create_nodes(stack.env, nodes)
+    return nodes
+
+
+def test_refused_batch_is_split_and_poison_is_dead_lettered(
+    settings_for: Settings, stack: Stack, nodes_created: list[str], redis_client: redis.Redis,
+    tmp_path: Path,
+) -> None:
+    settings = settings_for.replace(shards=1)
+    keys = Keys(settings.key_prefix)
+    node = nodes_created[0]
+    collector = Collector(stack.env, [node]).start()
+    produce(settings, [node], 50, size=6000)  # 50 x 6 kB in one batch > max_payload_size
+    bad = [PendingEntry(node, time.time_ns(), "t.row", "ctl", "xml", b"<row>\x01</row>")]
+    StreamProducer(settings).enqueue(bad)  # a control character XML cannot carry
+    redis_client.xadd(keys.stream(0), {ENTRY_FIELD: b"\x93not an envelope"})
+    produce(settings, [node], 20)
+    # The byte cap is set above ejabberd's max_payload_size, so the server must refuse.
+    pool = PoolProcess(settings, tmp_path / "pool.log", "--shards", "1",
+                       "--batch-max-bytes", "400000", "--batch-max-entries", "1000")
+    try:
+        assert wait_until(lambda: drained(settings), 90), pool.output()[-3000:]
+        assert collector.wait_for(lambda got: len(got) >= 70, 30)
+        assert pool.stop() == 0
+    finally:
+        pool.kill()
+        collector.stop()
+    log = pool.output()
+    assert "refused" in log and "splitting" in log, log[-2000:]
+    dead = redis_client.xrange(keys.dead(0))
+    reasons = sorted(fields[b"reason"].decode() for _, fields in dead)
+    assert len(reasons) == 2, reasons
+    assert any("not well-formed" in r for r in reasons), reasons
+    assert any("unreadable entry" in r for r in reasons), reasons
+    got = collector.by_node()[node]
+    assert sorted({g.seq for g in got}) == [s for s in range(1, 72) if s != 51]
+
+
+def test_sigterm_under_load_exits_fast_and_acks_only_published(
+    settings_for: Settings, stack: Stack, nodes_created: list[str], redis_client: redis.Redis,
+    tmp_path: Path,
+) -> None:
+    settings = settings_for.replace(shards=2)
+    collector = Collector(stack.env, nodes_created).start()
+    produce(settings, nodes_created, 5000)
+    pool = PoolProcess(settings, tmp_path / "pool.log", "--shards", "2")
+    try:
+        assert collector.wait_for(lambda got: len(got) > 2000, 60)
+        started = time.monotonic()
+        assert pool.stop(timeout=30) == 0
+        stop_seconds = time.monotonic() - started
+    finally:
+        pool.kill()
+    time.sleep(1.0)  # deliveries already sent by ejabberd reach the collector
+    collector.stop()
+    assert stop_seconds < 10, stop_seconds
+    received = {g.id for g in collector.received}
+    acked = set()
+    keys = Keys(settings.key_prefix)
+    for shard in range(2):
+        key = keys.stream(shard)
+        [group] = [g for g in redis_client.xinfo_groups(key) if g["name"] == CONSUMER_GROUP.encode()]
+        pending = {p["message_id"] for p in redis_client.xpending_range(key, CONSUMER_GROUP, "-", "+", 100_000)}
+        last = group["last-delivered-id"]
+        acked |= {sid.decode() for sid, _ in redis_client.xrange(key, max=last) if sid not in pending}
+    assert acked, "nothing was acknowledged"
+    assert acked <= received, f"{len(acked - received)} acked entries never reached a subscriber"
+    assert len(acked) < 4 * 5000, "the stop did not interrupt the load"
+    print(f"stopped in {stop_seconds:.1f} s with {len(acked)} of 20000 acknowledged")
+
+
+def test_shard_count_mismatch_refused_while_entries_wait(
+    settings_for: Settings, nodes_created: list[str], tmp_path: Path,
+) -> None:
+    settings = settings_for.replace(shards=2)
+    produce(settings, nodes_created, 10)
+    pool = PoolProcess(settings.replace(shards=3), tmp_path / "pool.log", "--shards", "3")
+    try:
+        assert pool.proc.wait(30) == 6  # exitcodes.SHARD_COUNT_MISMATCH
+    finally:
+        pool.kill()
+    assert "entries are waiting" in pool.output()
+    assert shard_for(nodes_created[0], 2) in (0, 1)
