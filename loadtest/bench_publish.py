@@ -19,6 +19,7 @@ import asyncio
 import dataclasses
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -34,7 +35,6 @@ sys.path.insert(0, str(REPO))
 
 from scalepub.producer import PendingEntry, StreamProducer  # noqa: E402
 from scalepub.settings import Settings  # noqa: E402
-from scalepub.shard.streams import backlogs  # noqa: E402
 from scalepub.sharding import Keys  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -50,7 +50,9 @@ class Result:
     seconds: float
     ejabberd_cpu: float = 0.0  # share of one core
     shards_cpu: float = 0.0
+    redis_cpu: float = 0.0
     peak_rss_mb: float = 0.0
+    entries_per_iq: float = 0.0
 
     @property
     def rate(self) -> float:
@@ -109,8 +111,16 @@ def peak_rss_mb(pids: list[int]) -> float:
     return max(peaks, default=0.0)
 
 
-def remaining(client: redis.Redis, keys: Keys) -> int:
-    return sum(b.lag + b.pending for b in backlogs(client, keys))
+def remaining(client: redis.Redis, keys: Keys, shards: int) -> int:
+    """Entries not yet acknowledged (unread or pending) over all shard streams."""
+    total = 0
+    for shard in range(shards):
+        groups = client.xinfo_groups(keys.stream(shard))
+        if not groups:
+            total += client.xlen(keys.stream(shard))
+        for group in groups:
+            total += int(group["pending"]) + int(group["lag"] or 0)
+    return total
 
 
 def run_pool(mode: str, settings: Settings, entries: int, args: list[str]) -> Result:
@@ -119,31 +129,47 @@ def run_pool(mode: str, settings: Settings, entries: int, args: list[str]) -> Re
     keys = Keys(settings.key_prefix)
     env = {**os.environ, **{f"SCALEPUB_{k.upper()}": str(v)
                             for k, v in dataclasses.asdict(settings).items()}}
-    pool = subprocess.Popen([str(Path(sys.executable).parent / "scalepub"), "run",
-                             "--log-level", os.environ.get("BENCH_LOG", "WARNING"), *args], env=env)
+    log_path = Path(f"/tmp/scalepub-bench-{settings.key_prefix}.log")
+    with log_path.open("w") as log:
+        pool = subprocess.Popen([str(Path(sys.executable).parent / "scalepub"), "run",
+                                 "--log-level", "INFO", *args], env=env, stderr=log)
     try:
-        while remaining(client, keys) >= entries:
-            time.sleep(0.005)
-            if pool.poll() is not None:
-                raise RuntimeError(f"{mode}: pool exited with {pool.returncode}")
-        started = time.monotonic()
-        shards, beams = pids_of("", pool.pid), pids_of("beam.smp")
-        cpu0 = cpu_ticks(shards), cpu_ticks(beams)
-        left = entries
-        while left:
-            time.sleep(0.02)
-            left = remaining(client, keys)
-            progress(mode, entries - left, entries, time.monotonic() - started)
-        elapsed = time.monotonic() - started
-        cpu1 = cpu_ticks(shards), cpu_ticks(beams)
-        rss = peak_rss_mb(shards)
+        elapsed, cpu, rss = _clock(mode, pool, client, keys, settings.shards, entries)
     finally:
         pool.terminate()
         pool.wait(30)
         client.close()
     print(file=sys.stderr)
-    return Result(mode, entries, elapsed, (cpu1[1] - cpu0[1]) / CLK_TCK / elapsed,
-                  (cpu1[0] - cpu0[0]) / CLK_TCK / elapsed, rss)
+    iqs = sum(int(m) for m in re.findall(r" iqs=(\d+)", log_path.read_text()))
+    return Result(mode, entries, elapsed, *(c / CLK_TCK / elapsed for c in cpu), rss,
+                  entries / iqs if iqs else 0.0)
+
+
+def _clock(mode: str, pool: subprocess.Popen[bytes], client: redis.Redis, keys: Keys,
+           shards: int, entries: int) -> tuple[float, tuple[int, int, int], float]:
+    """Seconds from the first acknowledged entry to the last; CPU ticks; peak shard RSS."""
+    while remaining(client, keys, shards) >= entries:
+        time.sleep(0.005)
+        if pool.poll() is not None:
+            raise RuntimeError(f"{mode}: pool exited with {pool.returncode}")
+    started = time.monotonic()
+    groups = (shard_pids(pool.pid), pids_of("beam.smp"), pids_of("redis-server"))
+    cpu0 = [cpu_ticks(g) for g in groups]
+    left = entries
+    while left:
+        time.sleep(0.05)
+        left = remaining(client, keys, shards)
+        progress(mode, entries - left, entries, time.monotonic() - started)
+    elapsed = time.monotonic() - started
+    cpu1 = [cpu_ticks(g) for g in groups]
+    sh, ej, rd = (b - a for a, b in zip(cpu0, cpu1, strict=True))
+    return elapsed, (ej, sh, rd), peak_rss_mb(groups[0])
+
+
+def shard_pids(parent: int) -> list[int]:
+    """The shard processes of a pool (not multiprocessing's resource tracker)."""
+    pids = pids_of("", parent)
+    return [p for p in pids if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
 
 
 def progress(mode: str, done: int, total: int, elapsed: float) -> None:
@@ -172,7 +198,7 @@ async def seed_style(settings: Settings, count: int) -> Result:
                                                 payload=item)
         await client.disconnect()
     return Result("(a) seed-style: connect+auth+publish per entry", count,
-                  time.monotonic() - started)
+                  time.monotonic() - started, entries_per_iq=1.0)
 
 
 def fresh(settings: Settings, shards: int) -> Settings:
@@ -200,23 +226,27 @@ def measure(base: Settings, mode: str, shards: int, entries: int, nodes: int,
 def table(results: list[Result]) -> str:
     a, b = results[0].rate, results[1].rate
     lines = [
-        "| mode | entries | s | entries/s | x (a) | x (b) | ejabberd CPU | shards CPU "
-        "| peak RSS/shard |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| mode | entries | s | entries/s | x (a) | x (b) | entries/IQ | CPU ejabberd "
+        "| CPU shards | CPU Redis | CPU us/entry (ej+sh+redis) | peak RSS/shard |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
+        per_entry = [c / r.rate * 1e6 if r.rate else 0.0
+                     for c in (r.ejabberd_cpu, r.shards_cpu, r.redis_cpu)]
         lines.append(
             f"| {r.mode} | {r.entries:,} | {r.seconds:.2f} | {r.rate:,.0f} | {r.rate / a:,.0f}x "
-            f"| {r.rate / b:,.1f}x | {r.ejabberd_cpu:.0%} | {r.shards_cpu:.0%} "
-            f"| {r.peak_rss_mb:.0f} MB |"
+            f"| {r.rate / b:,.1f}x | {r.entries_per_iq:.0f} | {r.ejabberd_cpu:.0%} "
+            f"| {r.shards_cpu:.0%} | {r.redis_cpu:.0%} "
+            f"| {'+'.join(f'{x:.1f}' for x in per_entry)} | {r.peak_rss_mb:.0f} MB |"
         )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--entries", type=int, default=200_000, help="entries per (c) run")
-    parser.add_argument("--nodes", type=int, default=1000, help="distinct nodes")
+    parser.add_argument("--entries", type=int, default=300_000, help="entries per (c) run")
+    parser.add_argument("--nodes", type=int, default=200,
+                        help="distinct nodes (batches can only be as big as a node's backlog)")
     parser.add_argument("--seed-sample", type=int, default=30, help="entries for (a)")
     parser.add_argument("--single", type=int, default=3000, help="entries for (b) and (b+)")
     parser.add_argument("--shards", default="1,2,4,8", help="shard counts for (c)")

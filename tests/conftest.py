@@ -6,6 +6,7 @@ import dataclasses
 import uuid
 from collections.abc import Iterator
 
+import hypothesis  # noqa: F401  (imported before any test thread: CPython 3.11.7's gh-106905)
 import pytest
 import redis
 from django.test import override_settings

@@ -17,7 +17,7 @@ from scalepub.producer import PendingEntry, StreamProducer
 from scalepub.settings import Settings, env_mapping
 from scalepub.shard.streams import backlogs
 from scalepub.sharding import CONSUMER_GROUP, ENTRY_FIELD, Keys, shard_for
-from tests.e2e import Collector, PoolProcess, assert_complete_and_ordered, create_nodes
+from tests.e2e import Collector, PoolProcess, create_nodes
 from tests.stack import Stack, new_stack
 
 pytestmark = pytest.mark.stack

@@ -1,0 +1,45 @@
+# scalepub: the two commands a newcomer needs are `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint bench venv packages stack-up stack-down clean
+
+## demo: local Redis + ejabberd, the example project, `scalepub run --shards 8`, a tweet
+##       producer and a live terminal feed (Ctrl-C stops everything it started)
+demo: venv
+	ops/demo
+
+## test: lint, type-check and the whole test suite (starts its own Redis + ejabberd)
+test: venv packages lint
+	$(BIN)/pytest -q
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy scalepub
+
+## bench: the benchmarks (needs `eval "$$(ops/stack env)"` or a running `make stack-up`)
+bench: venv stack-up
+	eval "$$(ops/stack env)" && $(BIN)/python loadtest/bench_ingest.py
+	eval "$$(ops/stack env)" && $(BIN)/python loadtest/bench_publish.py
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+# Redis and ejabberd from Debian, if missing (ops/stack up would too; done once, up front).
+packages:
+	ops/stack install
+
+stack-up:
+	ops/stack up
+
+stack-down:
+	ops/stack down
+
+clean: stack-down
+	rm -rf $(VENV) .stack example/db.sqlite3 artifacts
