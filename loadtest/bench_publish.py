@@ -214,9 +214,15 @@ def cleanup(settings: Settings) -> None:
 
 def measure(base: Settings, mode: str, shards: int, entries: int, nodes: int,
             args: list[str]) -> Result:
-    settings = fresh(base, shards)
+    # MAXLEN must not trim the pre-filled backlog, or the count would be wrong.
+    settings = fresh(base, shards).replace(stream_maxlen=entries + 100_000)
     print(f"{mode}: pre-filling {entries} entries over {nodes} nodes", file=sys.stderr)
     prefill(settings, entries, nodes)
+    client = redis.Redis.from_url(settings.redis_url)
+    stored = sum(client.xlen(Keys(settings.key_prefix).stream(s)) for s in range(shards))
+    client.close()
+    if stored != entries:
+        raise RuntimeError(f"pre-filled {stored} entries, expected {entries}")
     try:
         return run_pool(mode, settings, entries, ["--shards", str(shards), *args])
     finally:

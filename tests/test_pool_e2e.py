@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import time
 import uuid
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,13 @@ from django.core.management import call_command
 from scalepub.settings import Settings
 from scalepub.shard.streams import backlogs
 from scalepub.sharding import Keys
-from tests.e2e import Collector, PoolProcess, assert_complete_and_ordered, create_nodes
+from tests.e2e import (
+    Collector,
+    Got,
+    PoolProcess,
+    assert_complete_and_ordered,
+    create_nodes,
+)
 from tests.stack import Stack
 
 pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
@@ -41,49 +50,56 @@ def authors(stack: Stack) -> dict[str, str]:
     return nodes
 
 
+@contextlib.contextmanager
+def pool_and_collector(settings: Settings, stack: Stack, nodes: Iterable[str], log: Path,
+                       *args: str) -> Iterator[tuple[PoolProcess, Collector]]:
+    """An independent subscriber of ``nodes`` and `scalepub run ARGS`, both stopped after."""
+    collector = Collector(stack.env, nodes).start()
+    pool = PoolProcess(settings, log, *args)
+    try:
+        yield pool, collector
+    finally:
+        pool.kill()
+        collector.stop()
+
+
+def distinct(count: int) -> Callable[[list[Got]], bool]:
+    return lambda got: len({(g.node, g.seq) for g in got}) >= count
+
+
 def test_twenty_thousand_tweets_arrive_complete_and_in_order(
     scalepub_django: Settings, stack: Stack, authors: dict[str, str], redis_client: redis.Redis,
     tmp_path: Path,
 ) -> None:
-    collector = Collector(stack.env, authors.values()).start()
-    pool = PoolProcess(scalepub_django, tmp_path / "pool.log", "--shards", "4")
-    try:
-        prefix = next(iter(authors))[:-2]
-        make_tweets(prefix, 20_000, 200)
-        assert collector.wait_for(lambda got: len({(g.node, g.seq) for g in got}) >= 20_000,
-                                  timeout=180), f"received {len(collector.received)}"
+    with pool_and_collector(scalepub_django, stack, authors.values(), tmp_path / "pool.log",
+                            "--shards", "4") as (pool, collector):
+        make_tweets(next(iter(authors))[:-2], 20_000, 200)
+        assert collector.wait_for(distinct(20_000), timeout=180), len(collector.received)
         started = time.monotonic()
         assert pool.stop() == 0, pool.output()[-3000:]
         assert time.monotonic() - started < 10
-    finally:
-        pool.kill()
-        collector.stop()
-    duplicates = assert_complete_and_ordered(collector.by_node(), dict.fromkeys(authors.values(), 100))
+    duplicates = assert_complete_and_ordered(collector.by_node(),
+                                             dict.fromkeys(authors.values(), 100))
     assert drained(redis_client, scalepub_django)
     print(f"20,000 entries over 200 nodes, {duplicates} duplicates")
 
 
-def test_kill_minus_nine_of_a_shard_loses_nothing(
+def test_kill_minus_nine_of_a_shard_mid_stream_loses_nothing(
     scalepub_django: Settings, stack: Stack, authors: dict[str, str], redis_client: redis.Redis,
     tmp_path: Path,
 ) -> None:
-    collector = Collector(stack.env, authors.values()).start()
-    pool = PoolProcess(scalepub_django, tmp_path / "pool.log", "--shards", "4")
-    try:
-        prefix = next(iter(authors))[:-2]
-        make_tweets(prefix, 4_000, 200)
+    make_tweets(next(iter(authors))[:-2], 8_000, 200)  # a backlog, published slowly:
+    slow = ("--shards", "4", "--window", "1", "--batch-max-entries", "2")
+    with pool_and_collector(scalepub_django, stack, authors.values(), tmp_path / "pool.log",
+                            *slow) as (pool, collector):
+        assert collector.wait_for(distinct(1_500), timeout=60)
         victims = pool.shard_pids()
         assert len(victims) == 4
-        import os
         os.kill(victims[0], signal.SIGKILL)
-        make_tweets(prefix, 4_000, 200)
-        assert collector.wait_for(lambda got: len({(g.node, g.seq) for g in got}) >= 8_000,
-                                  timeout=120), f"received {len(collector.received)}"
+        assert not collector.wait_for(distinct(8_000), timeout=0.5), "killed too late"
+        assert collector.wait_for(distinct(8_000), timeout=120), len(collector.received)
         assert "died with exit code -9" in pool.output()
         assert len(pool.shard_pids()) == 4
         assert pool.stop() == 0
-    finally:
-        pool.kill()
-        collector.stop()
     assert_complete_and_ordered(collector.by_node(), dict.fromkeys(authors.values(), 40))
     assert drained(redis_client, scalepub_django)

@@ -81,6 +81,7 @@ def async_redis(settings: Settings) -> aredis.Redis:
     return streams.raw_replies(aredis.Redis.from_url(
         settings.redis_url, socket_timeout=max(5.0, settings.redis_timeout),
         socket_connect_timeout=max(2.0, settings.redis_timeout),
+        connection_class=streams.HiredisPackedConnection,
     ))
 
 
@@ -95,7 +96,8 @@ class ShardWorker:
         self.consumer = consumer
         self.batcher = Batcher(Caps(settings.batch_max_entries, settings.batch_max_bytes,
                                     settings.linger_ms / 1000))
-        self.max_buffer = settings.window * settings.batch_max_entries * 4
+        # Entries held in memory (read, not yet confirmed): bounds RSS (~1 kB an entry).
+        self.max_buffer = settings.window * settings.batch_max_entries * 2
         self.inflight: dict[str, Batch] = {}
         self.stats = Stats()
         self.redis = async_redis(settings)
