@@ -116,8 +116,8 @@ class Settings:
             raw = environ.get(ENV_PREFIX + f.name.upper())
             if raw is not None and raw != "":
                 values[f.name] = _parse(f, raw, ENV_PREFIX + f.name.upper())
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return _build(cls, values, lambda name: f"{ENV_PREFIX}{name.upper()}")
+        base = _build(cls, values, lambda name: f"{ENV_PREFIX}{name.upper()}")
+        return base.replace(**overrides)
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any], **overrides: Any) -> Settings:
@@ -136,7 +136,10 @@ class Settings:
     def replace(self, **overrides: Any) -> Settings:
         """A copy with some values changed (``None`` means keep)."""
         values = {k: v for k, v in overrides.items() if v is not None}
-        return _build(type(self), {**dataclasses.asdict(self), **values}, lambda n: f"--{n}")
+        if not values:
+            return self
+        return _build(type(self), {**dataclasses.asdict(self), **values},
+                      lambda n: f"--{n.replace('_', '-')}")
 
     @property
     def xmpp_host_is_loopback(self) -> bool:

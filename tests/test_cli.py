@@ -1,0 +1,92 @@
+"""The `scalepub` command: start-up failures are one clear message and a named exit code."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from scalepub import exitcodes
+from scalepub.producer import PendingEntry, StreamProducer
+from scalepub.settings import Settings
+from tests.e2e import PoolProcess, create_nodes, settings_env
+from tests.stack import Stack, free_port
+
+SCALEPUB = str(Path(sys.executable).parent / "scalepub")
+
+
+def run(settings: Settings, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([SCALEPUB, *args], env={**os.environ, **settings_env(settings)},
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_help_names_the_commands() -> None:
+    done = subprocess.run([SCALEPUB, "--help"], capture_output=True, text=True, check=True)
+    assert "run" in done.stdout and "tail" in done.stdout
+    done = subprocess.run([SCALEPUB, "run", "--help"], capture_output=True, text=True, check=True)
+    assert "--shards" in done.stdout and "--window" in done.stdout
+
+
+def test_bad_setting_is_named(settings_for: Settings) -> None:
+    done = subprocess.run([SCALEPUB, "run"], env={**os.environ, "SCALEPUB_WINDOW": "zero"},
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == exitcodes.USAGE
+    assert "SCALEPUB_WINDOW: expected int, got 'zero'" in done.stderr
+    done = run(settings_for, "run", "--window", "0")
+    assert done.returncode == exitcodes.USAGE
+    assert "--window: must be greater than 0" in done.stderr
+
+
+@pytest.mark.stack
+def test_wrong_password_exits_with_one_clear_message(settings_for: Settings) -> None:
+    started = time.monotonic()
+    done = run(settings_for.replace(xmpp_password="wrong", shards=1), "run", "--shards", "1")
+    assert done.returncode == exitcodes.XMPP_AUTH, done.stderr[-2000:]
+    assert "refused the credentials of pub@localhost" in done.stderr
+    assert done.stderr.count("refused the credentials") == 1  # not a retry loop
+    assert "Traceback" not in done.stderr
+    assert time.monotonic() - started < 30
+
+
+@pytest.mark.stack
+def test_unreachable_servers_at_start(settings_for: Settings) -> None:
+    done = run(settings_for.replace(xmpp_port=free_port(), shards=1), "run", "--shards", "1")
+    assert done.returncode == exitcodes.XMPP_UNREACHABLE, done.stderr[-2000:]
+    assert "cannot connect to XMPP server" in done.stderr and "Traceback" not in done.stderr
+    down = settings_for.replace(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    done = run(down, "run")
+    assert done.returncode == exitcodes.REDIS_UNREACHABLE
+    assert "cannot reach Redis" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.stack
+def test_tail_prints_entries_with_latency(settings_for: Settings, stack: Stack,
+                                          tmp_path: Path) -> None:
+    settings = settings_for.replace(shards=1)
+    node = f"/tail/{uuid.uuid4().hex[:8]}"
+    create_nodes(stack.env, [node])
+    tail = subprocess.Popen([SCALEPUB, "tail", node, "--count", "3"],
+                            env={**os.environ, **settings_env(settings)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pool = PoolProcess(settings, tmp_path / "pool.log", "--shards", "1")
+    try:
+        time.sleep(2.0)  # the subscription is in place
+        rows = [PendingEntry(node, time.time_ns(), "t.row", str(i), "xml",
+                             f'<django-objects version="1.0"><object model="t.row" pk="{i}">'
+                             f'<field name="text" type="CharField">hello {i}</field></object>'
+                             f"</django-objects>".encode()) for i in range(3)]
+        StreamProducer(settings).enqueue(rows)
+        out, err = tail.communicate(timeout=30)
+    finally:
+        tail.kill()
+        pool.kill()
+    lines = out.strip().splitlines()
+    assert len(lines) == 3, (out, err)
+    for i, line in enumerate(lines):
+        assert line.startswith(f"{node} #{i + 1} ") and " ms " in line
+        assert f"text='hello {i}'" in line
