@@ -132,7 +132,8 @@ def run_pool(mode: str, settings: Settings, entries: int, args: list[str]) -> Re
     log_path = Path(f"/tmp/scalepub-bench-{settings.key_prefix}.log")
     with log_path.open("w") as log:
         pool = subprocess.Popen([str(Path(sys.executable).parent / "scalepub"), "run",
-                                 "--log-level", "INFO", *args], env=env, stderr=log)
+                                 "--log-level", "INFO", "--metrics-port", "0", *args],
+                                env=env, stderr=log)
     try:
         elapsed, cpu, rss = _clock(mode, pool, client, keys, settings.shards, entries)
     finally:

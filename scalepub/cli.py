@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -60,6 +65,9 @@ def main() -> None:
 @click.option("--batch-max-bytes", type=int, help="bytes per pubsub item [default 64000]")
 @click.option("--linger-ms", type=float, help="wait this long for a batch to fill [default 5]")
 @click.option("--window", type=int, help="publish IQs in flight per connection [default 32]")
+@click.option("--metrics-port", type=int, help="Prometheus endpoint port, 0 = none "
+              "[env SCALEPUB_METRICS_PORT, default 9464]")
+@click.option("--metrics-host", help="Prometheus endpoint address [default 127.0.0.1]")
 @_common
 def run(log_level: str, processes: int | None, **options: Any) -> None:
     """Run the shard pool: publish the streams to XMPP until SIGTERM or Ctrl-C.
@@ -68,11 +76,64 @@ def run(log_level: str, processes: int | None, **options: Any) -> None:
     and acknowledged, counts are logged. A second one stops at once (nothing unconfirmed
     is acknowledged, so nothing is lost: it is re-published by the next run).
     """
-    from scalepub.shard.pool import Pool
+    configure_logging(log_level)
+    settings = _settings(**options)
+    metrics_dir, created = multiprocess_metrics_dir()
+    from scalepub.shard.pool import Pool  # imports prometheus_client: after the line above
+
+    try:
+        code = Pool(settings, processes=processes, log_level=log_level).run()
+    finally:
+        if created:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+    sys.exit(code)
+
+
+def multiprocess_metrics_dir() -> tuple[Path, bool]:
+    """Set up PROMETHEUS_MULTIPROC_DIR (emptied if given, else a new temp dir).
+
+    prometheus_client picks its storage when first imported, so this runs before any import
+    of it in the supervisor; the spawned shard processes inherit the variable.
+    """
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given:
+        path = Path(given)
+        path.mkdir(parents=True, exist_ok=True)
+        for stale in path.glob("*.db"):
+            stale.unlink()
+        return path, False
+    path = Path(tempfile.mkdtemp(prefix="scalepub-metrics-"))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+    return path, True
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@_common
+def status(as_json: bool, log_level: str, **options: Any) -> None:
+    """Show each shard's stream backlog, dead letters and liveness.
+
+    Exit code 0 when every shard process is alive (its heartbeat key is fresh) and none is
+    stuck (work waiting, nothing confirmed for 30 s); 7 otherwise: usable as a health probe.
+    """
+    import redis
+
+    from scalepub.producer import redis_client
+    from scalepub.status import as_json as rows
+    from scalepub.status import collect, healthy, table
 
     configure_logging(log_level)
     settings = _settings(**options)
-    sys.exit(Pool(settings, processes=processes, log_level=log_level).run())
+    client = redis_client(settings)
+    try:
+        statuses = collect(settings, client)
+    except redis.RedisError as exc:
+        click.echo(f"scalepub: cannot reach Redis at {settings.redis_url}: {exc}", err=True)
+        sys.exit(exitcodes.REDIS_UNREACHABLE)
+    finally:
+        client.close()
+    click.echo(json.dumps(rows(statuses), indent=2) if as_json else table(statuses))
+    sys.exit(exitcodes.OK if healthy(statuses) else exitcodes.UNHEALTHY)
 
 
 @main.command()

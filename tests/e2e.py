@@ -40,7 +40,9 @@ class PoolProcess:
         self._log = log_path.open("ab")
         self.proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "scalepub"), "run", *args],
-            env={**os.environ, **settings_env(settings)}, stdout=self._log, stderr=self._log,
+            # No metrics endpoint unless a test asks: pools of parallel runs would collide.
+            env={**os.environ, **settings_env(settings), "SCALEPUB_METRICS_PORT": "0"},
+            stdout=self._log, stderr=self._log,
             cwd=REPO,
         )
 

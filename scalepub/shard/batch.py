@@ -57,6 +57,7 @@ class Batch:
     size: int = 0  # bytes of the entries' parts
     resends: int = 0  # times it was in flight when the connection dropped
     retries: int = 0  # times the server answered with a transient error
+    sent_at: float = 0.0  # time.monotonic() of the last send
 
     def add(self, entry: Entry) -> None:
         """Append an entry (same node, next seq)."""

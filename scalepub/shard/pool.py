@@ -17,8 +17,9 @@ import redis
 from scalepub import exitcodes
 from scalepub.producer import redis_client
 from scalepub.settings import Settings
+from scalepub.shard import metrics
 from scalepub.shard.process import shard_main
-from scalepub.shard.streams import ShardCountMismatch, agree_shard_count
+from scalepub.shard.streams import ShardCountMismatch, agree_shard_count, stream_backlog
 from scalepub.sharding import Keys
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class Pool:
             return code
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
+        self._serve_metrics()
         for slot in self.slots:
             self._spawn(slot)
         log.info("pool: %d shard processes over %d shards", len(self.slots), self.settings.shards)
@@ -70,6 +72,13 @@ class Pool:
         self._stop_all()
         log.info("pool: stopped (exit code %d)", code)
         return code
+
+    def _serve_metrics(self) -> None:
+        if not self.settings.metrics_port:
+            return
+        metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
+        log.info("pool: metrics on http://%s:%d/metrics", self.settings.metrics_host,
+                 self.settings.metrics_port)
 
     def _preflight(self) -> int:
         client = redis_client(self.settings.replace(redis_timeout=max(self.settings.redis_timeout,
@@ -116,9 +125,11 @@ class Pool:
         slot.terminated = False
 
     def _supervise(self) -> int:
+        backlog = BacklogGauges(self.settings)
         while not self._signals:
             sentinels = [s.process.sentinel for s in self.slots if s.process is not None]
             wait(sentinels, timeout=0.2)  # a dead child wakes us at once
+            backlog.maybe_update()
             self._ever_ready |= any(s.ready is not None and s.ready.is_set() for s in self.slots)
             for slot in self.slots:
                 code = self._check(slot)
@@ -136,6 +147,8 @@ class Pool:
             return None
         code = slot.process.exitcode or 0
         slot.process.join()
+        if slot.process.pid is not None:
+            metrics.process_dead(slot.process.pid)
         slot.process = None
         if code in exitcodes.FATAL or (not self._ever_ready and code in (
                 exitcodes.XMPP_UNREACHABLE, exitcodes.REDIS_UNREACHABLE)):
@@ -150,6 +163,7 @@ class Pool:
         delay = min(0.5 * 2 ** slot.failures, RESTART_BACKOFF_MAX_S) if slot.failures else 0.2
         slot.restart_at = now + delay
         slot.restarts += 1
+        metrics.RESTARTS.labels(",".join(map(str, slot.shards))).inc()
         log.error("pool: shard process %d (shards %s) died with exit code %d; restart in %.1f s",
                   slot.index, slot.shards, code, delay)
 
@@ -167,3 +181,29 @@ class Pool:
             wait([p.sentinel for p in alive if p.is_alive()], timeout=0.2)
         for process in alive:
             log.info("pool: %s exited with %s", process.name, process.exitcode)
+
+
+class BacklogGauges:
+    """Lag and pending of every shard stream, from Redis, every few seconds."""
+
+    INTERVAL_S = 2.0
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.keys = Keys(settings.key_prefix)
+        self.client = redis_client(settings)
+        self.next_at = 0.0
+
+    def maybe_update(self) -> None:
+        """Refresh the gauges if due; Redis trouble only skips a round."""
+        now = time.monotonic()
+        if now < self.next_at:
+            return
+        self.next_at = now + self.INTERVAL_S
+        try:
+            for shard in range(self.settings.shards):
+                lag, pending = stream_backlog(self.client, self.keys.stream(shard))
+                metrics.LAG.labels(str(shard)).set(lag)
+                metrics.PENDING.labels(str(shard)).set(pending)
+        except redis.RedisError as exc:
+            log.warning("pool: cannot read the stream backlog: %s", exc)

@@ -108,21 +108,27 @@ class Backlog:
     pending: int
 
 
+def stream_backlog(r: redis.Redis, key: str) -> tuple[int, int]:
+    """(lag, pending) of one stream: entries never read, and read but unacknowledged."""
+    groups = cast(list[dict[str, object]], r.xinfo_groups(key)) if r.exists(key) else []
+    group = next((g for g in groups if g["name"] in (CONSUMER_GROUP, CONSUMER_GROUP.encode())),
+                 None)
+    if group is None:
+        return int(r.xlen(key)), 0
+    lag = group.get("lag")
+    if lag is None:  # Redis cannot tell after trims/deletes: count from the last read id
+        last = group["last-delivered-id"]
+        start = last.decode() if isinstance(last, bytes) else str(last)
+        lag = len(cast(list[object], r.xrange(key, min=f"({start}")))
+    return int(cast(int, lag)), int(cast(int, group["pending"]))
+
+
 def backlogs(r: redis.Redis, keys: Keys) -> list[Backlog]:
     """The backlog of every shard stream under the prefix (any shard count)."""
     out = []
     for key in sorted(k.decode() for k in r.scan_iter(match=keys.stream_pattern, count=1000)):
-        groups = {g["name"]: g for g in r.xinfo_groups(key)}
-        group = groups.get(CONSUMER_GROUP.encode()) or groups.get(CONSUMER_GROUP)
-        if group is None:
-            out.append(Backlog(key, int(r.xlen(key)), 0))
-            continue
-        lag = group.get("lag")
-        if lag is None:  # Redis cannot tell after trims/deletes: count from the last read id
-            last = group["last-delivered-id"]
-            start = last.decode() if isinstance(last, bytes) else str(last)
-            lag = len(cast(list[object], r.xrange(key, min=f"({start}")))
-        out.append(Backlog(key, int(lag), int(group["pending"])))
+        lag, pending = stream_backlog(r, key)
+        out.append(Backlog(key, lag, pending))
     return out
 
 

@@ -17,17 +17,18 @@ import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgpack
 import redis
 import redis.asyncio as aredis
+from prometheus_client import Counter
 
 from scalepub.envelope import VERSION as ENVELOPE_VERSION
 from scalepub.envelope import EnvelopeError, decode
 from scalepub.nodes import InvalidNodeName, validate_node
 from scalepub.settings import Settings
-from scalepub.shard import streams
+from scalepub.shard import metrics, streams
 from scalepub.shard.batch import Batch, Entry, entry_part, publish_iq, well_formed
 from scalepub.shard.batcher import Batcher, Caps
 from scalepub.shard.xmpp import Reply, XmppAuthError, XmppLink, XmppUnreachable
@@ -40,6 +41,7 @@ READ_COUNT = 5000
 READ_BLOCK_MS = 100
 DRAIN_TIMEOUT_S = 10.0
 CLOSE_TIMEOUT_S = 3.0
+HEARTBEAT_INTERVAL_S = 2.0  # the key lives 5 intervals: `scalepub status` calls it dead after
 # A batch in flight at this many connection losses is split; a single entry is dead-lettered.
 SPLIT_AFTER_RESENDS = 2
 DEAD_AFTER_RESENDS = 5
@@ -114,6 +116,8 @@ class ShardWorker:
         self._valid_nodes: set[str] = set()
         self._on_ready = on_ready
         self.crashed: BaseException | None = None
+        self._m = _Meters(self._name)
+        self._last_publish = 0.0
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -127,7 +131,8 @@ class ShardWorker:
         if self._on_ready:
             self._on_ready()
         tasks = [asyncio.create_task(c) for c in
-                 (self._read_loop(), self._linger_loop(), self._ack_loop())]
+                 (self._read_loop(), self._linger_loop(), self._ack_loop(),
+                  self._heartbeat_loop())]
         for task in tasks:
             task.add_done_callback(self._loop_ended)
         await self._stop.wait()
@@ -136,6 +141,8 @@ class ShardWorker:
         for task in tasks[1:]:
             task.cancel()
         await self._bounded("tasks", asyncio.gather(*tasks, return_exceptions=True))
+        await self._bounded("heartbeat", self.redis.delete(
+            *(self.keys.heartbeat(s) for s in self.shard_of.values())))
         await self._bounded("XMPP close", self.link.close())
         await self._bounded("Redis close", self.redis.aclose())
         log.info("shard %s: stopped: %s", self._name, self.stats.summary())
@@ -148,6 +155,7 @@ class ShardWorker:
         if task.cancelled() or self.crashed is not None:
             return
         self.crashed = task.exception() or RuntimeError(f"{task.get_coro()} returned")
+        self._m.errors("internal").inc()
         log.error("shard %s: internal error, stopping", self._name, exc_info=self.crashed)
         self.stop()
 
@@ -225,6 +233,7 @@ class ShardWorker:
             try:
                 return await call()
             except (redis.ConnectionError, redis.TimeoutError) as exc:
+                self._m.errors("redis").inc()
                 log.warning("shard %s: Redis unavailable (%s), retrying in %.1f s",
                             self._name, exc, delay)
             except redis.ResponseError as exc:
@@ -303,7 +312,9 @@ class ShardWorker:
                 continue
             iq_id = next(self._ids)
             self.inflight[iq_id] = batch
+            batch.sent_at = time.monotonic()
             self.link.send(publish_iq(iq_id, self.settings.pubsub_service, batch))
+            self._m.inflight.set(len(self.inflight))
 
     def _screen(self, batch: Batch) -> bool:
         """A batch that was in flight when the link dropped may be what broke it.
@@ -345,6 +356,7 @@ class ShardWorker:
 
     def _on_reply(self, reply: Reply) -> None:
         batch = self.inflight.pop(reply.iq_id)
+        self._m.inflight.set(len(self.inflight))
         if reply.ok:
             self._confirmed(batch)
         else:
@@ -357,14 +369,19 @@ class ShardWorker:
         self.batcher.done(batch)
         self.stats.published += len(batch.entries)
         self.stats.iqs += 1
-        self.stats.latency_ns_sum += time.time_ns() - batch.entries[0].ts_ns
+        now_ns = time.time_ns()
+        self.stats.latency_ns_sum += now_ns - batch.entries[0].ts_ns
+        self._m.confirmed(batch, now_ns)
+        self._last_publish = now_ns / 1e9
         if self.batcher.buffered < self.max_buffer:
             self._space.set()
 
     def _refused(self, batch: Batch, reply: Reply) -> None:
         transient = reply.error_type == "wait" or reply.condition in TRANSIENT_CONDITIONS
+        self._m.errors("xmpp_refused").inc()
         if (transient and batch.retries < MAX_TRANSIENT_RETRIES) or reply.error_type == "auth":
             self.stats.retries += 1
+            self._m.retries.inc()
             batch.retries += 1
             delay = min(0.05 * 2 ** batch.retries, 5.0) if transient else 5.0
             log.warning("shard %s: publish to %s refused (%s), retrying in %.1f s",
@@ -392,6 +409,9 @@ class ShardWorker:
             batch.resends += 1
         self.batcher.retry(*lost)
         self.stats.reconnects += 1
+        self._m.reconnects.inc()
+        self._m.errors("connection_lost").inc()
+        self._m.inflight.set(0)
         log.warning("shard %s: XMPP connection lost with %d IQs in flight; reconnecting",
                     self._name, len(lost))
         if not self._stop.is_set():
@@ -410,6 +430,31 @@ class ShardWorker:
                             self._name, exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
+
+    # -- health ----------------------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        """Keep ``{prefix}:{N}:alive`` fresh: what `scalepub status` reads."""
+        last_count, last_time = self.stats.published, time.monotonic()
+        while True:
+            now = time.monotonic()
+            rate = (self.stats.published - last_count) / max(now - last_time, 1e-9)
+            last_count, last_time = self.stats.published, now
+            await self._retrying(functools.partial(self._beat, rate))
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+
+    async def _beat(self, rate: float) -> None:
+        fields: dict[Any, Any] = {
+            "pid": os.getpid(), "host": socket.gethostname(), "updated": time.time(),
+            "published": self.stats.published, "rate": round(rate, 1),
+            "last_publish": self._last_publish, "dead_lettered": self.stats.dead_lettered,
+        }
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for shard in self.shard_of.values():
+                key = self.keys.heartbeat(shard)
+                pipe.hset(key, mapping=fields)
+                pipe.expire(key, int(HEARTBEAT_INTERVAL_S * 5))
+            await pipe.execute()
 
     # -- acks and dead letters -----------------------------------------------------------
 
@@ -438,6 +483,7 @@ class ShardWorker:
 
     def _dead_letter(self, shard: int, sid: bytes, raw: bytes, reason: str) -> None:
         self.stats.dead_lettered += 1
+        self._m.dead_letters.inc()
         log.error("shard %d: entry %s dead-lettered: %s", shard, sid.decode(), reason)
         self._spawn(self._retrying(lambda: streams.dead_letter(
             self.redis, self.keys, shard, stream_id=sid, envelope=raw, reason=reason)))
@@ -446,3 +492,35 @@ class ShardWorker:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+class _Meters:
+    """The Prometheus children of one shard process, bound to its label once."""
+
+    def __init__(self, shard: str) -> None:
+        self.shard = shard
+        self.published = metrics.PUBLISHED.labels(shard)
+        self.iqs = metrics.IQS.labels(shard)
+        self.rtt = metrics.RTT.labels(shard)
+        self.batch_entries = metrics.BATCH_ENTRIES.labels(shard)
+        self.batch_bytes = metrics.BATCH_BYTES.labels(shard)
+        self.e2e = metrics.E2E_LATENCY.labels(shard)
+        self.inflight = metrics.INFLIGHT.labels(shard)
+        self.last_publish = metrics.LAST_PUBLISH.labels(shard)
+        self.reconnects = metrics.RECONNECTS.labels(shard)
+        self.retries = metrics.RETRIES.labels(shard)
+        self.dead_letters = metrics.DEAD_LETTERS.labels(shard)
+
+    def errors(self, kind: str) -> Counter:
+        """The error counter of ``kind``."""
+        return metrics.ERRORS.labels(self.shard, kind)
+
+    def confirmed(self, batch: Batch, now_ns: int) -> None:
+        """A batch the server confirmed (per batch, never per entry: a few us an IQ)."""
+        self.published.inc(len(batch.entries))
+        self.iqs.inc()
+        self.rtt.observe(time.monotonic() - batch.sent_at)
+        self.batch_entries.observe(len(batch.entries))
+        self.batch_bytes.observe(batch.size)
+        self.e2e.observe((now_ns - batch.entries[0].ts_ns) / 1e9)
+        self.last_publish.set(now_ns / 1e9)
