@@ -19,6 +19,10 @@ from scalepub.shard.xmpp import XmppAuthError, XmppUnreachable
 
 log = logging.getLogger(__name__)
 
+# A graceful stop that takes longer than this (drain included) becomes an immediate one:
+# safe, since nothing unconfirmed was acknowledged.
+STOP_DEADLINE_S = 20.0
+
 
 def shard_main(settings: Settings, shards: Sequence[int], index: int,
                on_ready: Callable[[], None] | None, log_level: str) -> None:
@@ -44,9 +48,16 @@ async def run_worker(settings: Settings, shards: Sequence[int], consumer: str,
         if signals == 1:
             log.info("shard %s: SIGTERM, draining", consumer)
             worker.stop()
+            asyncio.get_running_loop().call_later(STOP_DEADLINE_S, overdue)
         else:  # nothing is acked before the server confirmed it, so stopping now is safe
             log.warning("shard %s: second signal, exiting now", consumer)
             os._exit(exitcodes.INTERRUPTED)
+
+    def overdue() -> None:
+        stacks = [t.get_stack(limit=4) for t in asyncio.all_tasks()]
+        log.error("shard %s: still stopping after %.0f s; exiting now (tasks: %s)", consumer,
+                  STOP_DEADLINE_S, stacks)
+        os._exit(exitcodes.INTERRUPTED)
 
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_term)
     watch = asyncio.create_task(_stop_when_orphaned(worker, consumer))

@@ -136,7 +136,10 @@ class ShardWorker:
         for task in tasks:
             task.add_done_callback(self._loop_ended)
         await self._stop.wait()
-        tasks[0].cancel()  # stop reading first: what was read stays pending in Redis
+        # Stop reading first (what was read stays pending in Redis): the reader sees the
+        # flag within one blocking read; cancelling is the fallback.
+        await self._bounded("reader", asyncio.shield(tasks[0]))
+        tasks[0].cancel()
         await self._drain()
         for task in tasks[1:]:
             task.cancel()
@@ -168,10 +171,13 @@ class ShardWorker:
                      if t is not asyncio.current_task()]
             log.warning("shard %s: %s took over %.0f s; exiting anyway (tasks: %s)",
                         self._name, what, CLOSE_TIMEOUT_S, stuck)
+        except Exception as exc:  # shutting down: report and go on with the next step
+            log.warning("shard %s: %s failed: %s", self._name, what, exc)
 
     def stop(self) -> None:
         """Graceful stop: no new reads or publishes; confirmed entries are acked."""
         self._stop.set()
+        self._space.set()  # wakes a reader waiting for buffer space
 
     async def _drain(self) -> None:
         self._draining = True
@@ -182,9 +188,10 @@ class ShardWorker:
             log.warning("shard %s: %d publish IQs unconfirmed at exit; their entries stay "
                         "pending and are re-published by the next run", self._name,
                         len(self.inflight))
-        await self._flush_acks()
+        await self._bounded("final XACK", self._flush_acks())
         if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+            await self._bounded("dead letters and reconnects",
+                                asyncio.gather(*self._background, return_exceptions=True))
 
     @property
     def _name(self) -> str:
@@ -193,10 +200,14 @@ class ShardWorker:
     # -- reading -------------------------------------------------------------------------
 
     async def _read_loop(self) -> None:
+        # Ends by the stop flag, not by cancellation: a cancelled blocking XREADGROUP was
+        # seen to swallow the cancellation in redis-py and leave the loop retrying for ever.
         for key, shard in self.shard_of.items():
             await self._retrying(functools.partial(self._claim, key, shard))
-        while True:
+        while not self._stop.is_set():
             await self._wait_for_space()
+            if self._stop.is_set():
+                return
             replies = await self._retrying(self._read_new)
             now = time.monotonic()
             for stream, entries in replies or []:
@@ -212,7 +223,7 @@ class ShardWorker:
     async def _claim(self, key: str, shard: int) -> None:
         """Entries a dead predecessor read but never got confirmed: they go first."""
         cursor = b"0-0"
-        while True:
+        while not self._stop.is_set():
             await self._wait_for_space()
             cursor, entries, trimmed = await streams.claim_pending(
                 self.redis, key, self.consumer, cursor, READ_COUNT)
@@ -233,6 +244,8 @@ class ShardWorker:
             try:
                 return await call()
             except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if self._stop.is_set() and self._draining:
+                    raise  # stopping: what is not done stays pending, nothing is lost
                 self._m.errors("redis").inc()
                 log.warning("shard %s: Redis unavailable (%s), retrying in %.1f s",
                             self._name, exc, delay)
@@ -247,7 +260,7 @@ class ShardWorker:
             delay = min(delay * 2, 5.0)
 
     async def _wait_for_space(self) -> None:
-        while self.batcher.buffered >= self.max_buffer:
+        while self.batcher.buffered >= self.max_buffer and not self._stop.is_set():
             self._space.clear()
             await self._space.wait()
 
@@ -483,7 +496,7 @@ class ShardWorker:
 
     def _dead_letter(self, shard: int, sid: bytes, raw: bytes, reason: str) -> None:
         self.stats.dead_lettered += 1
-        self._m.dead_letters.inc()
+        self._m.dead_letter(shard)
         log.error("shard %d: entry %s dead-lettered: %s", shard, sid.decode(), reason)
         self._spawn(self._retrying(lambda: streams.dead_letter(
             self.redis, self.keys, shard, stream_id=sid, envelope=raw, reason=reason)))
@@ -495,32 +508,35 @@ class ShardWorker:
 
 
 class _Meters:
-    """The Prometheus children of one shard process, bound to its label once."""
+    """The Prometheus children of one shard process.
 
-    def __init__(self, shard: str) -> None:
-        self.shard = shard
-        self.published = metrics.PUBLISHED.labels(shard)
-        self.iqs = metrics.IQS.labels(shard)
-        self.rtt = metrics.RTT.labels(shard)
-        self.batch_entries = metrics.BATCH_ENTRIES.labels(shard)
-        self.batch_bytes = metrics.BATCH_BYTES.labels(shard)
-        self.e2e = metrics.E2E_LATENCY.labels(shard)
-        self.inflight = metrics.INFLIGHT.labels(shard)
-        self.last_publish = metrics.LAST_PUBLISH.labels(shard)
-        self.reconnects = metrics.RECONNECTS.labels(shard)
-        self.retries = metrics.RETRIES.labels(shard)
-        self.dead_letters = metrics.DEAD_LETTERS.labels(shard)
+    Per-batch figures carry the stream shard of the batch (they line up with the lag and
+    pending gauges); connection figures carry the process's shards, comma-joined (the same
+    single number with the default one process per shard).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.rtt = metrics.RTT.labels(name)
+        self.inflight = metrics.INFLIGHT.labels(name)
+        self.reconnects = metrics.RECONNECTS.labels(name)
+        self.retries = metrics.RETRIES.labels(name)
 
     def errors(self, kind: str) -> Counter:
         """The error counter of ``kind``."""
-        return metrics.ERRORS.labels(self.shard, kind)
+        return metrics.ERRORS.labels(self.name, kind)
+
+    def dead_letter(self, shard: int) -> None:
+        """One entry of ``shard`` dead-lettered."""
+        metrics.DEAD_LETTERS.labels(str(shard)).inc()
 
     def confirmed(self, batch: Batch, now_ns: int) -> None:
         """A batch the server confirmed (per batch, never per entry: a few us an IQ)."""
-        self.published.inc(len(batch.entries))
-        self.iqs.inc()
+        shard = str(batch.shard)
+        metrics.PUBLISHED.labels(shard).inc(len(batch.entries))
+        metrics.IQS.labels(shard).inc()
         self.rtt.observe(time.monotonic() - batch.sent_at)
-        self.batch_entries.observe(len(batch.entries))
-        self.batch_bytes.observe(batch.size)
-        self.e2e.observe((now_ns - batch.entries[0].ts_ns) / 1e9)
-        self.last_publish.set(now_ns / 1e9)
+        metrics.BATCH_ENTRIES.labels(shard).observe(len(batch.entries))
+        metrics.BATCH_BYTES.labels(shard).observe(batch.size)
+        metrics.E2E_LATENCY.labels(shard).observe((now_ns - batch.entries[0].ts_ns) / 1e9)
+        metrics.LAST_PUBLISH.labels(shard).set(now_ns / 1e9)
