@@ -42,6 +42,8 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 USE_TZ = True
 TIME_ZONE = "UTC"
 STATIC_URL = "static/"
+# The browser client's bundle (client/js: `npm run build`).
+STATICFILES_DIRS = [BASE_DIR.parent / "client" / "js" / "dist"]
 
 # Every SCALEPUB_* variable of a known setting, e.g. from `eval "$(ops/stack env)"`.
 SCALEPUB = env_mapping()

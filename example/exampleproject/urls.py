@@ -1,3 +1,9 @@
-"""URLs of the example project (the demo page arrives with the browser client)."""
+"""URLs of the example project: the demo page and scalepub's history endpoint."""
 
-urlpatterns: list = []
+from django.urls import include, path
+from twitter import views
+
+urlpatterns = [
+    path("", views.demo, name="demo"),
+    path("scalepub/", include("scalepub.django.urls")),
+]
