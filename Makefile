@@ -3,15 +3,16 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench venv packages stack-up stack-down clean
+.PHONY: demo test lint bench venv packages client stack-up stack-down clean
 
 ## demo: local Redis + ejabberd, the example project, `scalepub run --shards 8`, a tweet
 ##       producer and a live terminal feed (Ctrl-C stops everything it started)
-demo: venv
+demo: venv client
 	ops/demo
 
 ## test: lint, type-check and the whole test suite (starts its own Redis + ejabberd)
-test: venv packages lint
+test: venv packages lint client
+	cd client/js && npm test
 	$(BIN)/pytest -q
 
 lint: venv
@@ -22,6 +23,10 @@ lint: venv
 bench: venv stack-up
 	eval "$$(ops/stack env)" && $(BIN)/python loadtest/bench_ingest.py
 	eval "$$(ops/stack env)" && $(BIN)/python loadtest/bench_publish.py
+
+## client: the browser client's bundle (client/js/dist), built from the lock file
+client:
+	cd client/js && npm ci --no-audit --no-fund --loglevel=error && npm run build
 
 venv: $(VENV)/.installed
 
@@ -42,4 +47,4 @@ stack-down:
 	ops/stack down
 
 clean: stack-down
-	rm -rf $(VENV) .stack example/db.sqlite3 artifacts
+	rm -rf $(VENV) .stack example/db.sqlite3 artifacts client/js/node_modules client/js/dist
