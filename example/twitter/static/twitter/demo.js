@@ -40,7 +40,7 @@
     },
     history_lost_cb: (node, from, to) => {
       state.lost.push({ node, from, to });
-      document.getElementById("lost").textContent = "history lost on " + node;
+      document.getElementById("lost").textContent = "(history lost on " + node + ")";
     },
   });
 })();
