@@ -193,5 +193,26 @@ def test_shard_count_mismatch_refused_while_entries_wait(
         assert pool.proc.wait(30) == 6  # exitcodes.SHARD_COUNT_MISMATCH
     finally:
         pool.kill()
-    assert "entries are waiting" in pool.output()
+    assert "written for 2 shards" in pool.output() and "--shards 2" in pool.output()
     assert shard_for(nodes_created[0], 2) in (0, 1)
+
+
+def test_shard_count_change_allowed_when_no_waiting_entry_would_be_misread(
+    settings_for: Settings, nodes_created: list[str], redis_client: redis.Redis,
+) -> None:
+    from scalepub.shard.streams import agree_shard_count
+
+    keys = Keys(settings_for.key_prefix)
+    assert agree_shard_count(redis_client, keys, 1) is None  # an earlier pool ran with 1
+    settings = settings_for.replace(shards=4)
+    for shard in range(1, 4):  # producers with 4 shards wrote to streams the 1-pool never had
+        redis_client.delete(keys.meta(shard))
+    produce(settings, nodes_created, 5)
+    waiting_in_0 = redis_client.xlen(keys.stream(0))
+    if waiting_in_0:  # stream 0 was recorded for 1 shard: the 4-producer was refused there
+        assert redis_client.hget(keys.meta(0), "shards") == b"1"
+    assert agree_shard_count(redis_client, keys, 4) == 1  # nothing waits where 4 misreads
+    assert redis_client.get(keys.shard_count) == b"4"
+    assert {redis_client.hget(keys.meta(s), "shards") for s in range(4)} == {b"4"}
+    with pytest.raises(Exception, match="written for 4 shards"):
+        agree_shard_count(redis_client, keys, 2)  # entries wait in streams 2 and 3

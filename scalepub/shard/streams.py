@@ -133,24 +133,28 @@ def backlogs(r: redis.Redis, keys: Keys) -> list[Backlog]:
 
 
 def agree_shard_count(r: redis.Redis, keys: Keys, shards: int) -> int | None:
-    """Record ``shards`` as the count; refuse if entries wait under another count.
+    """Record ``shards`` as the count; refuse if entries wait in a stream it would misread.
 
-    Returns the previously recorded count if it changed (None if it was the same or unset).
+    A stream is misread if entries wait in it (unread or pending) and it was written for
+    another count (its meta) or lies beyond the pool's shards: those entries would never be
+    published, or published by the wrong shard. Streams without waiting entries just get the
+    new count. Returns the previously recorded count if it changed, else None.
     """
-    recorded = {int(v) for v in [r.get(keys.shard_count)] if v is not None}
+    previous = r.get(keys.shard_count)
+    misread = [(b, count) for b, count in _stream_counts(r, keys)
+               if (b.lag or b.pending) and (count not in (None, shards)
+                                            or _shard_of(keys, b.key) >= shards)]
+    if misread:
+        detail = ", ".join(f"{b.key} (written for {count} shards): {b.lag} unread, "
+                           f"{b.pending} pending" for b, count in misread)
+        counts = sorted({count for _, count in misread if count is not None})
+        raise ShardCountMismatch(
+            f"the pool runs with {shards} shards but entries wait in streams written for "
+            f"another count: {detail}. Run the pool with --shards "
+            f"{' or '.join(map(str, counts)) or 'as before'} until they are drained, then "
+            "change the count of producers and pool together."
+        )
     metas = list(r.scan_iter(match=f"{keys.prefix}:{{*}}:meta", count=1000))
-    recorded |= {int(v) for v in (r.hget(m, "shards") for m in metas) if v is not None}
-    others = recorded - {shards}
-    if others:
-        waiting = [b for b in backlogs(r, keys) if b.lag or b.pending]
-        if waiting:
-            detail = ", ".join(f"{b.key}: {b.lag} unread, {b.pending} pending" for b in waiting)
-            raise ShardCountMismatch(
-                f"the streams were written for {sorted(others)} shards but the pool runs with "
-                f"{shards}, and entries are waiting ({detail}). Run the pool with "
-                f"--shards {max(others)} until the streams are drained, then change the count "
-                "(producers and pool together)."
-            )
     with r.pipeline(transaction=False) as pipe:
         pipe.set(keys.shard_count, shards)
         for meta in metas:
@@ -158,4 +162,19 @@ def agree_shard_count(r: redis.Redis, keys: Keys, shards: int) -> int | None:
         for shard in range(shards):
             pipe.hset(keys.meta(shard), "shards", shards)
         pipe.execute()
-    return max(others) if others else None
+    was = int(previous) if previous is not None else None
+    return was if was not in (None, shards) else None
+
+
+def _stream_counts(r: redis.Redis, keys: Keys) -> list[tuple[Backlog, int | None]]:
+    """Each stream's backlog and the shard count its meta records (None if none)."""
+    out = []
+    for backlog in backlogs(r, keys):
+        count = r.hget(keys.meta(_shard_of(keys, backlog.key)), "shards")
+        out.append((backlog, int(cast(bytes, count)) if count is not None else None))
+    return out
+
+
+def _shard_of(keys: Keys, stream_key: str) -> int:
+    """The shard number in ``{prefix}:{N}:stream``."""
+    return int(stream_key[len(keys.prefix) + 2:].split("}", 1)[0])
