@@ -69,7 +69,9 @@ class Pool:
             self._spawn(slot)
         log.info("pool: %d shard processes over %d shards", len(self.slots), self.settings.shards)
         code = self._supervise()
-        self._stop_all()
+        stopped = self._stop_all()
+        if code == exitcodes.OK and self._signals < 2:
+            code = stopped  # a shard that failed its graceful stop fails the run
         log.info("pool: stopped (exit code %d)", code)
         return code
 
@@ -167,7 +169,7 @@ class Pool:
         log.error("pool: shard process %d (shards %s) died with exit code %d; restart in %.1f s",
                   slot.index, slot.shards, code, delay)
 
-    def _stop_all(self) -> None:
+    def _stop_all(self) -> int:
         for slot in self.slots:
             self._terminate(slot)
         alive = [s.process for s in self.slots if s.process is not None and s.process.is_alive()]
@@ -181,6 +183,8 @@ class Pool:
             wait([p.sentinel for p in alive if p.is_alive()], timeout=0.2)
         for process in alive:
             log.info("pool: %s exited with %s", process.name, process.exitcode)
+        failed = [p for p in alive if p.exitcode not in (0, None)]
+        return exitcodes.FAILURE if failed else exitcodes.OK
 
 
 class BacklogGauges:

@@ -157,6 +157,8 @@ class ShardWorker:
         """A loop must only end by cancellation; a bug in one stops the shard (restarted)."""
         if task.cancelled() or self.crashed is not None:
             return
+        if self._stop.is_set() and task.exception() is None:
+            return  # the reader ends this way on stop
         self.crashed = task.exception() or RuntimeError(f"{task.get_coro()} returned")
         self._m.errors("internal").inc()
         log.error("shard %s: internal error, stopping", self._name, exc_info=self.crashed)
