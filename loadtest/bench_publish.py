@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from scalepub.producer import PendingEntry, StreamProducer  # noqa: E402
 from scalepub.settings import Settings  # noqa: E402
+from scalepub.shard.streams import stream_backlog  # noqa: E402
 from scalepub.sharding import Keys  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -113,14 +114,7 @@ def peak_rss_mb(pids: list[int]) -> float:
 
 def remaining(client: redis.Redis, keys: Keys, shards: int) -> int:
     """Entries not yet acknowledged (unread or pending) over all shard streams."""
-    total = 0
-    for shard in range(shards):
-        groups = client.xinfo_groups(keys.stream(shard))
-        if not groups:
-            total += client.xlen(keys.stream(shard))
-        for group in groups:
-            total += int(group["pending"]) + int(group["lag"] or 0)
-    return total
+    return sum(sum(stream_backlog(client, keys.stream(shard))) for shard in range(shards))
 
 
 def run_pool(mode: str, settings: Settings, entries: int, args: list[str]) -> Result:

@@ -87,11 +87,6 @@ class Batcher:
         q.busy = True
         return batch
 
-    def close_all(self) -> None:
-        """Close every open batch (no more entries are coming)."""
-        for node in list(self._open_nodes):
-            self._close(node, self._nodes[node])
-
     def _close_expired(self, now: float) -> None:
         deadline = now - self.caps.linger_s
         for node in self._open_nodes:  # oldest first; skips at most the busy nodes

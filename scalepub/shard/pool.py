@@ -6,7 +6,7 @@ import logging
 import multiprocessing
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import wait
 from multiprocessing.context import SpawnProcess
 from multiprocessing.synchronize import Event
@@ -40,7 +40,6 @@ class _Slot:
     started: float = 0.0
     failures: int = 0
     restart_at: float | None = None
-    restarts: int = field(default=0)
     terminated: bool = False  # SIGTERM sent to the current process
 
 
@@ -164,7 +163,6 @@ class Pool:
         slot.failures = 0 if now - slot.started > STABLE_AFTER_S else slot.failures + 1
         delay = min(0.5 * 2 ** slot.failures, RESTART_BACKOFF_MAX_S) if slot.failures else 0.2
         slot.restart_at = now + delay
-        slot.restarts += 1
         metrics.RESTARTS.labels(",".join(map(str, slot.shards))).inc()
         log.error("pool: shard process %d (shards %s) died with exit code %d; restart in %.1f s",
                   slot.index, slot.shards, code, delay)

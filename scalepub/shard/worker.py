@@ -67,7 +67,6 @@ class Stats:
     splits: int = 0
     reconnects: int = 0
     trimmed: int = 0  # pending ids whose entries MAXLEN had already removed
-    latency_ns_sum: int = 0
     started: float = field(default_factory=time.monotonic)
 
     def summary(self) -> str:
@@ -385,7 +384,6 @@ class ShardWorker:
         self.stats.published += len(batch.entries)
         self.stats.iqs += 1
         now_ns = time.time_ns()
-        self.stats.latency_ns_sum += now_ns - batch.entries[0].ts_ns
         self._m.confirmed(batch, now_ns)
         self._last_publish = now_ns / 1e9
         if self.batcher.buffered < self.max_buffer:
