@@ -6,6 +6,7 @@ import dataclasses
 import ipaddress
 import os
 import re
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,8 @@ DJANGO_SETTING = "SCALEPUB"
 
 PAYLOAD_FORMATS = ("xml", "json")
 TLS_MODES = ("auto", "required", "off")
+ACCESS_MODELS = ("open", "whitelist")
+_DOTTED_RE = re.compile(r"^$|^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
 _KEY_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _JID_RE = re.compile(r"^[^@/\s]+@[^@/\s]+$")
 
@@ -63,6 +66,16 @@ def _nonempty(value: Any) -> str | None:
     return None if value.strip() else "must not be empty"
 
 
+def _ca_file(value: Any) -> str | None:
+    if not value:
+        return None
+    try:
+        ssl.create_default_context(cafile=value)
+    except (OSError, ssl.SSLError) as exc:
+        return f"cannot load CA certificates from it: {exc}"
+    return None
+
+
 def _setting(default: Any, check: Check | None = None, secret: bool = False) -> Any:
     return field(default=default, repr=not secret, metadata={"check": check})
 
@@ -87,8 +100,18 @@ class Settings:
     pubsub_service: str = _setting("pubsub.localhost", _nonempty)
     xmpp_jid: str = _setting("pub@localhost", _matches(_JID_RE, "a bare JID like pub@example.com"))
     xmpp_password: str = _setting("", secret=True)
-    # auto: plain TCP only to a loopback host, STARTTLS with certificate check elsewhere.
+    # auto: plain TCP only to a loopback host, STARTTLS with certificate check elsewhere;
+    # required: STARTTLS everywhere; off: plain TCP everywhere (development only).
     xmpp_tls: str = _setting("auto", _one_of(TLS_MODES))
+    # PEM file of the CA(s) that signed the XMPP server's certificate (a private CA);
+    # empty: the system's CA store.
+    xmpp_ca_file: str = _setting("", _ca_file)
+    # pubsub#access_model of the nodes scalepub creates: open, or whitelist (subscribers
+    # need a member affiliation; docs/security.md).
+    node_access_model: str = _setting("open", _one_of(ACCESS_MODELS))
+    # Dotted path of a callable (request, node) -> bool guarding the history endpoint;
+    # empty: open to all, like open nodes.
+    history_access: str = _setting("", _matches(_DOTTED_RE, "empty or a dotted path"))
     anon_domain: str = _setting("anon.localhost", _nonempty)
     bosh_url: str = _setting("http://127.0.0.1:5280/bosh", _url("http", "https"))
     ws_url: str = _setting("ws://127.0.0.1:5280/ws", _url("ws", "wss"))
