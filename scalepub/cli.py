@@ -157,8 +157,14 @@ def tail(nodes: tuple[str, ...], follow_all: bool, jid: str | None, password: st
         raise click.UsageError("give one or more NODES, or --all")
     configure_logging(log_level)
     settings = _settings(**options)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_tail(settings, nodes, follow_all, jid, password or "", count))
+    from scalepub.shard.xmpp import XmppUnreachable
+
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_tail(settings, nodes, follow_all, jid, password or "", count))
+    except XmppUnreachable as exc:  # TLS refused: the message names the setting
+        click.echo(f"scalepub: {exc}", err=True)
+        sys.exit(exitcodes.XMPP_UNREACHABLE)
 
 
 async def _tail(settings: Settings, nodes: tuple[str, ...], follow_all: bool,
@@ -178,8 +184,48 @@ async def _tail(settings: Settings, nodes: tuple[str, ...], follow_all: bool,
 
     sub = Subscriber(settings, nodes, show, follow_all=follow_all, jid=jid, password=password)
     task = asyncio.create_task(sub.run())
-    await done.wait() if count else await task
+    if count:
+        finished = asyncio.create_task(done.wait())
+        await asyncio.wait({task, finished}, return_when=asyncio.FIRST_COMPLETED)
+        finished.cancel()
+        if task.done():
+            task.result()  # raises what ended the subscriber (e.g. TLS refused)
+    else:
+        await task
     task.cancel()
+
+
+@main.command()
+@click.argument("node")
+@click.argument("jids", nargs=-1, required=True)
+@click.option("--affiliation", type=click.Choice(["member", "none", "outcast"]),
+              default="member", show_default=True, help="none revokes, outcast bans")
+@click.option("--xmpp-jid", help="publisher account (owner of the node) [env SCALEPUB_XMPP_JID]")
+@_common
+def authorize(node: str, jids: tuple[str, ...], affiliation: str, log_level: str,
+              **options: Any) -> None:
+    """Let JIDS subscribe to NODE when nodes are whitelist (NODE_ACCESS_MODEL=whitelist).
+
+    Logs in as the publisher account, which owns the nodes it created, and sets each JID's
+    affiliation (XEP-0060 owner use case). Exit code 0 when the server accepted it.
+    """
+    from scalepub.access import set_affiliations
+    from scalepub.shard.xmpp import XmppAuthError, XmppUnreachable
+
+    configure_logging(log_level)
+    settings = _settings(**options)
+    try:
+        reply = asyncio.run(set_affiliations(settings, node, dict.fromkeys(jids, affiliation)))
+    except XmppUnreachable as exc:
+        click.echo(f"scalepub: {exc}", err=True)
+        sys.exit(exitcodes.XMPP_UNREACHABLE)
+    except XmppAuthError as exc:
+        click.echo(f"scalepub: {exc}", err=True)
+        sys.exit(exitcodes.XMPP_AUTH)
+    if not reply.ok:
+        click.echo(f"scalepub: the server refused: {reply.reason}", err=True)
+        sys.exit(exitcodes.FAILURE)
+    click.echo(f"{node}: {affiliation} for {', '.join(jids)}")
 
 
 if __name__ == "__main__":

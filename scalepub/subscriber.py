@@ -20,7 +20,7 @@ from slixmpp.exceptions import IqError, IqTimeout
 
 from scalepub.settings import Settings
 from scalepub.shard.batch import NS_BATCH
-from scalepub.shard.xmpp import configure_transport
+from scalepub.shard.xmpp import XmppTlsError, configure_transport
 
 log = logging.getLogger(__name__)
 
@@ -78,23 +78,34 @@ class Subscriber:
         self.subscribed: set[str] = set()
         self.follow_all = follow_all
         self.on_entry = on_entry
-        self.client = _client(settings, jid, password)
+        self.ready = asyncio.Event()
+        self._tls_error: XmppTlsError | None = None
+        self.client = _client(settings, jid, password, self._on_tls_error)
         self.client.add_event_handler("pubsub_publish", self._on_publish)
         self.client.add_event_handler("session_start", self._on_session)
-        self.ready = asyncio.Event()
 
     async def run(self) -> None:
-        """Connect and keep subscribing until cancelled."""
+        """Connect and keep subscribing until cancelled; raise XmppTlsError if TLS fails."""
         self.client.connect(self.settings.xmpp_host, self.settings.xmpp_port)
         try:
             await self.ready.wait()
+            if self._tls_error is not None:
+                raise self._tls_error
             while True:
                 await self._subscribe_missing()
                 await asyncio.sleep(NODE_RETRY_S)
         finally:
             self.client.disconnect(wait=0)
 
+    def _on_tls_error(self, exc: XmppTlsError) -> None:
+        self._tls_error = exc
+        self.client.cancel_connection_attempt()  # slixmpp would retry on its own, for ever
+        self.client.disconnect(wait=0)
+        self.ready.set()
+
     async def _on_session(self, _event: Any) -> None:
+        if self._tls_error is not None:
+            return
         self.client.send_presence()
         self.ready.set()
 
@@ -127,9 +138,10 @@ class Subscriber:
             self.on_entry(entry)
 
 
-def _client(settings: Settings, jid: str | None, password: str) -> slixmpp.ClientXMPP:
+def _client(settings: Settings, jid: str | None, password: str,
+            on_tls_error: Callable[[XmppTlsError], None]) -> slixmpp.ClientXMPP:
     client = slixmpp.ClientXMPP(jid or settings.anon_domain, password)
-    configure_transport(client, settings)
+    configure_transport(client, settings, on_tls_error)
     for plugin in ("xep_0030", "xep_0060"):
         client.register_plugin(plugin)
     return client

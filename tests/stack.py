@@ -59,8 +59,11 @@ def parse_exports(text: str) -> dict[str, str]:
     return env
 
 
-def new_stack() -> Stack:
-    """A stack on free ports in a fresh state dir the ejabberd user can reach."""
+def new_stack(**extra: str) -> Stack:
+    """A stack on free ports in a fresh state dir the ejabberd user can reach.
+
+    ``extra``: more ops/stack variables, e.g. ``SCALEPUB_XMPP_CERTFILE`` for STARTTLS.
+    """
     state_dir = Path(tempfile.mkdtemp(prefix="scalepub-stack-"))
     state_dir.chmod(0o755)
     control = {
@@ -69,5 +72,6 @@ def new_stack() -> Stack:
         "SCALEPUB_XMPP_PORT": str(free_port()),
         "SCALEPUB_HTTP_PORT": str(free_port()),
         "SCALEPUB_EJABBERD_NODE": f"scalepubtest{os.getpid()}x{state_dir.name[-6:]}@localhost",
+        **extra,
     }
     return Stack(state_dir, control)

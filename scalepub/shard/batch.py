@@ -19,7 +19,11 @@ NS_BATCH = "urn:scalepub:1"
 NS_PUBSUB = "http://jabber.org/protocol/pubsub"
 
 _ESCAPES = ((b"&", b"&amp;"), (b"<", b"&lt;"), (b">", b"&gt;"))
-_ATTR_SPECIAL = re.compile(rb'[&"<]')
+_ATTR_SPECIAL = re.compile(rb'[&"<\x00-\x1f]|\xef\xbf[\xbe\xbf]')
+# In an attribute a parser turns tab, LF and CR into spaces unless they are references; the
+# rest of these XML 1.0 cannot carry at all: a text pk holding them gets U+FFFD instead.
+_ATTR_CHARS = re.compile(rb"[\x00-\x1f]|\xef\xbf[\xbe\xbf]")
+_ATTR_REFS = {b"\t": b"&#9;", b"\n": b"&#10;", b"\r": b"&#13;"}
 _ENTRY = b'<entry node="%s" seq="%d" id="%s" ts="%d" model="%s" pk="%s" fmt="%s">%s</entry>'
 _CDATA_END = b"]]>"
 _CDATA_END_SPLIT = b"]]]]><![CDATA[>"  # "]]>" inside a CDATA section, split in two
@@ -87,13 +91,29 @@ class Batch:
         return halves
 
 
-def publish_iq(iq_id: str, service: str, batch: Batch) -> bytes:
+def publish_iq(iq_id: str, service: str, batch: Batch, options: bytes = b"") -> bytes:
     """The raw publish IQ for ``batch``, built without an XML tree."""
     head = (
         f'<iq type="set" id="{iq_id}" to="{service}"><pubsub xmlns="{NS_PUBSUB}">'
         f'<publish node="{batch.node}"><item id="{batch.item_id}">'
     )
-    return head.encode() + batch.payload() + b"</item></publish></pubsub></iq>"
+    return head.encode() + batch.payload() + b"</item></publish>" + options + b"</pubsub></iq>"
+
+
+def publish_options(access_model: str) -> bytes:
+    """XEP-0060 §7.1.5 publish-options asking for ``access_model`` (none for open).
+
+    Open is ejabberd's default, so open nodes get no options: nothing for it to check.
+    """
+    if access_model == "open":
+        return b""
+    return (
+        b'<publish-options><x xmlns="jabber:x:data" type="submit">'
+        b'<field var="FORM_TYPE" type="hidden"><value>'
+        b"http://jabber.org/protocol/pubsub#publish-options</value></field>"
+        b'<field var="pubsub#access_model"><value>%s</value></field></x></publish-options>'
+        % access_model.encode()
+    )
 
 
 def escape(data: bytes) -> bytes:
@@ -106,7 +126,8 @@ def escape(data: bytes) -> bytes:
 def _attr(text: bytes) -> bytes:
     if not _ATTR_SPECIAL.search(text):  # model labels and pks: almost always
         return text
-    return text.replace(b"&", b"&amp;").replace(b'"', b"&quot;").replace(b"<", b"&lt;")
+    text = text.replace(b"&", b"&amp;").replace(b'"', b"&quot;").replace(b"<", b"&lt;")
+    return _ATTR_CHARS.sub(lambda m: _ATTR_REFS.get(m.group(), "\ufffd".encode()), text)
 
 
 def well_formed(entry: Entry) -> str | None:

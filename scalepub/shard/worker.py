@@ -327,7 +327,8 @@ class ShardWorker:
             iq_id = next(self._ids)
             self.inflight[iq_id] = batch
             batch.sent_at = time.monotonic()
-            self.link.send(publish_iq(iq_id, self.settings.pubsub_service, batch))
+            self.link.send(publish_iq(iq_id, self.settings.pubsub_service, batch,
+                                     self.link.publish_options))
             self._m.inflight.set(len(self.inflight))
 
     def _screen(self, batch: Batch) -> bool:
