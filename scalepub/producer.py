@@ -6,7 +6,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis
 from redis.backoff import NoBackoff
@@ -15,13 +15,16 @@ from redis.retry import Retry
 from scalepub import metrics
 from scalepub.envelope import split_encode
 from scalepub.settings import Settings
-from scalepub.sharding import ENTRY_FIELD, Keys, shard_for
+from scalepub.sharding import CONSUMER_GROUP, ENTRY_FIELD, Keys, shard_for
 
 log = logging.getLogger(__name__)
 
-# KEYS: stream, seq hash, meta hash.  ARGV: shards, maxlen, then (node, head, tail) triples.
-# Checks the shard count this stream was written for, so producers and pool never disagree
-# silently; then per entry: next per-node seq, splice it into the envelope, XADD.
+# KEYS: stream, seq hash, meta hash.  ARGV: shards, maxlen, consumer group, then
+# (node, head, tail) triples.  Checks the shard count this stream was written for, so
+# producers and pool never disagree silently; refuses when the entries waiting for the pool
+# (undelivered + unacknowledged) would pass MAXLEN, because trimming would then drop entries
+# nobody has published (it appends the entries that fit, in order, and returns their ids);
+# then per entry: next per-node seq, splice it into the envelope, XADD.
 APPEND_LUA = """
 local recorded = redis.call('HGET', KEYS[3], 'shards')
 if recorded and recorded ~= ARGV[1] then
@@ -29,8 +32,26 @@ if recorded and recorded ~= ARGV[1] then
     ' shards but this stream belongs to a pool of ' .. recorded)
 end
 if not recorded then redis.call('HSET', KEYS[3], 'shards', ARGV[1]) end
+local maxlen = tonumber(ARGV[2])
+local waiting = 0
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  waiting = nil
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+    local f = {}
+    for j = 1, #g, 2 do f[g[j]] = g[j + 1] end
+    if f['name'] == ARGV[3] and f['lag'] then waiting = f['pending'] + f['lag'] end
+  end
+  -- no group yet (the pool never ran) or an unknown lag: count every entry as waiting
+  if not waiting then waiting = redis.call('XLEN', KEYS[1]) end
+end
+if waiting >= maxlen then
+  return redis.error_reply('BACKPRESSURE ' .. waiting .. ' entries wait for the pool, ' ..
+    'STREAM_MAXLEN is ' .. maxlen)
+end
+-- as many as fit, in order; the caller keeps the rest
+local last = math.min(#ARGV, 3 + 3 * (maxlen - waiting))
 local out = {}
-for i = 3, #ARGV, 3 do
+for i = 4, last, 3 do
   local seq = redis.call('HINCRBY', KEYS[2], ARGV[i], 1)
   local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*',
     'e', ARGV[i + 1] .. cmsgpack.pack(seq) .. ARGV[i + 2])
@@ -63,6 +84,23 @@ class Appended:
     seq: int
 
 
+@dataclass(frozen=True, slots=True)
+class ShardFailure:
+    """Entries of one shard that its script refused, and why."""
+
+    shard: int
+    entries: list[PendingEntry]
+    error: redis.ResponseError
+
+
+@dataclass(slots=True)
+class AppendResult:
+    """What one ``append`` call achieved."""
+
+    appended: list[Appended]
+    failures: list[ShardFailure]
+
+
 class Spill(Protocol):
     """Takes entries that could not be appended; a durable outbox plugs in here."""
 
@@ -74,16 +112,19 @@ class LogSpill:
     """Default spill: log each lost entry with node and pk, and count it."""
 
     def spill(self, entries: Sequence[PendingEntry], error: Exception) -> None:
-        """Log and count; the entries are not kept."""
+        """Log each entry; the entries are not kept."""
         for entry in entries:
             log.error("scalepub: entry not enqueued (node=%s model=%s pk=%s): %s",
                       entry.node, entry.model, entry.pk, error)
-        metrics.ENQUEUE_FAILURES.labels(reason=_reason(error)).inc(len(entries))
 
 
-def _reason(error: Exception) -> str:
-    if isinstance(error, redis.ResponseError) and "SHARDMISMATCH" in str(error):
-        return "shard_mismatch"
+def failure_reason(error: Exception) -> str:
+    """A short label for why an append failed (a metric label value)."""
+    if isinstance(error, redis.ResponseError):
+        for marker, reason in (("SHARDMISMATCH", "shard_mismatch"),
+                               ("BACKPRESSURE", "backpressure")):
+            if marker in str(error):
+                return reason
     return "redis"
 
 
@@ -109,32 +150,68 @@ class StreamProducer:
         self.spill = spill if spill is not None else LogSpill()
         self._append = self.client.register_script(APPEND_LUA)
 
-    def enqueue(self, entries: Sequence[PendingEntry]) -> list[Appended] | None:
-        """Append ``entries`` (order kept per node); None if they went to the spill instead."""
+    def enqueue(self, entries: Sequence[PendingEntry],
+                spill: Spill | None = None) -> list[Appended] | None:
+        """Append ``entries`` (order kept per node); None if any went to the spill instead.
+
+        Never raises for Redis trouble: what could not be appended is counted and handed to
+        ``spill`` (default: the producer's).
+        """
+        try:
+            result = self.append(entries)
+        except redis.RedisError as exc:
+            self._spill(spill, entries, exc)
+            return None
+        for failure in result.failures:
+            self._spill(spill, failure.entries, failure.error)
+        return None if result.failures else result.appended
+
+    def _spill(self, spill: Spill | None, entries: Sequence[PendingEntry],
+               error: Exception) -> None:
+        metrics.ENQUEUE_FAILURES.labels(reason=failure_reason(error)).inc(len(entries))
+        (spill or self.spill).spill(entries, error)
+
+    def append(self, entries: Sequence[PendingEntry]) -> AppendResult:
+        """Append ``entries``, one script per shard, order kept per node.
+
+        A shard that refuses (shard count mismatch, backpressure) does not stop the others:
+        its entries come back in ``failures``. Raises ``redis.RedisError`` when Redis cannot
+        be reached; then any of the entries may or may not have been appended.
+        """
         by_shard: dict[int, list[PendingEntry]] = defaultdict(list)
         for entry in entries:
             by_shard[shard_for(entry.node, self.settings.shards)].append(entry)
-        try:
-            results = self._run(by_shard)
-        except redis.RedisError as exc:
-            self.spill.spill(entries, exc)
-            return None
-        metrics.ENTRIES_ENQUEUED.inc(len(entries))
-        return results
+        result = AppendResult([], [])
+        for shard, reply in zip(by_shard, self._run(by_shard), strict=True):
+            batch = by_shard[shard]
+            if isinstance(reply, redis.ResponseError):
+                result.failures.append(ShardFailure(shard, batch, reply))
+                continue
+            appended = _appended(shard, reply)
+            result.appended += appended
+            if len(appended) < len(batch):  # the stream took only what fit under MAXLEN
+                rest = batch[len(appended):]
+                error = redis.ResponseError(
+                    f"BACKPRESSURE stream of shard {shard} full: {len(rest)} entries refused")
+                result.failures.append(ShardFailure(shard, rest, error))
+        metrics.ENTRIES_ENQUEUED.inc(len(result.appended))
+        return result
 
-    def _run(self, by_shard: dict[int, list[PendingEntry]]) -> list[Appended]:
+    def _run(self, by_shard: dict[int, list[PendingEntry]]) -> list[Any]:
         if len(by_shard) == 1:  # the common case, one save: a single EVALSHA
             [(shard, batch)] = by_shard.items()
-            return _appended(shard, self._call(shard, batch, self.client))
+            try:
+                return [self._call(shard, batch, self.client)]
+            except redis.ResponseError as exc:  # the script refused: not a transport error
+                return [exc]
         pipe = self.client.pipeline(transaction=False)
         for shard, batch in by_shard.items():
             self._call(shard, batch, pipe)
-        replies = pipe.execute()
-        return [a for shard, reply in zip(by_shard, replies, strict=True)
-                for a in _appended(shard, reply)]
+        return list(pipe.execute(raise_on_error=False))
 
     def _call(self, shard: int, batch: list[PendingEntry], client: redis.Redis) -> list[object]:
-        args: list[bytes | str | int] = [self.settings.shards, self.settings.stream_maxlen]
+        args: list[bytes | str | int] = [self.settings.shards, self.settings.stream_maxlen,
+                                         CONSUMER_GROUP]
         for e in batch:
             head, tail = split_encode(
                 e.node, ts_ns=e.ts_ns, model=e.model, pk=e.pk, fmt=e.fmt, payload=e.payload

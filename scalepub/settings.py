@@ -16,6 +16,8 @@ ENV_PREFIX = "SCALEPUB_"
 DJANGO_SETTING = "SCALEPUB"
 
 PAYLOAD_FORMATS = ("xml", "json")
+DELIVERY_MODES = ("outbox", "direct")
+RELAY_MODES = ("thread", "external")
 TLS_MODES = ("auto", "required", "off")
 ACCESS_MODELS = ("open", "whitelist")
 _DOTTED_RE = re.compile(r"^$|^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
@@ -90,9 +92,19 @@ class Settings:
     redis_timeout: float = _setting(1.0, _positive)
     key_prefix: str = _setting("scalepub", _matches(_KEY_PREFIX_RE, "1-64 of [A-Za-z0-9_.:-]"))
     shards: int = _setting(8, _positive)
-    # XADD MAXLEN ~ bound per shard stream: the memory cap when XMPP falls behind.
+    # Per shard stream: at most this many entries wait for the pool (beyond it appends are
+    # refused: backpressure), and XADD MAXLEN ~ trims published ones past it: the memory cap.
     stream_maxlen: int = _setting(250_000, _positive)
     payload_format: str = _setting("xml", _one_of(PAYLOAD_FORMATS))
+    # outbox: a row in the save's own transaction, moved to Redis by the relay (nothing lost
+    # while Redis is down); direct: appended on commit (lower latency, spills to the outbox).
+    delivery: str = _setting("outbox", _one_of(DELIVERY_MODES))
+    # thread: every Django process runs a relay thread, one of them (a Redis lease) works;
+    # external: only `manage.py scalepub_relay` moves outbox rows.
+    outbox_relay: str = _setting("thread", _one_of(RELAY_MODES))
+    outbox_batch: int = _setting(500, _positive)
+    # How often an idle relay looks for rows other processes committed.
+    outbox_poll_ms: float = _setting(10.0, _positive)
 
     xmpp_host: str = _setting("127.0.0.1", _nonempty)
     xmpp_port: int = _setting(5222, _port)

@@ -45,10 +45,19 @@ def settings_for(stack: Stack, redis_client: redis.Redis) -> Iterator[Settings]:
 
 @pytest.fixture
 def scalepub_django(settings_for: Settings) -> Iterator[Settings]:
-    """The Django side pointed at the session's stack (``settings.SCALEPUB`` overridden)."""
-    mapping = {**env_mapping(_as_env(settings_for))}
-    with override_settings(SCALEPUB=mapping):
-        yield settings_for
+    """The Django side pointed at the session's stack, ``direct`` delivery (append on commit)."""
+    yield from _django_with(settings_for.replace(delivery="direct"))
+
+
+@pytest.fixture
+def outbox_django(settings_for: Settings) -> Iterator[Settings]:
+    """The Django side pointed at the session's stack, ``outbox`` delivery (the default)."""
+    yield from _django_with(settings_for.replace(delivery="outbox"))
+
+
+def _django_with(settings: Settings) -> Iterator[Settings]:
+    with override_settings(SCALEPUB=env_mapping(_as_env(settings))):
+        yield settings
 
 
 def _as_env(settings: Settings) -> dict[str, str]:

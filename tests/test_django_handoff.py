@@ -15,6 +15,7 @@ from prometheus_client import REGISTRY
 from twitter.models import Tweet
 
 import scalepub
+from scalepub.django.models import OutboxEntry
 from scalepub.django.producer import get_producer
 from scalepub.settings import Settings
 from scalepub.sharding import shard_for
@@ -81,16 +82,20 @@ def test_inside_transaction_published_after_commit(
 def test_redis_down_save_succeeds_and_failure_counted(scalepub_django: Settings) -> None:
     closed = f"redis://127.0.0.1:{_closed_port()}/0"
     before = failures("redis")
-    with override_settings(SCALEPUB={"REDIS_URL": closed, "REDIS_TIMEOUT": "0.5"}):
+    with override_settings(SCALEPUB={"REDIS_URL": closed, "REDIS_TIMEOUT": "0.5",
+                                     "DELIVERY": "direct"}):
         tweet = Tweet.objects.create(author="dave", text="redis is down")
     assert Tweet.objects.filter(pk=tweet.pk).exists()
     assert failures("redis") == before + 1
+    # direct delivery spills to the outbox: the relay appends it once Redis is back
+    [kept] = OutboxEntry.objects.all()
+    assert (kept.node, kept.object_pk) == ("/twitter/Tweet/dave", str(tweet.pk))
 
 
 def test_unreachable_redis_bounds_the_save(scalepub_django: Settings) -> None:
     # A blackholed address never answers the SYN: only the timeout ends the wait.
     with override_settings(SCALEPUB={"REDIS_URL": "redis://10.255.255.1:6379/0",
-                                     "REDIS_TIMEOUT": "0.3"}):
+                                     "REDIS_TIMEOUT": "0.3", "DELIVERY": "direct"}):
         started = time.monotonic()
         Tweet.objects.create(author="erin", text="slow network")
         elapsed = time.monotonic() - started
@@ -127,7 +132,8 @@ def test_bad_node_callable_does_not_fail_the_save(
 def test_json_format(scalepub_django: Settings, redis_client: redis.Redis) -> None:
     with override_settings(SCALEPUB={"REDIS_URL": scalepub_django.redis_url,
                                      "KEY_PREFIX": scalepub_django.key_prefix,
-                                     "SHARDS": 4, "PAYLOAD_FORMAT": "json"}):
+                                     "SHARDS": 4, "PAYLOAD_FORMAT": "json",
+                                     "DELIVERY": "direct"}):
         tweet = Tweet.objects.create(author="frank", text="json please")
         get_producer()
     [entry] = read_all(redis_client, scalepub_django)

@@ -4,6 +4,7 @@
 """
 
 import os
+import tempfile
 from pathlib import Path
 
 from scalepub.settings import env_mapping
@@ -19,6 +20,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "scalepub.django",
     "twitter",
+    "kitchensink",
 ]
 MIDDLEWARE = ["django.middleware.common.CommonMiddleware"]
 ROOT_URLCONF = "exampleproject.urls"
@@ -36,6 +38,16 @@ DATABASES = {
     "default": {
         "ENGINE": "django.db.backends.sqlite3",
         "NAME": os.environ.get("EXAMPLE_DB", str(BASE_DIR / "db.sqlite3")),
+        "OPTIONS": {
+            # WAL lets the outbox relay read while requests write; IMMEDIATE takes the write
+            # lock at BEGIN, so concurrent writers wait (timeout) instead of failing to upgrade.
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL",
+            "transaction_mode": "IMMEDIATE",
+            "timeout": 20,
+        },
+        # A file, not shared-cache memory: there a reader's table lock fails a writer at once
+        # (no busy wait), and the relay thread reads while tests write. One file per process.
+        "TEST": {"NAME": str(Path(tempfile.gettempdir()) / f"scalepub-test-{os.getpid()}.db")},
     }
 }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

@@ -33,8 +33,11 @@ def get_producer() -> StreamProducer:
 
 
 def reset() -> None:
-    """Forget settings and producer (after the SCALEPUB setting changed, e.g. in tests)."""
+    """Forget settings, producer and relay threads (after the SCALEPUB setting changed)."""
     global _settings, _producer
+    from scalepub.django.relay import stop_threads
+
+    stop_threads()
     with _lock:
         if _producer is not None:
             _producer.close()

@@ -12,6 +12,7 @@ from django.db import DEFAULT_DB_ALIAS, router, transaction
 from django.db.models import Model
 
 from scalepub import metrics
+from scalepub.django import outbox
 from scalepub.django.producer import get_producer, get_settings
 from scalepub.django.registry import Registration, registry
 from scalepub.django.serialize import serialize
@@ -23,12 +24,12 @@ log = logging.getLogger(__name__)
 
 def on_post_save(sender: type[Model], instance: Model, created: bool, raw: bool = False,
                  using: str = DEFAULT_DB_ALIAS, **kwargs: Any) -> None:
-    """Announce created rows once their transaction commits; ignore updates and fixtures."""
+    """Announce created rows (ignore updates and fixtures): never before their commit."""
     if not created or raw:
         return
     reg = registry.get(sender)
     if reg is not None:
-        transaction.on_commit(partial(_enqueue, [(instance, reg)]), using=using)
+        _announce([(instance, reg)], using)
 
 
 def publish(instance: Model, node: str | None = None) -> None:
@@ -40,13 +41,11 @@ def publish_many(instances: Iterable[Model], node: str | None = None) -> None:
     """Publish instances explicitly, e.g. after ``bulk_create`` (which sends no signals).
 
     Rows of registered models go to their registered node, others to ``/<app>/<Model>``,
-    unless ``node`` is given. One Redis round trip per shard touched, after commit.
+    unless ``node`` is given. One outbox insert (or one Redis round trip per shard touched).
     """
     items = [(obj, _registration(obj, node)) for obj in instances]
-    if not items:
-        return
-    using = router.db_for_write(type(items[0][0]))
-    transaction.on_commit(partial(_enqueue, items), using=using)
+    if items:
+        _announce(items, router.db_for_write(type(items[0][0])))
 
 
 def _registration(instance: Model, node: str | None) -> Registration:
@@ -55,15 +54,28 @@ def _registration(instance: Model, node: str | None) -> Registration:
     return reg if node is None else Registration(model, node)
 
 
-def _enqueue(items: list[tuple[Model, Registration]]) -> list[Appended] | None:
-    """Serialize and append; every failure is logged and counted, never raised into the app."""
+def _announce(items: list[tuple[Model, Registration]], using: str) -> None:
+    """outbox: a row in the current transaction; direct: an append once it commits."""
+    if get_settings().delivery == "outbox":
+        entries = _entries(items, time.time_ns())
+        if entries:  # a database error here fails the save: the entry must not be lost
+            outbox.write(entries, using)
+    else:
+        transaction.on_commit(partial(_enqueue, items, using), using=using)
+
+
+def _entries(items: list[tuple[Model, Registration]], ts_ns: int) -> list[PendingEntry]:
     fmt = get_settings().payload_format
-    ts_ns = time.time_ns()
-    entries = [e for e in (_entry(obj, reg, fmt, ts_ns) for obj, reg in items) if e is not None]
+    return [e for e in (_entry(obj, reg, fmt, ts_ns) for obj, reg in items) if e is not None]
+
+
+def _enqueue(items: list[tuple[Model, Registration]], using: str) -> list[Appended] | None:
+    """Serialize and append; failures are counted and kept in the outbox, never raised."""
+    entries = _entries(items, time.time_ns())
     if not entries:
         return None
     try:
-        return get_producer().enqueue(entries)
+        return get_producer().enqueue(entries, spill=outbox.OutboxSpill(using))
     except Exception:  # the row is committed; a bug here must not surface as a failed save
         log.exception("scalepub: unexpected error enqueueing %d entries", len(entries))
         metrics.ENQUEUE_FAILURES.labels(reason="internal").inc(len(entries))

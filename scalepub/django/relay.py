@@ -1,0 +1,225 @@
+"""The outbox relay: moves committed outbox rows to their shard streams, oldest first.
+
+One relay per database works at a time (a Redis lease), so rows leave the table in id order
+and per-node order survives. By default every Django process runs a relay thread that
+competes for the lease (``OUTBOX_RELAY = "thread"``); ``manage.py scalepub_relay`` runs one
+on its own. Rows are deleted only after Redis appended them: a relay that dies in between
+re-appends them (at-least-once; the duplicate has the same model and pk, a new seq).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+import uuid
+import zlib
+from dataclasses import dataclass
+
+import redis
+from django.db import DatabaseError, connections
+
+from scalepub import metrics
+from scalepub.producer import PendingEntry, StreamProducer, failure_reason, redis_client
+from scalepub.settings import Settings
+
+log = logging.getLogger(__name__)
+
+LEASE_TTL_S = 10.0
+# How long a stopping relay keeps draining rows it can still move (e.g. a short command).
+DRAIN_ON_STOP_S = 5.0
+_BACKOFF_MAX_S = 2.0
+
+# Renew only our own lease: a relay that stalled past its TTL must not extend a successor's.
+_RENEW_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class Lease:
+    """A Redis key with a TTL that says which relay of a database may move rows."""
+
+    def __init__(self, client: redis.Redis, key: str, ttl_s: float = LEASE_TTL_S) -> None:
+        self.client, self.key, self.ttl_ms = client, key, int(ttl_s * 1000)
+        self.token = uuid.uuid4().hex
+        self._held_until = 0.0
+        self._renew = client.register_script(_RENEW_LUA)
+        self._release = client.register_script(_RELEASE_LUA)
+
+    def hold(self) -> bool:
+        """Take or keep the lease; renews once a third of the TTL has passed."""
+        now = time.monotonic()
+        if now < self._held_until - 2 * self.ttl_ms / 3000:
+            return True
+        ok = bool(self._renew(keys=[self.key], args=[self.token, self.ttl_ms])) or bool(
+            self.client.set(self.key, self.token, nx=True, px=self.ttl_ms))
+        self._held_until = now + self.ttl_ms / 1000 if ok else 0.0
+        return ok
+
+    def release(self) -> None:
+        """Give the lease up at once (another relay takes over without waiting the TTL)."""
+        if self._held_until:
+            self._held_until = 0.0
+            self._release(keys=[self.key], args=[self.token])
+
+
+@dataclass
+class Round:
+    """What one relay round did."""
+
+    moved: int
+    refused: int  # rows of shards whose script refused (backpressure, shard mismatch)
+
+
+class Relay:
+    """Moves outbox rows of one database to Redis while it holds the lease."""
+
+    def __init__(self, settings: Settings, using: str = "default",
+                 producer: StreamProducer | None = None) -> None:
+        self.settings, self.using = settings, using
+        self.producer = producer if producer is not None else StreamProducer(settings)
+        self.lease = Lease(redis_client(settings), lease_key(settings, using))
+
+    def relay_once(self) -> Round:
+        """Append up to OUTBOX_BATCH of the oldest rows, delete those Redis took."""
+        from scalepub.django.models import OutboxEntry
+
+        rows = list(OutboxEntry.objects.using(self.using).order_by("id").values_list(
+            "id", "node", "ts_ns", "model", "object_pk", "fmt", "payload",
+        )[: self.settings.outbox_batch])
+        metrics.OUTBOX_OLDEST_AGE.set((time.time_ns() - rows[0][2]) / 1e9 if rows else 0.0)
+        if not rows:
+            return Round(0, 0)
+        entries = [PendingEntry(r[1], r[2], r[3], r[4], r[5], bytes(r[6])) for r in rows]
+        result = self.producer.append(entries)
+        refused = {id(e) for f in result.failures for e in f.entries}
+        for failure in result.failures:
+            self._refused(failure.error, len(failure.entries))
+        done = [row[0] for row, e in zip(rows, entries, strict=True) if id(e) not in refused]
+        OutboxEntry.objects.using(self.using).filter(id__in=done).delete()
+        metrics.OUTBOX_RELAYED.inc(len(done))
+        return Round(len(done), len(rows) - len(done))
+
+    def _refused(self, error: Exception, count: int) -> None:
+        reason = failure_reason(error)
+        metrics.RELAY_ERRORS.labels(reason=reason).inc()
+        log.warning("scalepub relay: %d entries wait in the outbox, Redis refused them: %s",
+                    count, error)
+
+    def run(self, stop: threading.Event, wake: threading.Event | None = None) -> None:
+        """Relay until ``stop`` is set; then drain what can still move, briefly."""
+        wake = wake if wake is not None else threading.Event()
+        delay = 0.0
+        while not stop.is_set():
+            delay, idle = self._step(delay)
+            if delay:
+                stop.wait(delay)
+            elif idle:
+                wake.wait(self.settings.outbox_poll_ms / 1000)
+                wake.clear()
+        self._drain()
+
+    def _step(self, delay: float) -> tuple[float, bool]:
+        """One round: the delay before the next (growing while things fail), and idleness."""
+        try:
+            if not self.lease.hold():
+                metrics.RELAY_LEADER.set(0)
+                return 1.0, True
+            metrics.RELAY_LEADER.set(1)
+            done = self.relay_once()
+        except (redis.RedisError, DatabaseError) as exc:
+            return self._failed(exc, delay), True
+        if done.refused:
+            return _longer(delay), True
+        return 0.0, done.moved < self.settings.outbox_batch
+
+    def _failed(self, exc: Exception, delay: float) -> float:
+        reason = "database" if isinstance(exc, DatabaseError) else "redis"
+        metrics.RELAY_ERRORS.labels(reason=reason).inc()
+        if not delay:  # once per episode, not once per retry
+            log.warning("scalepub relay: %s unavailable, rows stay in the outbox: %s",
+                        reason, exc)
+        if isinstance(exc, DatabaseError):
+            connections[self.using].close()  # a broken connection is reopened on next use
+        return _longer(delay)
+
+    def _drain(self) -> None:
+        deadline = time.monotonic() + DRAIN_ON_STOP_S
+        try:
+            while time.monotonic() < deadline and self.lease.hold():
+                done = self.relay_once()
+                if done.moved < self.settings.outbox_batch or done.refused:
+                    break
+            self.lease.release()
+        except (redis.RedisError, DatabaseError) as exc:
+            log.warning("scalepub relay: stopped with rows left in the outbox: %s", exc)
+        finally:
+            metrics.RELAY_LEADER.set(0)
+            connections[self.using].close()
+            self.producer.close()
+
+
+def _longer(delay: float) -> float:
+    return min(max(delay * 2, 0.05), _BACKOFF_MAX_S)
+
+
+def lease_key(settings: Settings, using: str) -> str:
+    """One lease per database (the same name and host in every process that uses it)."""
+    db = connections[using].settings_dict
+    ident = f"{db.get('ENGINE')}|{db.get('HOST')}|{db.get('PORT')}|{db.get('NAME')}"
+    return f"{settings.key_prefix}:relay:{using}:{zlib.crc32(ident.encode()):08x}"
+
+
+class _RelayThread:
+    """This process's relay thread for one database (started on first use, per pid)."""
+
+    def __init__(self, settings: Settings, using: str) -> None:
+        self.pid = os.getpid()
+        self.stop, self.wake = threading.Event(), threading.Event()
+        self.relay = Relay(settings, using)
+        self.thread = threading.Thread(target=self.relay.run, args=(self.stop, self.wake),
+                                       name=f"scalepub-relay-{using}", daemon=True)
+        self.thread.start()
+
+    def close(self, timeout: float = DRAIN_ON_STOP_S + 2) -> None:
+        self.stop.set()
+        self.thread.join(timeout)
+
+
+_lock = threading.Lock()
+_threads: dict[str, _RelayThread] = {}
+
+
+def wake(using: str = "default") -> None:
+    """After a commit that wrote outbox rows: make this process's relay look now."""
+    from scalepub.django.producer import get_settings
+
+    settings = get_settings()
+    if settings.outbox_relay != "thread":
+        return
+    with _lock:
+        current = _threads.get(using)
+        if current is None or current.pid != os.getpid():  # none yet, or inherited by fork
+            current = _threads[using] = _RelayThread(settings, using)
+    current.wake.set()
+
+
+def stop_threads() -> None:
+    """Stop this process's relay threads, letting each drain briefly (at exit, on reset)."""
+    with _lock:
+        mine = [t for t in _threads.values() if t.pid == os.getpid()]
+        _threads.clear()
+    for t in mine:
+        t.close()
+
+
+atexit.register(stop_threads)
