@@ -1,21 +1,187 @@
-"""Turn a model instance into the bytes a subscriber receives inside its ``<entry>``."""
+"""Turn a model instance into the bytes a subscriber receives inside its ``<entry>``.
+
+Every payload this returns can be embedded in a batch as is (docs/reliability.md §4):
+
+- ``xml``: characters XML 1.0 cannot carry at all, not even as character references (C0
+  controls other than tab, LF and CR; lone surrogates; U+FFFE, U+FFFF) are replaced by
+  U+FFFD, the Unicode replacement character, and counted. CR is written as ``&#13;``:
+  every XML parser turns a literal CR into LF, so it would not round-trip otherwise.
+- ``json``: lossless. JSON escapes control characters itself; lone surrogates, U+FFFE and
+  U+FFFF are written as ``\\uXXXX`` escapes (in JSON text they can only occur in strings).
+- Either format: a payload larger than the batch byte cap allows (``BATCH_MAX_BYTES`` minus
+  ``ENTRY_OVERHEAD_BYTES``) has its longest text fields cut, each ending with the visible
+  marker ``…[truncated by scalepub: N characters cut]``. If the text fields alone cannot
+  make it fit (a huge binary or JSON field), ``EntryTooLarge`` is raised: the row is logged
+  and counted, never sent.
+"""
 
 from __future__ import annotations
 
+import copy
+import logging
+import re
+from typing import Any
+
 from django.core import serializers
+from django.core.serializers import xml_serializer
 from django.db.models import Model
+from django.utils.xmlutils import SimplerXMLGenerator
 
-_XML_DECL_END = b"?>\n"
+from scalepub import metrics
+
+log = logging.getLogger(__name__)
+
+REPLACEMENT = "\ufffd"
+TRUNCATION_MARK = "\u2026[truncated by scalepub: %d characters cut]"
+TRUNCATION_RE = re.compile(r"\u2026\[truncated by scalepub: (\d+) characters cut\]\Z")
+# Room left for the <entry ...></entry> around a payload: its attributes hold a node of up
+# to 255 bytes, a stream id, a timestamp, the model label and the pk.
+ENTRY_OVERHEAD_BYTES = 1024
+MAX_CUT_ROUNDS = 24
+
+# Not in XML 1.0's Char production: C0 controls but tab/LF/CR, surrogates, U+FFFE/U+FFFF.
+NOT_XML_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+# What json.dumps(ensure_ascii=False) leaves raw although XML cannot carry it.
+_NOT_XML_IN_JSON = re.compile("[\ud800-\udfff\ufffe\uffff]")
 
 
-def serialize(instance: Model, fmt: str) -> bytes:
-    """Django's XML (``<django-objects>`` without the XML declaration) or JSON serialization.
+class EntryTooLarge(ValueError):
+    """A row whose payload stays above the limit even with every text field cut."""
 
-    The declaration is dropped so the shard can embed the bytes verbatim in a batch element;
-    what remains still round-trips through ``serializers.deserialize(fmt, ...)``.
+
+def serialize(instance: Model, fmt: str, max_bytes: int | None = None) -> bytes:
+    """Django's XML (``<django-objects>``, no XML declaration) or JSON, safe for a batch.
+
+    ``max_bytes`` bounds the payload as the shard will embed it (default: from the
+    ``BATCH_MAX_BYTES`` setting). What remains round-trips through
+    ``serializers.deserialize(fmt, ...)``, with the transformations in the module docstring.
     """
-    text: str = serializers.serialize(fmt, [instance])
-    data = text.encode("utf-8")
-    if fmt == "xml" and data.startswith(b"<?xml"):
-        data = data[data.index(_XML_DECL_END) + len(_XML_DECL_END):]
+    limit = payload_limit() if max_bytes is None else max_bytes
+    data, replaced = _render(instance, fmt)
+    excess = wire_size(data, fmt) - limit
+    if excess > 0:
+        data, replaced = _cut_to_fit(instance, fmt, limit, excess)
+    if replaced:
+        metrics.PAYLOADS_ALTERED.labels(reason="xml_chars").inc()
+        log.warning("scalepub: %s pk=%s: %d characters XML 1.0 cannot carry replaced by U+FFFD",
+                    instance._meta.label, instance.pk, replaced)
     return data
+
+
+def payload_limit() -> int:
+    """The largest payload the Django side sends: what fits one batch with its entry tag."""
+    from scalepub.django.producer import get_settings
+
+    return max(get_settings().batch_max_bytes - ENTRY_OVERHEAD_BYTES, 0)
+
+
+def wire_size(data: bytes, fmt: str) -> int:
+    """Bytes the payload takes inside a batch (the shard escapes JSON as XML text)."""
+    if fmt == "xml":
+        return len(data)
+    return len(data) + 4 * data.count(b"&") + 3 * (data.count(b"<") + data.count(b">"))
+
+
+def _render(instance: Model, fmt: str) -> tuple[bytes, int]:
+    """The payload bytes and how many characters were replaced by U+FFFD."""
+    if fmt == "xml":
+        serializer = _XmlSerializer()
+        serializer.serialize([instance])
+        text, replaced = NOT_XML_CHARS.subn(REPLACEMENT, serializer.getvalue())
+        # Attribute values come quoted with &#13; already; a raw CR can only be field text.
+        return text.replace("\r", "&#13;").encode("utf-8"), replaced
+    text = serializers.serialize(fmt, [instance])
+    return _NOT_XML_IN_JSON.sub(_json_escape, text).encode("utf-8"), 0
+
+
+def _json_escape(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
+
+
+class _PermissiveXMLGenerator(SimplerXMLGenerator):
+    """Writes every character; ``_render`` replaces what XML cannot carry afterwards."""
+
+    def characters(self, content: Any) -> None:
+        # Django's generator raises on control characters; the whole output is cleaned
+        # in one pass instead, which also covers attribute values such as a text pk.
+        super(SimplerXMLGenerator, self).characters(content)
+
+
+class _XmlSerializer(xml_serializer.Serializer):
+    """Django's XML serializer writing through the permissive generator, no declaration."""
+
+    def start_serialization(self) -> None:
+        self.xml = _PermissiveXMLGenerator(self.stream, "utf-8")
+        self.xml.startElement("django-objects", {"version": "1.0"})
+
+
+def _cut_to_fit(instance: Model, fmt: str, limit: int, excess: int) -> tuple[bytes, int]:
+    """Render a copy whose longest text fields are cut, with a marker, until it fits."""
+    clone = copy.copy(instance)
+    texts = dict(_text_fields(instance))
+    kept = {name: len(value) for name, value in texts.items()}
+    for _ in range(MAX_CUT_ROUNDS):
+        name = _longest(kept)
+        if name is None:
+            break
+        kept[name] = _shorter(getattr(clone, name), kept[name], excess)
+        setattr(clone, name, _truncated(texts[name], kept[name]))
+        data, replaced = _render(clone, fmt)
+        excess = wire_size(data, fmt) - limit
+        if excess <= 0:
+            metrics.PAYLOADS_ALTERED.labels(reason="truncated").inc()
+            cut = {n: len(texts[n]) - k for n, k in kept.items() if k < len(texts[n])}
+            log.warning("scalepub: %s pk=%s: payload above %d bytes, text cut (characters "
+                        "cut per field: %s)", instance._meta.label, instance.pk, limit, cut)
+            return data, replaced
+    raise EntryTooLarge(
+        f"payload of {instance._meta.label} pk={instance.pk} stays above {limit} bytes "
+        f"with its text fields cut (largest fields: {_largest_fields(instance)}); "
+        "raise BATCH_MAX_BYTES or keep such data out of published models"
+    )
+
+
+def _text_fields(instance: Model) -> list[tuple[str, str]]:
+    """Plain text columns that may be cut: not the pk, not a relation, not JSON."""
+    out = []
+    for f in instance._meta.concrete_fields:
+        value = getattr(instance, f.attname)
+        if (isinstance(value, str) and f.serialize and not f.is_relation
+                and not f.primary_key and f.get_internal_type() != "JSONField"):
+            out.append((f.attname, value))
+    return out
+
+
+def _longest(kept: dict[str, int]) -> str | None:
+    """The text field with the most characters left (None when all are cut to nothing)."""
+    candidates = [(k, name) for name, k in kept.items() if k > 0]
+    return max(candidates)[1] if candidates else None
+
+
+def _shorter(current: str, kept: int, excess: int) -> int:
+    """How many original characters to keep so the field shrinks by about ``excess`` bytes.
+
+    Bytes per character vary (UTF-8, escaping); the next round corrects an estimate that
+    fell short, so this only has to shrink the field, which it always does.
+    """
+    # Raw field text: both formats end up escaping & < > (Django's XML, the shard's JSON).
+    size = wire_size(current.encode("utf-8", "surrogatepass"), "json")
+    marker = len(TRUNCATION_MARK.encode()) + 16
+    target = size - excess - marker
+    if target <= 0:
+        return 0
+    return min(kept - 1, kept * target // size)
+
+
+def _truncated(original: str, keep: int) -> str:
+    return original[:keep] + TRUNCATION_MARK % (len(original) - keep)
+
+
+def _largest_fields(instance: Model) -> str:
+    sizes = []
+    for f in instance._meta.concrete_fields:
+        value = getattr(instance, f.attname)
+        if value is not None:
+            size = len(value) if isinstance(value, str | bytes | memoryview) else len(str(value))
+            sizes.append((size, f.name))
+    return ", ".join(f"{name} ({size})" for size, name in sorted(sizes, reverse=True)[:3])
