@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench venv packages client stack-up stack-down clean
+.PHONY: demo test lint bench loadtest venv packages client stack-up stack-down clean
 
 ## demo: local Redis + ejabberd, the example project, `scalepub run --shards 8`, a tweet
 ##       producer and a live terminal feed (Ctrl-C stops everything it started)
@@ -23,6 +23,12 @@ lint: venv
 bench: venv stack-up
 	eval "$$(ops/stack env)" && $(BIN)/python loadtest/bench_ingest.py
 	eval "$$(ops/stack env)" && $(BIN)/python loadtest/bench_publish.py
+
+## loadtest: one load-test scenario, headless, on its own Redis + ejabberd (free ports);
+##           SCENARIO=smoke|steady|fanout|ramp (loadtest/scenarios/), report in loadtest/reports/
+SCENARIO ?= smoke
+loadtest: venv packages
+	$(BIN)/python -m loadtest.run loadtest/scenarios/$(SCENARIO).toml
 
 ## client: the browser client's bundle (client/js/dist), built from the lock file
 client:

@@ -1,0 +1,1 @@
+"""Load tests and benchmarks: BOSH subscribers driven by Locust, scenario runner, reports."""

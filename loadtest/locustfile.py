@@ -1,0 +1,181 @@
+"""Locust users that are BOSH subscribers of scalepub nodes (run by ``loadtest/run.py``).
+
+Each user opens one BOSH session on Locust's HTTP client (SASL ANONYMOUS), subscribes to its
+nodes and long-polls. Every new entry reports its end-to-end latency (now - the entry's commit
+timestamp) as a Locust request of type ``entry`` named after the node's kind (``hot`` or
+``author``), so Locust's statistics and CSV carry the percentiles. The process also keeps its
+own per-second latency histograms and per-node seq tracks (``loadtest/entries.py``): the run
+checks them against the truth in Redis for lost entries and duplicates.
+
+Configuration comes from the JSON file named by ``LOADTEST_CONFIG``; results go to its
+``out_dir`` as ``progress-<pid>.json`` (every second) and ``subscribers-<pid>.json`` (at exit).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import gevent
+from locust import FastHttpUser, constant, events, task
+from locust.env import Environment
+
+from loadtest.bosh import (
+    BoshClient,
+    BoshError,
+    BoshTerminated,
+    TransportError,
+    pubsub_items,
+)
+from loadtest.entries import Tracker, entries_of_batch, scan_body
+from loadtest.scenario import nodes_for
+
+log = logging.getLogger("loadtest")
+
+CONFIG: dict[str, Any] = json.loads(Path(os.environ["LOADTEST_CONFIG"]).read_text())
+OUT = Path(CONFIG["out_dir"])
+TRACKER = Tracker()
+STATE = {"ready": 0, "reconnects": 0, "users": 0}
+_numbers = itertools.count()
+RECONNECT_PAUSE_S = 1.0
+
+
+class LocustTransport:
+    """Posts BOSH bodies with the user's FastHttpSession (so Locust also times each poll)."""
+
+    def __init__(self, user: FastHttpUser, path: str) -> None:
+        self.user = user
+        self.path = path
+
+    def post(self, body: bytes, timeout: float) -> bytes:
+        """POST to the BOSH path; errors become ``TransportError`` (the client retries)."""
+        headers = {"Content-Type": "text/xml; charset=utf-8"}
+        with self.user.client.post(self.path, data=body, headers=headers, name="bosh",
+                                   catch_response=True) as response:
+            if response.status_code != 200:
+                response.failure(f"HTTP {response.status_code}: {response.error}")
+                raise TransportError(f"HTTP {response.status_code}", response.status_code)
+            response.success()
+            return bytes(response.content or b"")
+
+
+class BoshSubscriber(FastHttpUser):
+    """One anonymous BOSH session following its nodes until the run stops."""
+
+    host = CONFIG["bosh_base"]
+    wait_time = constant(0)
+    network_timeout = float(CONFIG["wait_s"] + 15)
+    connection_timeout = 10.0
+
+    def on_start(self) -> None:
+        """Pick this user's nodes, log in and subscribe."""
+        worker = getattr(self.environment.runner, "worker_index", 0) or 0
+        self.number = worker * 100_000 + next(_numbers)
+        self.nodes = nodes_for(self.number, CONFIG["hot_node"], CONFIG["author_nodes"],
+                               CONFIG["authors_per_user"])
+        self.labels = {n.encode(): ("hot" if n == CONFIG["hot_node"] else "author")
+                       for n in self.nodes}
+        self.fire = self.environment.events.request.fire
+        self.bosh = self._open()
+        STATE["ready"] += 1
+
+    def _open(self) -> BoshClient:
+        bosh = BoshClient(LocustTransport(self, CONFIG["bosh_path"]), CONFIG["anon_domain"],
+                          wait=CONFIG["wait_s"])
+        bosh.connect(resource=f"u{self.number}")
+        for node in self.nodes:
+            TRACKER.track(self.number, node)
+        bosh.subscribe(CONFIG["pubsub_service"], self.nodes)
+        return bosh
+
+    @task
+    def listen(self) -> None:
+        """One long poll; a lost session is reopened (entries missed meanwhile count as lost)."""
+        try:
+            if self.bosh.inbox:
+                self._received_stanzas(self.bosh.poll())
+            else:
+                self._received_raw(self.bosh.poll_raw())
+        except (BoshError, TransportError) as exc:
+            self._reconnect(exc)
+
+    def on_stop(self) -> None:
+        """End the BOSH session so the server stops delivering to it."""
+        self.bosh.close()
+
+    def _received_raw(self, raw: bytes) -> None:
+        now = time.time_ns()
+        found = scan_body(raw)
+        if found is None:  # the fast scan could not vouch for the count: parse properly
+            self._received_stanzas(list(self.bosh.parse(raw)), now)
+        elif found:
+            self._report(found, now)
+
+    def _received_stanzas(self, stanzas: list[Any], now: int | None = None) -> None:
+        now = now or time.time_ns()
+        for stanza in stanzas:
+            for _node, item in pubsub_items(stanza):
+                for payload in item:
+                    self._report(entries_of_batch(payload), now)
+
+    def _report(self, found: list[tuple[bytes, bytes, bytes]], now: int) -> None:
+        entries = TRACKER.feed(self.number, found, now)
+        if not CONFIG["entry_events"]:
+            for _ in entries:
+                pass
+            return
+        fire, labels = self.fire, self.labels
+        for node, latency_ms in entries:
+            fire(request_type="entry", name=labels.get(node, "other"), response_time=latency_ms,
+                 response_length=0, exception=None, context=None)
+
+    def _reconnect(self, exc: Exception) -> None:
+        STATE["reconnects"] += 1
+        kind = "terminated" if isinstance(exc, BoshTerminated) else type(exc).__name__
+        self.fire(request_type="bosh", name="reconnect", response_time=0, response_length=0,
+                  exception=exc, context=None)
+        log.warning("user %d: %s (%s); reconnecting", self.number, exc, kind)
+        gevent.sleep(RECONNECT_PAUSE_S)
+        self.bosh = self._open()
+
+
+def _write(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
+def _progress() -> dict[str, Any]:
+    return {"pid": os.getpid(), "time": time.time(), "ready": STATE["ready"],
+            "reconnects": STATE["reconnects"], "entries": TRACKER.entries,
+            "duplicates": TRACKER.duplicates}
+
+
+def _report_progress() -> None:
+    path = OUT / f"progress-{os.getpid()}.json"
+    while True:
+        _write(path, _progress())
+        gevent.sleep(0.5)
+
+
+@events.init.add_listener
+def _on_init(environment: Environment, **_kwargs: Any) -> None:
+    from locust.runners import MasterRunner
+
+    if not isinstance(environment.runner, MasterRunner):
+        gevent.spawn(_report_progress)
+
+
+@events.quitting.add_listener
+def _on_quitting(environment: Environment, **_kwargs: Any) -> None:
+    from locust.runners import MasterRunner
+
+    if isinstance(environment.runner, MasterRunner):
+        return
+    _write(OUT / f"progress-{os.getpid()}.json", _progress())
+    _write(OUT / f"subscribers-{os.getpid()}.json", {**_progress(), **TRACKER.to_json()})

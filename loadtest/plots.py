@@ -1,0 +1,96 @@
+"""PNG plots of one variant: latency percentiles, deliveries, shard backlog, CPU per group."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
+
+GROUPS = ("ejabberd", "pool", "producers", "locust", "redis", "runner")
+
+
+def variant(out: Path, r: dict[str, Any]) -> None:
+    """Write latency.png, deliveries.png, backlog.png and cpu.png into ``out``."""
+    series = r["series"]
+    title = f"{r['scenario']}, batch_max_entries={r['batch_max_entries']}"
+    timeline = _timeline(out)
+    _plot(out / "latency.png", f"{title}: e2e latency per second",
+          "latency (ms, log)", series["second"],
+          {f"p{p}": series[f"p{p}"] for p in (50, 95, 99)}, log=True)
+    _plot(out / "deliveries.png", f"{title}: entries per second", "entries/s",
+          series["second"], {"entry-deliveries/s": series["deliveries"]},
+          extra=_saves(timeline))
+    _plot(out / "backlog.png", f"{title}: stream backlog (lag + pending) per shard",
+          "entries", timeline.get("t", []), _backlog(timeline))
+    _plot(out / "cpu.png", f"{title}: CPU per process group", "cores", timeline.get("t", [])[1:],
+          _cores(timeline))
+
+
+def _timeline(out: Path) -> dict[str, list[float]]:
+    import csv
+    import json
+
+    path = out / "timeline.csv"
+    if not path.exists():
+        return {}
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    t0 = json.loads((out / "results.json").read_text())["series"]["t"]
+    cols: dict[str, list[float]] = {k: [float(r[k] or "nan") for r in rows] for k in rows[0]}
+    cols["t"] = t0
+    return cols
+
+
+def _rate(values: list[float], t: list[float]) -> list[float]:
+    return [(values[i] - values[i - 1]) / max(t[i] - t[i - 1], 1e-9) for i in range(1, len(t))]
+
+
+def _saves(tl: dict[str, list[float]]) -> dict[str, tuple[list[float], list[float]]]:
+    shards = [k for k in tl if k.startswith("xlen_")]
+    if not shards or len(tl["t"]) < 2:
+        return {}
+    total = [sum(tl[k][i] for k in shards) for i in range(len(tl["t"]))]
+    return {"saves/s (appended)": (tl["t"][1:], _rate(total, tl["t"]))}
+
+
+def _backlog(tl: dict[str, list[float]]) -> dict[str, list[float]]:
+    shards = sorted({k.split("_")[1] for k in tl if k.startswith("lag_")}, key=int)
+    return {f"shard {s}": [a + b for a, b in zip(tl[f"lag_{s}"], tl[f"pending_{s}"],
+                                                  strict=True)] for s in shards}
+
+
+def _cores(tl: dict[str, list[float]]) -> dict[str, list[float]]:
+    if len(tl.get("t", [])) < 2:
+        return {}
+    out = {g: _rate(tl[f"cpu_{g}_s"], tl["t"]) for g in GROUPS if f"cpu_{g}_s" in tl}
+    machine = _rate(tl["cpu_machine_s"], tl["t"])
+    ours = [sum(v[i] for v in out.values()) for i in range(len(machine))]
+    out["others (not this run)"] = [max(0.0, m - o) for m, o in zip(machine, ours, strict=True)]
+    return out
+
+
+Extra = dict[str, tuple[list[float], list[float]]]  # label → (x, y) drawn dashed
+
+
+def _plot(path: Path, title: str, ylabel: str, x: list[float], lines: dict[str, list[Any]],
+          log: bool = False, extra: Extra | None = None) -> None:
+    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=100)
+    for label, ys in lines.items():
+        ax.plot(x, [float("nan") if y is None else y for y in ys], label=label, linewidth=1.2)
+    for label, (xs, ys) in (extra or {}).items():
+        ax.plot(xs, ys, label=label, linewidth=1.0, linestyle="--")
+    if log:
+        ax.set_yscale("log")
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("seconds since the producers started")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    if lines or extra:
+        ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,257 @@
+"""The report of a load-test run: results per variant, ``summary.md``, JSON/CSV and PNG plots.
+
+"Lost" is counted against the truth, not against what subscribers saw: the rows committed per
+node in the producers' databases. The entries appended per node in Redis (the per-node seq
+counters) are a second count: a row committed but never appended is "not enqueued".
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from loadtest.entries import Histogram
+from loadtest.scenario import Scenario
+
+GROUPS = ("ejabberd", "pool", "producers", "locust", "redis", "runner")
+PERCENTILES = (50, 95, 99, 99.9)
+
+
+def variant_results(*, scenario: Scenario, batch: int, out: Path, ready: int,
+                    window: tuple[float, float], drained: bool, truth: dict[str, Any],
+                    timeline: list[dict[str, Any]],
+                    subscription: Callable[[int], list[str]]) -> dict[str, Any]:
+    """Everything measured for one batch size, checked against the truth; also saved as JSON."""
+    dumps = [json.loads(p.read_text()) for p in sorted(out.glob("subscribers-*.json"))]
+    saved = truth["saved"]
+    delivery = _delivery(dumps, saved)
+    overall, per_second = _latency(dumps)
+    t0, t1 = window
+    results: dict[str, Any] = {
+        "scenario": scenario.name, "batch_max_entries": batch, "out": str(out),
+        "subscribers": scenario.subscribers, "subscribers_ready": ready, "drained": drained,
+        "production_s": round(t1 - t0, 2),
+        "saved": sum(saved.values()), "appended": sum(truth["appended"].values()),
+        "not_enqueued": sum(max(0, n - truth["appended"].get(node, 0))
+                            for node, n in saved.items()),
+        # Between the first and the last commit (the producers' start-up is not saving time).
+        "saves_per_s": round(sum(saved.values()) / max(truth["saving_s"], 1e-9), 1),
+        **delivery,
+        "latency_ms": {f"p{p:g}": _round(overall.percentile(p)) for p in PERCENTILES},
+        "locust_entry_stats": _locust_stats(out / "locust_stats.csv"),
+        "cpu_cores": _cpu(timeline, t0, t1),
+        "max_backlog": _max_backlog(timeline),
+        "reconnects": sum(int(d.get("reconnects", 0)) for d in dumps),
+        "expected_subscriptions": sum(len(subscription(u)) for u in range(scenario.subscribers)),
+    }
+    results["latency_ms"]["max"] = _round(_max_latency(overall))
+    results["ok"] = (results["lost"] == 0 and ready == scenario.subscribers and drained
+                     and results["not_enqueued"] == 0 and results["subscriptions"]
+                     == results["expected_subscriptions"])
+    results["series"] = _series(per_second, timeline, t0)
+    _write_raw(out, results, timeline)
+    return results
+
+
+def _delivery(dumps: list[dict[str, Any]], saved: dict[str, int]) -> dict[str, Any]:
+    lost = delivered = duplicates = received = 0
+    for dump in dumps:
+        for t in dump["tracks"]:
+            truth = saved.get(t["node"], 0)
+            highest = max(t["next"] - 1, 0)
+            lost += t["missing"] + max(0, truth - highest)
+            distinct = t["received"] - t["duplicates"]
+            delivered += distinct
+            duplicates += t["duplicates"]
+            received += t["received"]
+    seconds: dict[int, int] = {}
+    for dump in dumps:
+        for second, hist in dump["per_second"].items():
+            seconds[int(second)] = seconds.get(int(second), 0) + sum(hist.values())
+    span = (max(seconds) - min(seconds) + 1) if seconds else 1
+    return {
+        "subscriptions": sum(len(d["tracks"]) for d in dumps),
+        "delivered": delivered, "received": received, "lost": lost, "duplicates": duplicates,
+        "deliveries_per_s": round(delivered / span, 1),
+        "peak_deliveries_per_s": max(seconds.values(), default=0),
+    }
+
+
+def _latency(dumps: list[dict[str, Any]]) -> tuple[Histogram, dict[int, Histogram]]:
+    overall = Histogram()
+    per_second: dict[int, Histogram] = {}
+    for dump in dumps:
+        for second, data in dump["per_second"].items():
+            hist = Histogram.from_json(data)
+            overall.merge(hist)
+            per_second.setdefault(int(second), Histogram()).merge(hist)
+    return overall, per_second
+
+
+def _max_latency(hist: Histogram) -> float:
+    return (max(hist.counts) + 1) * 0.1 if hist.counts else float("nan")
+
+
+def _round(value: float) -> float | None:
+    return None if math.isnan(value) else round(value, 1)
+
+
+def _locust_stats(path: Path) -> list[dict[str, str]]:
+    """Locust's own figures for the ``entry`` requests (its percentiles are rounded)."""
+    if not path.exists():
+        return []
+    with path.open() as f:
+        rows = [r for r in csv.DictReader(f) if r.get("Type") == "entry"]
+    keep = ("Name", "Request Count", "Median Response Time", "95%", "99%", "Max Response Time")
+    return [{k: r.get(k, "") for k in keep} for r in rows]
+
+
+def _cpu(timeline: list[dict[str, Any]], t0: float, t1: float) -> dict[str, float]:
+    """Average cores used per group over the production window (cumulative CPU deltas)."""
+    inside = [r for r in timeline if t0 <= r["t"] <= t1]
+    if len(inside) < 2:
+        return {}
+    first, last = inside[0], inside[-1]
+    dt = last["t"] - first["t"]
+    cores = {g: round((last.get(f"cpu_{g}_s", 0) - first.get(f"cpu_{g}_s", 0)) / dt, 2)
+             for g in GROUPS}
+    machine = (last["cpu_machine_s"] - first["cpu_machine_s"]) / dt
+    cores["machine"] = round(machine, 2)
+    cores["others"] = round(max(0.0, machine - sum(cores[g] for g in GROUPS)), 2)
+    return cores
+
+
+def _max_backlog(timeline: list[dict[str, Any]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for row in timeline:
+        for key, value in row.items():
+            if key.startswith(("lag_", "pending_")):
+                shard = key.split("_")[1]
+                out[shard] = max(out.get(shard, 0), value)
+    return out
+
+
+def _series(per_second: dict[int, Histogram], timeline: list[dict[str, Any]],
+            t0: float) -> dict[str, Any]:
+    seconds = sorted(per_second)
+    return {
+        "second": [s - t0 for s in seconds],
+        "deliveries": [per_second[s].total for s in seconds],
+        **{f"p{p:g}": [_round(per_second[s].percentile(p)) for s in seconds] for p in (50, 95, 99)},
+        "t": [r["t"] - t0 for r in timeline],
+    }
+
+
+def _write_raw(out: Path, results: dict[str, Any], timeline: list[dict[str, Any]]) -> None:
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    if timeline:
+        keys = sorted({k for row in timeline for k in row})
+        with (out / "timeline.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(timeline)
+    with (out / "latency_per_second.csv").open("w", newline="") as f:
+        rows = csv.writer(f)
+        series = results["series"]
+        rows.writerow(["second", "deliveries", "p50_ms", "p95_ms", "p99_ms"])
+        rows.writerows(zip(series["second"], series["deliveries"], series["p50"],
+                             series["p95"], series["p99"], strict=True))
+
+
+# ---------------------------------------------------------------------------- summary
+
+
+def headline(r: dict[str, Any]) -> str:
+    """One line: the figures the issue asks for."""
+    lat = r["latency_ms"]
+    return (f"batch {r['batch_max_entries']}: {r['saves_per_s']:.0f} saves/s, "
+            f"{r['deliveries_per_s']:.0f} entry-deliveries/s (peak {r['peak_deliveries_per_s']}),"
+            f" e2e p50 {lat['p50']} ms p95 {lat['p95']} ms p99 {lat['p99']} ms, "
+            f"lost {r['lost']}, duplicates {r['duplicates']}, "
+            f"subscribers {r['subscribers_ready']}/{r['subscribers']}"
+            f"{'' if r['ok'] else '  [NOT OK]'}")
+
+
+def write(out: Path, scenario: Scenario, results: list[dict[str, Any]]) -> None:
+    """summary.md, summary.json and the plots of every variant."""
+    from loadtest import plots  # matplotlib is imported only when a report is written
+
+    for r in results:
+        plots.variant(Path(r["out"]), r)
+    (out / "summary.json").write_text(json.dumps(
+        {"scenario": scenario.__dict__, "results": [_without_series(r) for r in results]},
+        indent=1, default=list))
+    (out / "summary.md").write_text(_markdown(out, scenario, results))
+
+
+def _without_series(r: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in r.items() if k != "series"}
+
+
+def _markdown(out: Path, s: Scenario, results: list[dict[str, Any]]) -> str:
+    lines = [f"# Load test `{s.name}`", "", s.description, "",
+             f"{s.subscribers} BOSH subscribers (each: {'the hot node + ' if s.hot_share else ''}"
+             f"{s.authors_per_subscriber} of {s.authors} author nodes), {s.rate:g} saves/s "
+             f"({s.hot_share:.0%} on the hot node) by {s.producers} + "
+             f"{1 if s.hot_share else 0} producer processes for {s.duration_s:g} s "
+             f"(ramp {s.ramp_s:g} s), {s.shards} shards, linger {s.linger_ms:g} ms, window "
+             f"{s.window}. Everything on this machine, shared with other work: see CPU 'others'.",
+             "", _table(results), "", _cpu_table(results), ""]
+    for r in results:
+        rel = Path(r["out"]).relative_to(out)
+        lines += [f"## batch_max_entries = {r['batch_max_entries']}", "", _verdict(r), "",
+                  f"Locust's own `entry` statistics: {_locust_line(r)}", ""]
+        lines += [f"![{name}]({rel}/{name}.png)" for name in
+                  ("latency", "deliveries", "backlog", "cpu")]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _table(results: list[dict[str, Any]]) -> str:
+    head = ("| batch | saves/s | saved | subscribers | entry-deliveries/s (peak) | p50 ms | "
+            "p95 ms | p99 ms | max ms | lost | duplicates | not enqueued | reconnects |")
+    rows = [head, "|" + "---:|" * 13]
+    for r in results:
+        lat = r["latency_ms"]
+        rows.append(
+            f"| {r['batch_max_entries']} | {r['saves_per_s']:,.0f} | {r['saved']:,} | "
+            f"{r['subscribers_ready']}/{r['subscribers']} | {r['deliveries_per_s']:,.0f} "
+            f"({r['peak_deliveries_per_s']:,}) | {lat['p50']} | {lat['p95']} | {lat['p99']} | "
+            f"{lat['max']} | {r['lost']} | {r['duplicates']} | {r['not_enqueued']} | "
+            f"{r['reconnects']} |")
+    return "\n".join(rows)
+
+
+def _cpu_table(results: list[dict[str, Any]]) -> str:
+    cols = (*GROUPS, "others", "machine")
+    rows = ["CPU, average cores while producing (2 cores in all):", "",
+            "| batch | " + " | ".join(cols) + " |", "|" + "---:|" * (len(cols) + 1)]
+    for r in results:
+        cpu = r["cpu_cores"]
+        rows.append(f"| {r['batch_max_entries']} | "
+                    + " | ".join(f"{cpu.get(c, float('nan')):.2f}" for c in cols) + " |")
+    return "\n".join(rows)
+
+
+def _verdict(r: dict[str, Any]) -> str:
+    cpu = {g: r["cpu_cores"].get(g, 0.0) for g in (*GROUPS, "others")}
+    top = sorted(cpu.items(), key=lambda kv: -kv[1])[:3]
+    machine = r["cpu_cores"].get("machine", 0.0)
+    busy = "the machine was saturated" if machine >= 1.8 else "the machine had spare CPU"
+    status = "all entries delivered" if r["ok"] else "NOT OK (see lost / subscribers / drain)"
+    return (f"{headline(r)}. {status}. Busiest while producing: "
+            + ", ".join(f"{g} {c:.2f} cores" for g, c in top)
+            + f"; {machine:.2f} of 2 cores busy: {busy}.")
+
+
+def _locust_line(r: dict[str, Any]) -> str:
+    stats = r["locust_entry_stats"]
+    if not stats:
+        return "none (entry events off)"
+    return "; ".join(f"{s['Name']}: {s['Request Count']} entries, median "
+                     f"{s['Median Response Time']} ms, p95 {s['95%']} ms, p99 {s['99%']} ms"
+                     for s in stats)

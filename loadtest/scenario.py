@@ -1,0 +1,122 @@
+"""Scenario files (``loadtest/scenarios/*.toml``): what one load-test run does.
+
+A scenario names its subscribers, nodes, save rate, duration, shards and the batch sizes to
+compare; each batch size is a *variant*, run one after the other on a fresh stack, into the
+same report. A wrong value stops the run at once with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+NODE_BASE = "/twitter/Tweet/"  # the example project's per-author nodes (example/twitter/models.py)
+
+
+class ScenarioError(ValueError):
+    """A scenario file has a wrong or unknown key; the message names it."""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One scenario file, validated."""
+
+    name: str
+    description: str = ""
+    duration_s: float = 30.0  # how long the producers save rows (ramp included)
+    rate: float = 100.0  # saves/s in total once ramped up
+    ramp_s: float = 0.0  # producer processes start one by one over this time (0: all at once)
+    producers: int = 1  # processes saving per-author tweets (`manage.py tweet`)
+    authors: int = 10  # per-author nodes
+    hot_share: float = 0.0  # share of the rate saved on the one hot node (its own process)
+    bulk: int = 0  # rows per bulk_create + publish_many (0: one save per row)
+    subscribers: int = 5  # Locust users, each one BOSH session
+    hot_subscribe: bool = True  # every subscriber follows the hot node
+    authors_per_subscriber: int = 1  # per-author nodes each subscriber follows
+    spawn_rate: float = 50.0  # subscribers started per second
+    shards: int = 2
+    batch_max_entries: tuple[int, ...] = (250,)  # one variant per value; 1 = batching off
+    linger_ms: float = 5.0
+    window: int = 32
+    bosh_wait_s: int = 20  # BOSH 'wait': longest a poll is held without data
+    locust_processes: int = 1
+    entry_events: bool = True  # one Locust request event per received entry
+    drain_s: float = 30.0  # longest wait, after the last save, for every delivery
+    max_ready_s: float = 60.0  # longest wait for every subscriber to be subscribed
+
+    @property
+    def hot_node(self) -> str:
+        """The hot node's name (a single author) for a variant."""
+        return f"{NODE_BASE}hot0"
+
+    def author_nodes(self, prefix: str) -> list[str]:
+        """Per-author nodes under an author-name prefix."""
+        return [f"{NODE_BASE}{prefix}{i}" for i in range(self.authors)]
+
+
+def nodes_for(user: int, hot_node: str | None, author_nodes: list[str], per_user: int) -> list[str]:
+    """The nodes subscriber ``user`` follows: the hot one, then a rotating slice of authors."""
+    nodes = [hot_node] if hot_node else []
+    if author_nodes and per_user:
+        count = min(per_user, len(author_nodes))
+        nodes += [author_nodes[(user * count + j) % len(author_nodes)] for j in range(count)]
+    return nodes
+
+
+def load(path: Path) -> Scenario:
+    """Read and validate a scenario file."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ScenarioError(f"{path}: {exc}") from None
+    return from_mapping(data, str(path))
+
+
+def from_mapping(data: dict[str, Any], where: str = "scenario") -> Scenario:
+    """A scenario from a parsed TOML table."""
+    known = {f.name: f for f in fields(Scenario)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ScenarioError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    if "name" not in data:
+        raise ScenarioError(f"{where}: 'name' is required")
+    values = {key: _coerce(where, key, value, known[key].type) for key, value in data.items()}
+    scenario = Scenario(**values)
+    _check(scenario, where)
+    return scenario
+
+
+def _coerce(where: str, key: str, value: Any, kind: Any) -> Any:
+    kind = str(kind)
+    if kind == "tuple[int, ...]":
+        value = value if isinstance(value, list) else [value]
+        if not value or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ScenarioError(f"{where}: '{key}' must be an integer or a list of integers")
+        return tuple(value)
+    types: dict[str, type | tuple[type, ...]] = {
+        "str": str, "float": (int, float), "int": int, "bool": bool}
+    expected = types[kind]
+    if not isinstance(value, expected) or (kind != "bool" and isinstance(value, bool)):
+        raise ScenarioError(f"{where}: '{key}' must be {kind}, got {value!r}")
+    return float(value) if kind == "float" else value  # type: ignore[arg-type]
+
+
+def _check(s: Scenario, where: str) -> None:
+    problems = {
+        "duration_s": s.duration_s > 0, "rate": s.rate > 0, "ramp_s": 0 <= s.ramp_s < s.duration_s,
+        "producers": s.producers >= 1, "authors": s.authors >= 1,
+        "hot_share": 0 <= s.hot_share < 1, "bulk": s.bulk >= 0, "subscribers": s.subscribers >= 1,
+        "authors_per_subscriber": s.authors_per_subscriber >= 0, "spawn_rate": s.spawn_rate > 0,
+        "shards": s.shards >= 1, "batch_max_entries": min(s.batch_max_entries) >= 1,
+        "window": s.window >= 1, "bosh_wait_s": 1 <= s.bosh_wait_s <= 120,
+        "locust_processes": s.locust_processes >= 1, "drain_s": s.drain_s > 0,
+        "linger_ms": s.linger_ms >= 0, "max_ready_s": s.max_ready_s > 0,
+    }
+    for key, ok in problems.items():
+        if not ok:
+            raise ScenarioError(f"{where}: '{key}' is out of range (got {getattr(s, key)!r})")
+    if not s.hot_share and not s.authors_per_subscriber:
+        raise ScenarioError(f"{where}: subscribers follow nothing (hot_share 0 and "
+                            "authors_per_subscriber 0)")

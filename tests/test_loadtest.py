@@ -1,0 +1,83 @@
+"""Load-test scenarios: file validation, the producer plan, and the tiny scenario end to end
+(Locust BOSH subscribers against a real ejabberd, run as a subprocess: 0 lost entries)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loadtest.run import producer_plan
+from loadtest.scenario import ScenarioError, from_mapping, load, nodes_for
+
+REPO = Path(__file__).resolve().parents[1]
+SCENARIOS = REPO / "loadtest" / "scenarios"
+
+
+@pytest.mark.parametrize("path", sorted(SCENARIOS.glob("*.toml")), ids=lambda p: p.stem)
+def test_every_shipped_scenario_is_valid(path: Path) -> None:
+    assert load(path).name == path.stem
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"name": "x", "rate": 0}, "'rate' is out of range"),
+    ({"name": "x", "subscriber": 3}, "unknown key(s) subscriber"),
+    ({"name": "x", "batch_max_entries": [250, "1"]}, "'batch_max_entries' must be"),
+    ({"name": "x", "shards": True}, "'shards' must be int"),
+    ({"rate": 5}, "'name' is required"),
+    ({"name": "x", "hot_share": 0, "authors_per_subscriber": 0}, "follow nothing"),
+])
+def test_a_bad_scenario_names_the_key(data: dict, message: str) -> None:
+    with pytest.raises(ScenarioError) as info:
+        from_mapping(data, "f.toml")
+    assert message in str(info.value) and "f.toml" in str(info.value)
+
+
+def test_subscribers_follow_the_hot_node_and_rotate_over_authors() -> None:
+    authors = [f"/a{i}" for i in range(4)]
+    assert nodes_for(0, "/hot", authors, 2) == ["/hot", "/a0", "/a1"]
+    assert nodes_for(1, "/hot", authors, 2) == ["/hot", "/a2", "/a3"]
+    assert nodes_for(2, None, authors, 2) == ["/a0", "/a1"]
+    covered = {n for u in range(2) for n in nodes_for(u, None, authors, 2)}
+    assert covered == set(authors)
+
+
+def test_producer_plan_splits_the_rate_and_staggers_the_ramp() -> None:
+    s = from_mapping({"name": "x", "rate": 1000, "hot_share": 0.2, "producers": 4,
+                      "duration_s": 20, "ramp_s": 8})
+    plan = producer_plan(s, [Path(f"db{i}") for i in range(5)])
+    hot, *authors = plan
+    assert (hot.prefix, hot.authors, hot.rate, hot.count) == ("hot", 1, 200, 4000)
+    assert [p.rate for p in authors] == [200] * 4
+    assert [p.start_s for p in authors] == [0, 2, 4, 6]
+    assert [p.count for p in authors] == [4000, 3600, 3200, 2800]
+    assert len({p.db for p in plan}) == 5  # one database each: no shared SQLite write lock
+
+
+@pytest.mark.stack
+@pytest.mark.timeout(240)
+def test_tiny_scenario_delivers_every_entry_to_every_subscriber(tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtest.run", str(SCENARIOS / "smoke.toml"), "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=220, check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    [r] = json.loads((out / "summary.json").read_text())["results"]
+    assert r["subscribers_ready"] == r["subscribers"] == 4
+    assert r["saved"] == 200 and r["appended"] == 200
+    assert r["lost"] == 0 and r["drained"] and r["ok"]
+    # Every subscriber got every entry of every node it follows: hot (40) + 2 authors (40 each).
+    assert r["delivered"] == 4 * (40 + 40 + 40)
+    assert r["latency_ms"]["p50"] is not None and r["latency_ms"]["p50"] > 0
+    assert {row["Name"] for row in r["locust_entry_stats"]} == {"hot", "author"}
+    assert sum(int(row["Request Count"]) for row in r["locust_entry_stats"]) == r["delivered"]
+    variant = out / "batch-250"
+    for name in ("latency", "deliveries", "backlog", "cpu"):
+        assert (variant / f"{name}.png").stat().st_size > 5000
+    for name in ("results.json", "timeline.csv", "latency_per_second.csv", "locust_stats.csv"):
+        assert (variant / name).exists()
+    assert "| 250 |" in (out / "summary.md").read_text()
