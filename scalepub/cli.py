@@ -128,7 +128,8 @@ def status(as_json: bool, log_level: str, **options: Any) -> None:
     try:
         statuses = collect(settings, client)
     except redis.RedisError as exc:
-        click.echo(f"scalepub: cannot reach Redis at {settings.redis_url}: {exc}", err=True)
+        click.echo(f"scalepub: cannot reach Redis at {settings.redis_url_redacted}: {exc}",
+                   err=True)
         sys.exit(exitcodes.REDIS_UNREACHABLE)
     finally:
         client.close()

@@ -177,6 +177,16 @@ class Settings:
                       lambda n: f"--{n.replace('_', '-')}")
 
     @property
+    def redis_url_redacted(self) -> str:
+        """``redis_url`` without its password, for log lines and error messages."""
+        parts = urlsplit(self.redis_url)
+        if parts.password is None:
+            return self.redis_url
+        user = f"{parts.username}:***" if parts.username else ":***"
+        host = parts.netloc.rpartition("@")[2]
+        return parts._replace(netloc=f"{user}@{host}").geturl()
+
+    @property
     def xmpp_host_is_loopback(self) -> bool:
         """True when the XMPP server is on this machine (plain TCP is then acceptable)."""
         if self.xmpp_host == "localhost":

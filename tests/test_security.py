@@ -501,3 +501,11 @@ def test_history_is_open_by_default_and_guarded_by_history_access(stack: Stack) 
     with override_settings(SCALEPUB={**base, "HISTORY_ACCESS": "tests.nowhere.check"}), \
             pytest.raises(ImproperlyConfigured, match=r"SCALEPUB\['HISTORY_ACCESS'\]"):
         client.get("/scalepub/history", {"node": "/public/a"})
+
+
+def test_redis_passwords_are_kept_out_of_messages() -> None:
+    settings = Settings(redis_url="rediss://scalepub:s3cret@redis.example.com:6380/0")
+    assert settings.redis_url_redacted == "rediss://scalepub:***@redis.example.com:6380/0"
+    assert Settings(redis_url="redis://:s3cret@h/0").redis_url_redacted == "redis://:***@h/0"
+    assert Settings().redis_url_redacted == Settings().redis_url
+    assert "s3cret" not in repr(Settings(xmpp_password="s3cret"))

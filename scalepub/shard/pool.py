@@ -88,7 +88,7 @@ class Pool:
             previous = agree_shard_count(client, Keys(self.settings.key_prefix),
                                          self.settings.shards)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            log.error("cannot reach Redis at %s: %s", self.settings.redis_url, exc)
+            log.error("cannot reach Redis at %s: %s", self.settings.redis_url_redacted, exc)
             return exitcodes.REDIS_UNREACHABLE
         except ShardCountMismatch as exc:
             log.error("%s", exc)

@@ -70,7 +70,7 @@ async def run_worker(settings: Settings, shards: Sequence[int], consumer: str,
         log.error("%s", exc)
         return exitcodes.XMPP_UNREACHABLE
     except (redis.ConnectionError, redis.TimeoutError) as exc:
-        log.error("cannot reach Redis at %s: %s", settings.redis_url, exc)
+        log.error("cannot reach Redis at %s: %s", settings.redis_url_redacted, exc)
         return exitcodes.REDIS_UNREACHABLE
     finally:
         watch.cancel()
