@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from functools import partial
 
-from django.db import DatabaseError, transaction
+from django.db import DatabaseError, connections, transaction
 
 from scalepub import metrics
 from scalepub.producer import LogSpill, PendingEntry
@@ -20,17 +21,25 @@ def write(entries: Sequence[PendingEntry], using: str, path: str = "transaction"
     A database error propagates: in ``outbox`` delivery the entry is part of the save, and a
     save whose announcement cannot be recorded must fail loudly rather than lose it.
     """
-    from scalepub.django.models import OutboxEntry
     from scalepub.django.relay import wake
 
-    rows = [OutboxEntry(node=e.node, ts_ns=e.ts_ns, model=e.model, object_pk=e.pk, fmt=e.fmt,
-                        payload=e.payload) for e in entries]
-    if len(rows) == 1:
-        rows[0].save(using=using, force_insert=True)
-    else:
-        OutboxEntry.objects.using(using).bulk_create(rows)
+    rows = [(e.node, e.ts_ns, e.model, e.pk, e.fmt, e.payload) for e in entries]
+    with connections[using].cursor() as cursor:
+        # One plain INSERT: the ORM's save() machinery doubled the cost of a registered save.
+        cursor.executemany(_insert_sql(using), rows)
     metrics.OUTBOX_WRITTEN.labels(path=path).inc(len(rows))
     transaction.on_commit(partial(wake, using), using=using)
+
+
+@functools.cache
+def _insert_sql(using: str) -> str:
+    from scalepub.django.models import OutboxEntry
+
+    meta, quote = OutboxEntry._meta, connections[using].ops.quote_name
+    columns = [meta.get_field(name).column
+               for name in ("node", "ts_ns", "model", "object_pk", "fmt", "payload")]
+    return (f"INSERT INTO {quote(meta.db_table)} ({', '.join(map(quote, columns))}) "
+            f"VALUES ({', '.join(['%s'] * len(columns))})")
 
 
 class OutboxSpill:
