@@ -41,6 +41,7 @@ from scalepub.nodes import InvalidNodeName, validate_node
 from scalepub.producer import PendingEntry, StreamProducer
 from scalepub.settings import Settings
 from scalepub.shard.batch import NS_BATCH, Batch, Entry, entry_part, publish_iq
+from scalepub.shard.streams import backlogs
 from scalepub.sharding import Keys, shard_for
 from tests.e2e import Collector, PoolProcess, create_nodes
 from tests.streams import StoredEntry, read_all
@@ -249,11 +250,18 @@ def entries_of(client: redis.Redis, settings: Settings, node: str, count: int,
         time.sleep(0.05)
 
 
+# Both deliveries: ``direct`` appends on commit, ``outbox`` (the default) serializes inside
+# the save's transaction and a relay thread appends.
+DELIVERIES = pytest.mark.parametrize("delivery", ["scalepub_django", "outbox_django"])
+
+
 @pytest.mark.stack
 @pytest.mark.django_db(transaction=True)
+@DELIVERIES
 def test_node_rules_that_fail_never_fail_the_save(
-    scalepub_django: Settings, redis_client: redis.Redis
+    delivery: str, request: pytest.FixtureRequest, redis_client: redis.Redis
 ) -> None:
+    scalepub_django: Settings = request.getfixturevalue(delivery)
     chan = f"/kitchensink/Routed/{uuid.uuid4().hex[:8]}"
     before = failures("node")
     routes = [chan, "raise", chan, "has space", chan, chan + "\n", chan, "/" + "x" * 300, chan]
@@ -269,7 +277,10 @@ def test_node_rules_that_fail_never_fail_the_save(
 
 @pytest.mark.stack
 @pytest.mark.django_db(transaction=True)
-def test_hostile_rows_saved_for_real(scalepub_django: Settings, redis_client: redis.Redis) -> None:
+@DELIVERIES
+def test_hostile_rows_saved_for_real(delivery: str, request: pytest.FixtureRequest,
+                                     redis_client: redis.Redis) -> None:
+    scalepub_django: Settings = request.getfixturevalue(delivery)
     chan = uuid.uuid4().hex[:8]
     node = f"/kitchensink/Specimen/{chan}"
     texts = ["plain", "nul\x00 vt\x0b", "cr\r\nlf", "😀 astral \U0001f9ea", "cdata ]]> end",
@@ -322,9 +333,12 @@ def foreign(node: str, pk: str, payload: bytes) -> PendingEntry:
 @pytest.mark.stack
 @pytest.mark.timeout(240)
 @pytest.mark.django_db(transaction=True)
+@DELIVERIES
 def test_burst_of_hostile_rows_through_the_pool(
-    scalepub_django: Settings, stack: Any, redis_client: redis.Redis, tmp_path: Any
+    delivery: str, request: pytest.FixtureRequest, stack: Any, redis_client: redis.Redis,
+    tmp_path: Any
 ) -> None:
+    scalepub_django: Settings = request.getfixturevalue(delivery)
     chan = uuid.uuid4().hex[:8]
     node = f"/kitchensink/Specimen/{chan}"
     create_nodes(stack.env, [node])
@@ -353,6 +367,8 @@ def test_burst_of_hostile_rows_through_the_pool(
         assert collector.wait_for(lambda got: len({g.seq for g in got}) >= live, 120), (
             len(collector.received), pool.output()[-3000:])
         assert pool.stop() == 0, pool.output()[-3000:]
+        assert all(b.lag == 0 and b.pending == 0
+                   for b in backlogs(redis_client, Keys(scalepub_django.key_prefix)))
     finally:
         pool.kill()
         collector.stop()
