@@ -89,6 +89,7 @@ class Relay:
         self.settings, self.using = settings, using
         self.producer = producer if producer is not None else StreamProducer(settings)
         self.lease = Lease(redis_client(settings), lease_key(settings, using))
+        self._refusing = False
 
     def relay_once(self) -> Round:
         """Append up to OUTBOX_BATCH of the oldest rows, delete those Redis took."""
@@ -105,6 +106,7 @@ class Relay:
         refused = {id(e) for f in result.failures for e in f.entries}
         for failure in result.failures:
             self._refused(failure.error, len(failure.entries))
+        self._refusing = bool(result.failures)
         done = [row[0] for row, e in zip(rows, entries, strict=True) if id(e) not in refused]
         OutboxEntry.objects.using(self.using).filter(id__in=done).delete()
         metrics.OUTBOX_RELAYED.inc(len(done))
@@ -113,8 +115,11 @@ class Relay:
     def _refused(self, error: Exception, count: int) -> None:
         reason = failure_reason(error)
         metrics.RELAY_ERRORS.labels(reason=reason).inc()
-        log.warning("scalepub relay: %d entries wait in the outbox, Redis refused them: %s",
-                    count, error)
+        # once per episode at WARNING (refusals repeat every backoff round until the pool
+        # catches up), then DEBUG
+        level = logging.DEBUG if self._refusing else logging.WARNING
+        log.log(level, "scalepub relay: %d entries wait in the outbox, Redis refused them: %s",
+                count, error)
 
     def run(self, stop: threading.Event, wake: threading.Event | None = None) -> None:
         """Relay until ``stop`` is set; then drain what can still move, briefly."""
