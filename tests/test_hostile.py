@@ -404,3 +404,17 @@ def _burst_bodies() -> list[str]:
         lambda i: "huge " + "é" * 150_000,
     ]
     return [kinds[i % len(kinds)](i) if i % 3 == 0 else f"normal {i}" for i in range(200)]
+
+
+def test_several_text_fields_are_cut_when_one_is_not_enough() -> None:
+    for fmt in FORMATS:
+        base = wire_size(serialize(Specimen(pk=9, token=uuid.UUID(int=9)), fmt), fmt)
+        row = Specimen(pk=9, token=uuid.UUID(int=9), title="a" * 200, body="b" * 200)
+        payload = serialize(row, fmt, max_bytes=base + 150)
+        assert wire_size(payload, fmt) <= base + 150
+        [entry] = client_entries(batch_bytes([("9", fmt, payload)]))
+        for name, char in (("title", "a"), ("body", "b")):
+            value = field_value(entry, name)
+            mark = TRUNCATION_RE.search(value)
+            assert mark is not None, (name, value)
+            assert value[:mark.start()] == char * (200 - int(mark.group(1)))

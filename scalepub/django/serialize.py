@@ -37,7 +37,8 @@ TRUNCATION_RE = re.compile(r"\u2026\[truncated by scalepub: (\d+) characters cut
 # Room left for the <entry ...></entry> around a payload: its attributes hold a node of up
 # to 255 bytes, a stream id, a timestamp, the model label and the pk.
 ENTRY_OVERHEAD_BYTES = 1024
-MAX_CUT_ROUNDS = 24
+# Rounds of cutting per text field: an estimate that fell short is corrected next round.
+CUT_ROUNDS_PER_FIELD = 4
 
 # Not in XML 1.0's Char production: C0 controls but tab/LF/CR, surrogates, U+FFFE/U+FFFF.
 NOT_XML_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
@@ -120,7 +121,7 @@ def _cut_to_fit(instance: Model, fmt: str, limit: int, excess: int) -> tuple[byt
     clone = copy.copy(instance)
     texts = dict(_text_fields(instance))
     kept = {name: len(value) for name, value in texts.items()}
-    for _ in range(MAX_CUT_ROUNDS):
+    for _ in range(CUT_ROUNDS_PER_FIELD * len(kept)):
         name = _longest(kept)
         if name is None:
             break
