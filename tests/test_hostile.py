@@ -20,8 +20,10 @@ from typing import Any
 import msgpack
 import pytest
 import redis
+from django.conf import settings as django_settings
 from django.core import serializers
 from django.db import transaction
+from django.test import override_settings
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kitchensink.models import Keyed, Routed, Specimen
@@ -333,12 +335,19 @@ def foreign(node: str, pk: str, payload: bytes) -> PendingEntry:
 @pytest.mark.stack
 @pytest.mark.timeout(240)
 @pytest.mark.django_db(transaction=True)
-@DELIVERIES
+@pytest.mark.parametrize(("delivery", "fmt"), [("scalepub_django", "xml"),
+                                                ("outbox_django", "json")])
 def test_burst_of_hostile_rows_through_the_pool(
-    delivery: str, request: pytest.FixtureRequest, stack: Any, redis_client: redis.Redis,
-    tmp_path: Any
+    delivery: str, fmt: str, request: pytest.FixtureRequest, stack: Any,
+    redis_client: redis.Redis, tmp_path: Any
 ) -> None:
     scalepub_django: Settings = request.getfixturevalue(delivery)
+    with override_settings(SCALEPUB={**django_settings.SCALEPUB, "PAYLOAD_FORMAT": fmt}):
+        _burst(scalepub_django, fmt, stack, redis_client, tmp_path)
+
+
+def _burst(scalepub_django: Settings, fmt: str, stack: Any, redis_client: redis.Redis,
+           tmp_path: Any) -> None:
     chan = uuid.uuid4().hex[:8]
     node = f"/kitchensink/Specimen/{chan}"
     create_nodes(stack.env, [node])
@@ -377,8 +386,9 @@ def test_burst_of_hostile_rows_through_the_pool(
     assert first_seen == sorted(s for s in (e.env.seq for e in stored) if s not in dead_seqs)
     # Each hostile row arrived with its documented transformation.
     for entry in collector.elements:
+        assert entry.get("fmt") == fmt
         body = hostile[entry.get("pk", "")]
-        assert_text_outcome(field_value(entry, "body"), body, "xml", len(body) > 100_000)
+        assert_text_outcome(field_value(entry, "body"), body, fmt, len(body) > 100_000)
     assert sum(bool(TRUNCATION_RE.search(field_value(e, "body"))) for e in collector.elements
                ) >= 8
     # The broken entries sit in the dead-letter stream, each with its reason.
