@@ -111,30 +111,35 @@ def multiprocess_metrics_dir() -> tuple[Path, bool]:
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @_common
 def status(as_json: bool, log_level: str, **options: Any) -> None:
-    """Show each shard's stream backlog, dead letters and liveness.
+    """Show each shard's stream backlog, dead letters and liveness, and each outbox's backlog.
 
-    Exit code 0 when every shard process is alive (its heartbeat key is fresh) and none is
-    stuck (work waiting, nothing confirmed for 30 s); 7 otherwise: usable as a health probe.
+    Exit code 0 when every shard process is alive (its heartbeat key is fresh), none is
+    stuck (work waiting, nothing confirmed for 30 s) and no outbox relay reports entries
+    older than 30 s; 7 otherwise: usable as a health probe.
     """
     import redis
 
     from scalepub.producer import redis_client
     from scalepub.status import as_json as rows
-    from scalepub.status import collect, healthy, table
+    from scalepub.status import collect, collect_relays, healthy, relay_lines, table
 
     configure_logging(log_level)
     settings = _settings(**options)
     client = redis_client(settings)
     try:
         statuses = collect(settings, client)
+        relays = collect_relays(settings, client)
     except redis.RedisError as exc:
         click.echo(f"scalepub: cannot reach Redis at {settings.redis_url_redacted}: {exc}",
                    err=True)
         sys.exit(exitcodes.REDIS_UNREACHABLE)
     finally:
         client.close()
-    click.echo(json.dumps(rows(statuses), indent=2) if as_json else table(statuses))
-    sys.exit(exitcodes.OK if healthy(statuses) else exitcodes.UNHEALTHY)
+    if as_json:
+        click.echo(json.dumps(rows(statuses, relays), indent=2))
+    else:
+        click.echo("\n".join(filter(None, [table(statuses), relay_lines(relays)])))
+    sys.exit(exitcodes.OK if healthy(statuses, relays) else exitcodes.UNHEALTHY)
 
 
 @main.command()

@@ -47,6 +47,19 @@ class Keys:
         """Key with a TTL that a live shard process keeps refreshing."""
         return f"{self.prefix}:{{{shard}}}:alive"
 
+    def relay_lease(self, database: str) -> str:
+        """Key whose holder is the one outbox relay moving ``database``'s rows."""
+        return f"{self.prefix}:relay:{database}"
+
+    def relay_state(self, database: str) -> str:
+        """Hash with the outbox backlog the relay of ``database`` last saw (with a TTL)."""
+        return f"{self.prefix}:relay:{database}:state"
+
+    @property
+    def relay_state_pattern(self) -> str:
+        """SCAN pattern matching every relay's state hash."""
+        return f"{self.prefix}:relay:*:state"
+
     @property
     def shard_count(self) -> str:
         """The shard count producers and the pool agreed on."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import cast
 
@@ -68,14 +69,55 @@ def _one(client: redis.Redis, keys: Keys, shard: int, now: float) -> ShardStatus
     )
 
 
-def healthy(statuses: list[ShardStatus]) -> bool:
-    """Every shard alive and none stuck."""
-    return all(s.state == "ok" for s in statuses)
+@dataclass(frozen=True)
+class RelayStatus:
+    """The outbox backlog of one database, as its relay last reported it."""
+
+    database: str
+    rows: int  # entries waiting in the outbox table
+    oldest_age_s: float  # age of the oldest of them (0: empty)
+    refusing: bool  # Redis refused entries (backpressure or shard count) at the last report
+    pid: int | None
+    host: str | None
+    report_age_s: float
+
+    @property
+    def state(self) -> str:
+        """ok, or behind when the oldest waiting entry is older than STUCK_AFTER_S."""
+        return "behind" if self.oldest_age_s > STUCK_AFTER_S else "ok"
 
 
-def as_json(statuses: list[ShardStatus]) -> list[dict[str, object]]:
-    """Rows for `--json`."""
-    return [{**asdict(s), "state": s.state} for s in statuses]
+def collect_relays(settings: Settings, client: redis.Redis) -> list[RelayStatus]:
+    """Every relay that reported in the last STATE_TTL (a Django-side outbox relay)."""
+    keys = Keys(settings.key_prefix)
+    out = []
+    now = time.time()
+    for key in sorted(client.scan_iter(match=keys.relay_state_pattern, count=1000)):
+        raw = cast(dict[bytes, bytes], client.hgetall(key))
+        if not raw:
+            continue
+        state = {k.decode(): v.decode() for k, v in raw.items()}
+        name = key.decode()[len(keys.relay_lease("")):-len(":state")]
+        out.append(RelayStatus(
+            database=name, rows=int(state.get("rows", 0)),
+            oldest_age_s=float(state.get("oldest_age_s", 0)),
+            refusing=state.get("refusing") == "1",
+            pid=int(state["pid"]) if "pid" in state else None, host=state.get("host"),
+            report_age_s=round(now - float(state.get("at", now)), 1),
+        ))
+    return out
+
+
+def healthy(statuses: Sequence[ShardStatus], relays: Sequence[RelayStatus] = ()) -> bool:
+    """Every shard alive and none stuck; no outbox behind."""
+    return all(s.state == "ok" for s in statuses) and all(r.state == "ok" for r in relays)
+
+
+def as_json(statuses: Sequence[ShardStatus],
+            relays: Sequence[RelayStatus] = ()) -> dict[str, list[dict[str, object]]]:
+    """The `--json` document: shards and relays."""
+    return {"shards": [{**asdict(s), "state": s.state} for s in statuses],
+            "relays": [{**asdict(r), "state": r.state} for r in relays]}
 
 
 def table(statuses: list[ShardStatus]) -> str:
@@ -89,3 +131,13 @@ def table(statuses: list[ShardStatus]) -> str:
         rows.append(f"{s.shard:>5} {s.state:>6} {s.length:>9} {s.lag:>8} {s.pending:>8} "
                     f"{s.dead_letters:>6} {s.rate:>9.0f} {age:>13}  {proc}")
     return "\n".join(rows)
+
+
+def relay_lines(relays: list[RelayStatus]) -> str:
+    """One line per outbox relay, for the terminal."""
+    return "\n".join(
+        f"outbox {r.database}: {r.state}, {r.rows} entries waiting, oldest {r.oldest_age_s:.1f} s"
+        f"{', Redis refusing (backpressure?)' if r.refusing else ''}; relay {r.pid}@{r.host}, "
+        f"reported {r.report_age_s:.0f} s ago"
+        for r in relays
+    )

@@ -18,7 +18,7 @@ from twitter.models import Tweet
 from scalepub.django.models import OutboxEntry
 from scalepub.settings import Settings, env_mapping
 from scalepub.sharding import Keys
-from scalepub.status import collect
+from scalepub.status import collect, collect_relays
 from tests.conftest import _as_env
 from tests.e2e import Collector, PoolProcess, assert_complete_and_ordered, create_nodes
 from tests.stack import Stack
@@ -85,6 +85,8 @@ def test_stalled_xmpp_bounds_redis_and_loses_nothing(
             Tweet.objects.create(author=authors[i % len(authors)], text=f"while stalled {i}")
         # The relay fills the streams up to MAXLEN waiting entries, then is refused.
         assert wait_until(lambda: backpressure_refusals() > refusals, timeout=60)
+        assert wait_until(lambda: any(r.refusing and r.rows >= TWEETS - 2 * MAXLEN for r in
+                                      collect_relays(small_streams, redis_client)), timeout=10)
         statuses = collect(small_streams, redis_client)
         waiting = [s.lag + s.pending for s in statuses]
         lengths = [int(redis_client.xlen(keys.stream(s))) for s in range(2)]

@@ -25,7 +25,7 @@ SCALEPUB = str(Path(sys.executable).parent / "scalepub")
 def status(settings: Settings) -> tuple[int, list[dict[str, object]]]:
     done = subprocess.run([SCALEPUB, "status", "--json"], capture_output=True, text=True,
                           env={**os.environ, **settings_env(settings)}, timeout=30, check=False)
-    return done.returncode, json.loads(done.stdout)
+    return done.returncode, json.loads(done.stdout)["shards"]
 
 
 def row(**kw: object) -> ShardStatus:

@@ -12,11 +12,13 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import socket
 import threading
 import time
 import uuid
 import zlib
 from dataclasses import dataclass
+from typing import Any, cast
 
 import redis
 from django.db import DatabaseError, connections
@@ -24,10 +26,14 @@ from django.db import DatabaseError, connections
 from scalepub import metrics
 from scalepub.producer import PendingEntry, StreamProducer, failure_reason, redis_client
 from scalepub.settings import Settings
+from scalepub.sharding import Keys
 
 log = logging.getLogger(__name__)
 
 LEASE_TTL_S = 10.0
+# The relay's backlog report for `scalepub status`: how often, and how long it stays.
+STATE_EVERY_S = 1.0
+STATE_TTL_S = 15.0
 # How long a stopping relay keeps draining rows it can still move (e.g. a short command).
 DRAIN_ON_STOP_S = 5.0
 _BACKOFF_MAX_S = 2.0
@@ -88,8 +94,12 @@ class Relay:
                  producer: StreamProducer | None = None) -> None:
         self.settings, self.using = settings, using
         self.producer = producer if producer is not None else StreamProducer(settings)
-        self.lease = Lease(redis_client(settings), lease_key(settings, using))
+        self.database = database_id(using)
+        keys = Keys(settings.key_prefix)
+        self.lease = Lease(redis_client(settings), keys.relay_lease(self.database))
+        self.state_key = keys.relay_state(self.database)
         self._refusing = False
+        self._reported = 0.0
 
     def relay_once(self) -> Round:
         """Append up to OUTBOX_BATCH of the oldest rows, delete those Redis took."""
@@ -98,7 +108,9 @@ class Relay:
         rows = list(OutboxEntry.objects.using(self.using).order_by("id").values_list(
             "id", "node", "ts_ns", "model", "object_pk", "fmt", "payload",
         )[: self.settings.outbox_batch])
-        metrics.OUTBOX_OLDEST_AGE.set((time.time_ns() - rows[0][2]) / 1e9 if rows else 0.0)
+        age = (time.time_ns() - rows[0][2]) / 1e9 if rows else 0.0
+        metrics.OUTBOX_OLDEST_AGE.set(age)
+        self._report(age, len(rows))
         if not rows:
             return Round(0, 0)
         entries = [PendingEntry(r[1], r[2], r[3], r[4], r[5], bytes(r[6])) for r in rows]
@@ -111,6 +123,24 @@ class Relay:
         OutboxEntry.objects.using(self.using).filter(id__in=done).delete()
         metrics.OUTBOX_RELAYED.inc(len(done))
         return Round(len(done), len(rows) - len(done))
+
+    def _report(self, oldest_age_s: float, seen: int) -> None:
+        """Once a second, the backlog for `scalepub status` (a hash with a TTL)."""
+        from scalepub.django.models import OutboxEntry
+
+        now = time.monotonic()
+        if now - self._reported < STATE_EVERY_S:
+            return
+        self._reported = now
+        rows = seen if seen < self.settings.outbox_batch else (
+            OutboxEntry.objects.using(self.using).count())
+        state = {"rows": rows, "oldest_age_s": round(oldest_age_s, 3),
+                 "refusing": int(self._refusing), "pid": os.getpid(),
+                 "host": socket.gethostname(), "at": time.time()}
+        pipe = self.lease.client.pipeline(transaction=False)
+        pipe.hset(self.state_key, mapping=cast(Any, state))  # redis-py's Mapping is invariant
+        pipe.expire(self.state_key, int(STATE_TTL_S))
+        pipe.execute()
 
     def _refused(self, error: Exception, count: int) -> None:
         reason = failure_reason(error)
@@ -182,11 +212,11 @@ def _longer(delay: float) -> float:
     return min(max(delay * 2, 0.05), _BACKOFF_MAX_S)
 
 
-def lease_key(settings: Settings, using: str) -> str:
-    """One lease per database (the same name and host in every process that uses it)."""
+def database_id(using: str) -> str:
+    """The alias plus a hash of engine, host, port and name: equal in every process."""
     db = connections[using].settings_dict
     ident = f"{db.get('ENGINE')}|{db.get('HOST')}|{db.get('PORT')}|{db.get('NAME')}"
-    return f"{settings.key_prefix}:relay:{using}:{zlib.crc32(ident.encode()):08x}"
+    return f"{using}:{zlib.crc32(ident.encode()):08x}"
 
 
 class _RelayThread:
