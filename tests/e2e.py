@@ -88,19 +88,29 @@ def _cmdline(pid: int) -> bytes:
 
 @dataclasses.dataclass(frozen=True)
 class Got:
-    """An entry as received: its node, seq and stream id."""
+    """An entry as received: its node, seq and stream id (and, not compared, its append time
+    and arrival time, both ``time.time_ns()``)."""
 
     node: str
     seq: int
     id: str
+    ts: int = dataclasses.field(default=0, compare=False)
+    at: int = dataclasses.field(default=0, compare=False)
 
 
 class Collector:
-    """An anonymous slixmpp subscriber in its own thread, recording every entry received."""
+    """An anonymous slixmpp subscriber in its own thread, recording every entry received.
 
-    def __init__(self, env: dict[str, str], nodes: Iterable[str]) -> None:
+    With ``reconnect``, a lost session is re-opened and the nodes subscribed again (entries
+    published while it was away are missed: ejabberd keeps no items by default).
+    """
+
+    def __init__(self, env: dict[str, str], nodes: Iterable[str], reconnect: bool = False) -> None:
         self.env = env
         self.nodes = list(nodes)
+        self.reconnect = reconnect
+        self.sessions = 0  # sessions that subscribed (more than 1: it reconnected)
+        self._closing = False
         self.received: list[Got] = []
         self.subscribed = threading.Event()
         self._lock = threading.Lock()
@@ -118,6 +128,8 @@ class Collector:
 
     def stop(self) -> None:
         """Disconnect and end the thread."""
+        self._closing = True
+
         async def close() -> None:
             if self._client is not None:
                 await self._client.disconnect(wait=1.0)
@@ -135,6 +147,11 @@ class Collector:
             time.sleep(0.2)
         return False
 
+    def count(self) -> int:
+        """Entries received so far, duplicates included."""
+        with self._lock:
+            return len(self.received)
+
     def by_node(self) -> dict[str, list[Got]]:
         """Received entries per node, in arrival order."""
         out: dict[str, list[Got]] = defaultdict(list)
@@ -151,6 +168,8 @@ class Collector:
         client.register_plugin("xep_0060")
         client.add_event_handler("session_start", lambda _e: self._subscribe(client))
         client.add_event_handler("pubsub_publish", self._on_publish)
+        if self.reconnect:
+            client.add_event_handler("disconnected", lambda _e: self._reconnect(client))
         client.connect(self.env["SCALEPUB_XMPP_HOST"], int(self.env["SCALEPUB_XMPP_PORT"]))
         self._client = client
         self._loop.run_forever()
@@ -159,6 +178,11 @@ class Collector:
         self._loop.run_until_complete(asyncio.sleep(0.05))
         self._loop.close()
 
+    def _reconnect(self, client: Any) -> None:
+        if not self._closing:  # slixmpp then retries on its own until the server is back
+            self._loop.call_later(0.5, client.connect, self.env["SCALEPUB_XMPP_HOST"],
+                                  int(self.env["SCALEPUB_XMPP_PORT"]))
+
     def _subscribe(self, client: Any) -> None:
         async def go() -> None:
             try:
@@ -166,6 +190,7 @@ class Collector:
                     await client["xep_0060"].subscribe(
                         self.env["SCALEPUB_PUBSUB_SERVICE"], node,
                         subscribee=client.boundjid.full)
+                self.sessions += 1
                 self.subscribed.set()
             except Exception as exc:
                 self._error = exc
@@ -177,7 +202,9 @@ class Collector:
             return
         # The batch's text is an XML fragment of <entry> elements (docs/protocol.md).
         fragment = ET.fromstring(f"<entries>{payload.text or ''}</entries>")
-        got = [Got(e.get("node", ""), int(e.get("seq", "0")), e.get("id", ""))
+        at = time.time_ns()
+        got = [Got(e.get("node", ""), int(e.get("seq", "0")), e.get("id", ""),
+                   int(e.get("ts", "0")), at)
                for e in fragment.iter("entry")]
         with self._lock:
             self.received.extend(got)
