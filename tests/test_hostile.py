@@ -24,7 +24,7 @@ from django.conf import settings as django_settings
 from django.core import serializers
 from django.db import transaction
 from django.test import override_settings
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from kitchensink.models import Keyed, Routed, Specimen
 from prometheus_client import REGISTRY
@@ -185,6 +185,8 @@ def test_odd_field_types_round_trip(blob: bytes | None, data: Any, day: dt.date,
 @settings(max_examples=300, deadline=None)
 @given(pk=st.text(st.characters(min_codepoint=0, max_codepoint=0x10FFFF,
                                 exclude_categories=("Cs",)), min_size=1, max_size=30))
+@example(pk="]]>")
+@example(pk='a\t"b"\r\n<&>\x00\uffff😀')
 def test_text_primary_keys_in_attributes(pk: str) -> None:
     """A text pk travels in the entry's and in Django's attributes."""
     payload = serialize(Keyed(code=pk, text="x"), "xml", max_bytes=10**6)
