@@ -11,6 +11,7 @@ import base64
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -32,7 +33,7 @@ from scalepub.producer import PendingEntry, StreamProducer
 from scalepub.settings import Settings, SettingsError, env_mapping
 from scalepub.shard.batch import Batch, Entry, entry_part, publish_iq
 from scalepub.shard.streams import backlogs
-from scalepub.shard.xmpp import Reply, XmppAuthError, XmppLink, XmppTlsError
+from scalepub.shard.xmpp import Reply, XmppLink, XmppTlsError
 from scalepub.sharding import Keys
 from scalepub.subscriber import ReceivedEntry, Subscriber
 from tests.e2e import PoolProcess, create_nodes, settings_env
@@ -276,8 +277,10 @@ def test_tls_with_the_ca_file_publishes(tls_stack: Stack, certs: Path) -> None:
 def test_plain_tcp_is_refused_by_the_tls_server(tls_stack: Stack) -> None:
     # Shows the server really requires STARTTLS, so the test above published over TLS.
     settings = settings_of(tls_stack, xmpp_tls="off")
-    with pytest.raises((XmppAuthError, XmppTlsError)):
+    started = time.monotonic()
+    with pytest.raises(XmppTlsError, match="requires STARTTLS: set SCALEPUB_XMPP_TLS=required"):
         asyncio.run(link_publish(settings, "/security/plain"))
+    assert time.monotonic() - started < CONNECT_S / 2  # said at once, not after a timeout
 
 
 def test_a_certificate_from_another_ca_is_refused(tls_stack: Stack, certs: Path) -> None:
@@ -509,3 +512,31 @@ def test_redis_passwords_are_kept_out_of_messages() -> None:
     assert Settings(redis_url="redis://:s3cret@h/0").redis_url_redacted == "redis://:***@h/0"
     assert Settings().redis_url_redacted == Settings().redis_url
     assert "s3cret" not in repr(Settings(xmpp_password="s3cret"))
+
+
+def test_in_band_registration_is_off(stack: Stack) -> None:
+    """A raw XEP-0077 request before login, as any client on the network could send it."""
+    env = stack.env
+    user = f"newcomer{uuid.uuid4().hex[:6]}"
+    with socket.create_connection((env["SCALEPUB_XMPP_HOST"],
+                                   int(env["SCALEPUB_XMPP_PORT"])), timeout=CONNECT_S) as sock:
+        sock.sendall(f"<?xml version='1.0'?><stream:stream to='{env['SCALEPUB_XMPP_DOMAIN']}' "
+                     "xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' "
+                     "version='1.0'>".encode())
+        # ejabberd advertises iq-register whenever mod_register runs; the request is what counts.
+        _read_until(sock, re.compile(rb"</stream:features>"))
+        sock.sendall(f"<iq type='set' id='reg1'><query xmlns='jabber:iq:register'><username>"
+                     f"{user}</username><password>pw</password></query></iq>".encode())
+        reply = _read_until(sock, re.compile(rb"<iq[^>]*/>|</iq>"))
+    assert b"type='error'" in reply or b'type="error"' in reply, reply
+    assert re.search(rb"<(forbidden|not-allowed)\b", reply), reply
+
+
+def _read_until(sock: socket.socket, end: re.Pattern[bytes]) -> bytes:
+    data = b""
+    while not end.search(data):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
