@@ -10,7 +10,7 @@ import redis
 
 from scalepub.producer import PendingEntry, StreamProducer
 from scalepub.settings import Settings
-from scalepub.sharding import Keys
+from scalepub.sharding import CONSUMER_GROUP, Keys
 from tests.streams import read_all
 
 pytestmark = pytest.mark.stack
@@ -64,10 +64,29 @@ def test_redis_down_spills(settings_for: Settings) -> None:
     assert isinstance(recorder.spilled[0][1], redis.ConnectionError)
 
 
-def test_maxlen_bounds_the_stream(settings_for: Settings, redis_client: redis.Redis) -> None:
+def test_waiting_entries_are_bounded_by_maxlen(settings_for: Settings,
+                                               redis_client: redis.Redis) -> None:
+    """Past STREAM_MAXLEN waiting entries the script appends what fits and refuses the rest."""
     small = settings_for.replace(stream_maxlen=100, shards=1)
-    producer = StreamProducer(small)
+    recorder = Recorder()
+    producer = StreamProducer(small, spill=recorder)
+    assert producer.enqueue([entry("/n/m", j) for j in range(60)]) is not None
+    assert producer.enqueue([entry("/n/m", j) for j in range(60, 120)]) is None
+    assert [e.pk for e, _ in recorder.spilled] == [str(j) for j in range(100, 120)]
+    assert all("BACKPRESSURE" in str(err) for _, err in recorder.spilled)
+    stream = Keys(small.key_prefix).stream(0)
+    assert redis_client.xlen(stream) == 100  # no group yet: every entry counts as waiting
+    # Once a pool has read and acknowledged them, they no longer count, and MAXLEN trims them.
+    redis_client.xgroup_create(stream, CONSUMER_GROUP, id="0")
+    for _, got in redis_client.xreadgroup(CONSUMER_GROUP, "t", {stream: ">"}):
+        redis_client.xack(stream, CONSUMER_GROUP, *[sid for sid, _ in got])
     for i in range(20):
-        producer.enqueue([entry("/n/m", j) for j in range(i * 50, i * 50 + 50)])
-    length = redis_client.xlen(Keys(small.key_prefix).stream(0))
-    assert 100 <= length < 1000  # MAXLEN ~ trims whole macro nodes, approximately
+        assert producer.enqueue([entry("/n/m", j) for j in range(i * 50, i * 50 + 50)])
+        for _, got in redis_client.xreadgroup(CONSUMER_GROUP, "t", {stream: ">"}):
+            redis_client.xack(stream, CONSUMER_GROUP, *[sid for sid, _ in got])
+    assert 100 <= redis_client.xlen(stream) < 400  # MAXLEN ~ trims whole macro nodes
+    with pytest.raises(redis.ResponseError, match="BACKPRESSURE"):  # 100 waiting again
+        for i in range(3):
+            result = producer.append([entry("/n/m", j) for j in range(50)])
+            if result.failures:
+                raise result.failures[0].error
