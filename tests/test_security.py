@@ -213,6 +213,7 @@ def test_debug_log_of_the_pool_has_no_password(stack: Stack, tmp_path: Path) -> 
 # -- TLS ----------------------------------------------------------------------------------
 
 def openssl(*args: str, cwd: Path) -> None:
+    """The openssl CLI: Debian's ejabberd pre-depends on it, so the stack has it."""
     done = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True,
                           check=False, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -316,6 +317,15 @@ def test_pool_with_the_wrong_ca_exits_with_the_xmpp_code(
         pool.kill()
     assert code == exitcodes.XMPP_UNREACHABLE, pool.output()[-3000:]
     assert "SCALEPUB_XMPP_CA_FILE" in pool.output()
+
+
+def test_tail_with_the_wrong_ca_exits_with_the_xmpp_code(tls_stack: Stack, certs: Path) -> None:
+    settings = settings_of(tls_stack, xmpp_ca_file=str(certs / "other.pem"))
+    done = subprocess.run([str(Path(sys.executable).parent / "scalepub"), "tail", "--count", "1",
+                           "/security/tail/wrongca"], env={**os.environ, **settings_env(settings)},
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == exitcodes.XMPP_UNREACHABLE, done.stdout + done.stderr
+    assert "SCALEPUB_XMPP_CA_FILE" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_a_ca_file_that_is_not_one_is_a_bad_setting(tmp_path: Path) -> None:
