@@ -58,10 +58,14 @@ def serialize(instance: Model, fmt: str, max_bytes: int | None = None) -> bytes:
     ``serializers.deserialize(fmt, ...)``, with the transformations in the module docstring.
     """
     limit = payload_limit() if max_bytes is None else max_bytes
-    data, replaced = _render(instance, fmt)
-    excess = wire_size(data, fmt) - limit
-    if excess > 0:
-        data, replaced = _cut_to_fit(instance, fmt, limit, excess)
+    texts = dict(_text_fields(instance))
+    if any(len(value) > limit for value in texts.values()):
+        # Cannot fit (a character is at least a byte): skip rendering it whole.
+        data, replaced = _cut_to_fit(instance, fmt, limit, texts)
+    else:
+        data, replaced = _render(instance, fmt)
+        if wire_size(data, fmt) > limit:
+            data, replaced = _cut_to_fit(instance, fmt, limit, texts)
     if replaced:
         metrics.PAYLOADS_ALTERED.labels(reason="xml_chars").inc()
         log.warning("scalepub: %s pk=%s: %d characters XML 1.0 cannot carry replaced by U+FFFD",
@@ -116,17 +120,15 @@ class _XmlSerializer(xml_serializer.Serializer):
         self.xml.startElement("django-objects", {"version": "1.0"})
 
 
-def _cut_to_fit(instance: Model, fmt: str, limit: int, excess: int) -> tuple[bytes, int]:
+def _cut_to_fit(instance: Model, fmt: str, limit: int,
+                texts: dict[str, str]) -> tuple[bytes, int]:
     """Render a copy whose longest text fields are cut, with a marker, until it fits."""
     clone = copy.copy(instance)
-    texts = dict(_text_fields(instance))
-    kept = {name: len(value) for name, value in texts.items()}
-    for _ in range(CUT_ROUNDS_PER_FIELD * len(kept)):
-        name = _longest(kept)
-        if name is None:
-            break
-        kept[name] = _shorter(getattr(clone, name), kept[name], excess)
-        setattr(clone, name, _truncated(texts[name], kept[name]))
+    kept = {name: min(len(value), limit) for name, value in texts.items()}
+    for field, keep in kept.items():
+        if keep < len(texts[field]):
+            setattr(clone, field, _truncated(texts[field], keep))
+    for _ in range(CUT_ROUNDS_PER_FIELD * len(kept) + 1):
         data, replaced = _render(clone, fmt)
         excess = wire_size(data, fmt) - limit
         if excess <= 0:
@@ -135,6 +137,11 @@ def _cut_to_fit(instance: Model, fmt: str, limit: int, excess: int) -> tuple[byt
             log.warning("scalepub: %s pk=%s: payload above %d bytes, text cut (characters "
                         "cut per field: %s)", instance._meta.label, instance.pk, limit, cut)
             return data, replaced
+        name = _longest(kept)
+        if name is None:
+            break
+        kept[name] = _shorter(getattr(clone, name), kept[name], excess)
+        setattr(clone, name, _truncated(texts[name], kept[name]))
     raise EntryTooLarge(
         f"payload of {instance._meta.label} pk={instance.pk} stays above {limit} bytes "
         f"with its text fields cut (largest fields: {_largest_fields(instance)}); "
