@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -22,6 +24,7 @@ log = logging.getLogger(__name__)
 # A graceful stop that takes longer than this (drain included) becomes an immediate one:
 # safe, since nothing unconfirmed was acknowledged.
 STOP_DEADLINE_S = 20.0
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def shard_main(settings: Settings, shards: Sequence[int], index: int,
@@ -78,9 +81,28 @@ async def run_worker(settings: Settings, shards: Sequence[int], consumer: str,
 
 
 async def _stop_when_orphaned(worker: ShardWorker, consumer: str) -> None:
-    """A supervisor killed with SIGKILL cannot forward signals: stop when it is gone."""
+    """A supervisor killed with SIGKILL cannot forward signals: stop as soon as it is gone.
+
+    The next pool's shard reads as the same consumer: an orphan still reading then would
+    publish some of a node's entries after later ones. Linux signals the parent's death at
+    once (PR_SET_PDEATHSIG); polling the parent pid is the portable fallback.
+    """
     parent = os.getppid()
-    while os.getppid() == parent:
-        await asyncio.sleep(1.0)
+    gone = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, gone.set)
+    _signal_on_parent_death(signal.SIGUSR1)
+    while os.getppid() == parent and not gone.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(gone.wait(), 1.0)
     log.warning("shard %s: the supervisor is gone; stopping gracefully", consumer)
     worker.stop()
+
+
+def _signal_on_parent_death(signum: int) -> None:
+    """Have Linux send ``signum`` when the parent dies; a no-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
+    except (OSError, AttributeError) as exc:
+        log.debug("prctl(PR_SET_PDEATHSIG) unavailable: %s", exc)
