@@ -179,12 +179,7 @@ class Settings:
     @property
     def redis_url_redacted(self) -> str:
         """``redis_url`` without its password, for log lines and error messages."""
-        parts = urlsplit(self.redis_url)
-        if parts.password is None:
-            return self.redis_url
-        user = f"{parts.username}:***" if parts.username else ":***"
-        host = parts.netloc.rpartition("@")[2]
-        return parts._replace(netloc=f"{user}@{host}").geturl()
+        return redact_url(self.redis_url)
 
     @property
     def xmpp_host_is_loopback(self) -> bool:
@@ -195,6 +190,20 @@ class Settings:
             return ipaddress.ip_address(self.xmpp_host).is_loopback
         except ValueError:
             return False
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (if any) replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # unparsable: show nothing of what could be a secret
+        return "***"
+    if password is None:
+        return url
+    user = f"{parts.username}:***" if parts.username else ":***"
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{user}@{host}").geturl()
 
 
 def _type_of(f: dataclasses.Field[Any]) -> type:
@@ -241,7 +250,7 @@ def _validate(obj: Settings, label: Callable[[str], str]) -> None:
         check: Check | None = f.metadata.get("check")
         problem = check(value) if check else None
         if problem:
-            shown = "***" if not f.repr else repr(value)
+            shown = "***" if not f.repr else repr(redact_url(value) if "url" in f.name else value)
             raise SettingsError(f"{label(f.name)}: {problem} (got {shown})")
 
 

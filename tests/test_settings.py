@@ -75,3 +75,10 @@ def test_django_start_fails_naming_the_setting() -> None:
     )
     assert done.returncode != 0
     assert "SCALEPUB['SHARDS']: must be greater than 0" in done.stderr
+
+
+def test_a_bad_redis_url_is_named_without_its_password() -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_mapping({"REDIS_URL": "http://user:sekret@cache.example/0"})
+    assert "SCALEPUB['REDIS_URL']" in str(caught.value)
+    assert "sekret" not in str(caught.value) and "user:***@cache.example" in str(caught.value)
