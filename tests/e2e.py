@@ -169,7 +169,10 @@ class Collector:
         client.add_event_handler("session_start", lambda _e: self._subscribe(client))
         client.add_event_handler("pubsub_publish", self._on_publish)
         if self.reconnect:
-            client.add_event_handler("disconnected", lambda _e: self._reconnect(client))
+            # Every 0.5 s: slixmpp's own retries back off to 1, 3, 7, 15 s, which would time
+            # the subscriber's reconnect rather than the server's restart.
+            for event in ("disconnected", "connection_failed"):
+                client.add_event_handler(event, lambda _e: self._reconnect(client))
         client.connect(self.env["SCALEPUB_XMPP_HOST"], int(self.env["SCALEPUB_XMPP_PORT"]))
         self._client = client
         self._loop.run_forever()
@@ -179,7 +182,7 @@ class Collector:
         self._loop.close()
 
     def _reconnect(self, client: Any) -> None:
-        if not self._closing:  # slixmpp then retries on its own until the server is back
+        if not self._closing:  # connect() cancels slixmpp's own pending retry
             self._loop.call_later(0.5, client.connect, self.env["SCALEPUB_XMPP_HOST"],
                                   int(self.env["SCALEPUB_XMPP_PORT"]))
 
