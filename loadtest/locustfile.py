@@ -40,9 +40,12 @@ log = logging.getLogger("loadtest")
 CONFIG: dict[str, Any] = json.loads(Path(os.environ["LOADTEST_CONFIG"]).read_text())
 OUT = Path(CONFIG["out_dir"])
 TRACKER = Tracker()
-STATE = {"ready": 0, "reconnects": 0, "users": 0}
+STATE: dict[str, Any] = {"ready": 0, "reconnects": 0, "written": 0.0, "sampled": 0}
+SUBSCRIPTIONS: dict[str, int] = {}  # node → users of this process following it
+PROGRESS_EVERY_S = 0.5
 _numbers = itertools.count()
 RECONNECT_PAUSE_S = 1.0
+CONNECT_ATTEMPTS = 5
 
 
 class LocustTransport:
@@ -83,15 +86,30 @@ class BoshSubscriber(FastHttpUser):
         self.fire = self.environment.events.request.fire
         self.bosh = self._open()
         STATE["ready"] += 1
+        for node in self.nodes:
+            SUBSCRIPTIONS[node] = SUBSCRIPTIONS.get(node, 0) + 1
 
     def _open(self) -> BoshClient:
-        bosh = BoshClient(LocustTransport(self, CONFIG["bosh_path"]), CONFIG["anon_domain"],
-                          wait=CONFIG["wait_s"])
-        bosh.connect(resource=f"u{self.number}")
-        for node in self.nodes:
-            TRACKER.track(self.number, node)
-        bosh.subscribe(CONFIG["pubsub_service"], self.nodes)
-        return bosh
+        """A subscribed session; a failed attempt is reported and retried with a new one."""
+        for attempt in range(1, CONNECT_ATTEMPTS + 1):
+            bosh = BoshClient(LocustTransport(self, CONFIG["bosh_path"]), CONFIG["anon_domain"],
+                              wait=CONFIG["wait_s"], retries=1)
+            try:
+                bosh.connect(resource=f"u{self.number}")
+                for node in self.nodes:
+                    TRACKER.track(self.number, node)
+                bosh.subscribe(CONFIG["pubsub_service"], self.nodes)
+            except (BoshError, TransportError) as exc:
+                self.fire(request_type="bosh", name="connect", response_time=0,
+                          response_length=0, exception=exc, context=None)
+                log.warning("user %d: connect attempt %d failed: %s", self.number, attempt, exc)
+                if attempt == CONNECT_ATTEMPTS:
+                    raise
+                gevent.sleep(RECONNECT_PAUSE_S * attempt)
+                continue
+            bosh.retries = 3
+            return bosh
+        raise AssertionError("unreachable")
 
     @task
     def listen(self) -> None:
@@ -104,12 +122,10 @@ class BoshSubscriber(FastHttpUser):
         except (BoshError, TransportError) as exc:
             self._reconnect(exc)
 
-    def on_stop(self) -> None:
-        """End the BOSH session so the server stops delivering to it."""
-        self.bosh.close()
-
     def _received_raw(self, raw: bytes) -> None:
         now = time.time_ns()
+        if now / 1e9 - STATE["written"] > PROGRESS_EVERY_S:  # also when the timer greenlet
+            _write_progress()                                 # starves under a busy loop
         found = scan_body(raw)
         if found is None:  # the fast scan could not vouch for the count: parse properly
             self._received_stanzas(list(self.bosh.parse(raw)), now)
@@ -125,14 +141,19 @@ class BoshSubscriber(FastHttpUser):
 
     def _report(self, found: list[tuple[bytes, bytes, bytes]], now: int) -> None:
         entries = TRACKER.feed(self.number, found, now)
-        if not CONFIG["entry_events"]:
-            for _ in entries:
-                pass
+        every = CONFIG["locust_sample"]
+        if every != 1:
+            for i, (node, latency_ms) in enumerate(entries, STATE["sampled"]):
+                if every and i % every == 0:
+                    self._fire_entry(node, latency_ms)
+            STATE["sampled"] += len(found)
             return
-        fire, labels = self.fire, self.labels
         for node, latency_ms in entries:
-            fire(request_type="entry", name=labels.get(node, "other"), response_time=latency_ms,
-                 response_length=0, exception=None, context=None)
+            self._fire_entry(node, latency_ms)
+
+    def _fire_entry(self, node: bytes, latency_ms: float) -> None:
+        self.fire(request_type="entry", name=self.labels.get(node, "other"),
+                  response_time=latency_ms, response_length=0, exception=None, context=None)
 
     def _reconnect(self, exc: Exception) -> None:
         STATE["reconnects"] += 1
@@ -153,14 +174,18 @@ def _write(path: Path, data: dict[str, Any]) -> None:
 def _progress() -> dict[str, Any]:
     return {"pid": os.getpid(), "time": time.time(), "ready": STATE["ready"],
             "reconnects": STATE["reconnects"], "entries": TRACKER.entries,
-            "duplicates": TRACKER.duplicates}
+            "duplicates": TRACKER.duplicates, "subscriptions": SUBSCRIPTIONS}
+
+
+def _write_progress() -> None:
+    STATE["written"] = time.time()
+    _write(OUT / f"progress-{os.getpid()}.json", _progress())
 
 
 def _report_progress() -> None:
-    path = OUT / f"progress-{os.getpid()}.json"
     while True:
-        _write(path, _progress())
-        gevent.sleep(0.5)
+        _write_progress()
+        gevent.sleep(PROGRESS_EVERY_S)
 
 
 @events.init.add_listener
@@ -171,11 +196,10 @@ def _on_init(environment: Environment, **_kwargs: Any) -> None:
         gevent.spawn(_report_progress)
 
 
-@events.quitting.add_listener
-def _on_quitting(environment: Environment, **_kwargs: Any) -> None:
-    from locust.runners import MasterRunner
-
-    if isinstance(environment.runner, MasterRunner):
-        return
-    _write(OUT / f"progress-{os.getpid()}.json", _progress())
-    _write(OUT / f"subscribers-{os.getpid()}.json", {**_progress(), **TRACKER.to_json()})
+@events.quit.add_listener
+def _on_quit(**_kwargs: Any) -> None:
+    # 'quit' comes after the users were stopped ('quitting' comes before): nothing is received
+    # after this dump. A master of --processes has no users and no tracker of its own.
+    if STATE["ready"] or TRACKER.entries:
+        _write_progress()
+        _write(OUT / f"subscribers-{os.getpid()}.json", {**_progress(), **TRACKER.to_json()})

@@ -16,7 +16,7 @@ GROUPS = ("ejabberd", "pool", "producers", "locust", "redis", "runner")
 def variant(out: Path, r: dict[str, Any]) -> None:
     """Write latency.png, deliveries.png, backlog.png and cpu.png into ``out``."""
     series = r["series"]
-    title = f"{r['scenario']}, batch_max_entries={r['batch_max_entries']}"
+    title = f"{r['scenario']}, {r['variant']}"
     timeline = _timeline(out)
     _plot(out / "latency.png", f"{title}: e2e latency per second",
           "latency (ms, log)", series["second"],

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.entries import Histogram
-from loadtest.scenario import Scenario
+from loadtest.scenario import Scenario, Variant
 
 GROUPS = ("ejabberd", "pool", "producers", "locust", "redis", "runner")
 PERCENTILES = (50, 95, 99, 99.9)
 
 
-def variant_results(*, scenario: Scenario, batch: int, out: Path, ready: int,
+def variant_results(*, scenario: Scenario, variant: Variant, out: Path, ready: int,
                     window: tuple[float, float], drained: bool, truth: dict[str, Any],
                     timeline: list[dict[str, Any]],
                     subscription: Callable[[int], list[str]]) -> dict[str, Any]:
@@ -32,7 +32,8 @@ def variant_results(*, scenario: Scenario, batch: int, out: Path, ready: int,
     overall, per_second = _latency(dumps)
     t0, t1 = window
     results: dict[str, Any] = {
-        "scenario": scenario.name, "batch_max_entries": batch, "out": str(out),
+        "scenario": scenario.name, "variant": variant.label, "out": str(out),
+        "batch_max_entries": variant.batch_max_entries, "linger_ms": variant.linger_ms,
         "subscribers": scenario.subscribers, "subscribers_ready": ready, "drained": drained,
         "production_s": round(t1 - t0, 2),
         "saved": sum(saved.values()), "appended": sum(truth["appended"].values()),
@@ -168,7 +169,7 @@ def _write_raw(out: Path, results: dict[str, Any], timeline: list[dict[str, Any]
 def headline(r: dict[str, Any]) -> str:
     """One line: the figures the issue asks for."""
     lat = r["latency_ms"]
-    return (f"batch {r['batch_max_entries']}: {r['saves_per_s']:.0f} saves/s, "
+    return (f"{r['variant']}: {r['saves_per_s']:.0f} saves/s, "
             f"{r['deliveries_per_s']:.0f} entry-deliveries/s (peak {r['peak_deliveries_per_s']}),"
             f" e2e p50 {lat['p50']} ms p95 {lat['p95']} ms p99 {lat['p99']} ms, "
             f"lost {r['lost']}, duplicates {r['duplicates']}, "
@@ -196,14 +197,16 @@ def _markdown(out: Path, s: Scenario, results: list[dict[str, Any]]) -> str:
     lines = [f"# Load test `{s.name}`", "", s.description, "",
              f"{s.subscribers} BOSH subscribers (each: {'the hot node + ' if s.hot_share else ''}"
              f"{s.authors_per_subscriber} of {s.authors} author nodes), {s.rate:g} saves/s "
-             f"({s.hot_share:.0%} on the hot node) by {s.producers} + "
-             f"{1 if s.hot_share else 0} producer processes for {s.duration_s:g} s "
-             f"(ramp {s.ramp_s:g} s), {s.shards} shards, linger {s.linger_ms:g} ms, window "
+             f"({s.hot_share:.0%} on the hot node) by "
+             f"{s.producers if s.hot_share < 1 else 0} author + "
+             f"{s.hot_producers if s.hot_share else 0} hot-node producer processes (`manage.py "
+             f"tweet`, one SQLite file each on tmpfs) for {s.duration_s:g} s "
+             f"(ramp {s.ramp_s:g} s), {s.shards} shards, window "
              f"{s.window}. Everything on this machine, shared with other work: see CPU 'others'.",
              "", _table(results), "", _cpu_table(results), ""]
     for r in results:
         rel = Path(r["out"]).relative_to(out)
-        lines += [f"## batch_max_entries = {r['batch_max_entries']}", "", _verdict(r), "",
+        lines += [f"## {r['variant']}", "", _verdict(r), "",
                   f"Locust's own `entry` statistics: {_locust_line(r)}", ""]
         lines += [f"![{name}]({rel}/{name}.png)" for name in
                   ("latency", "deliveries", "backlog", "cpu")]
@@ -212,13 +215,13 @@ def _markdown(out: Path, s: Scenario, results: list[dict[str, Any]]) -> str:
 
 
 def _table(results: list[dict[str, Any]]) -> str:
-    head = ("| batch | saves/s | saved | subscribers | entry-deliveries/s (peak) | p50 ms | "
+    head = ("| batching | saves/s | saved | subscribers | entry-deliveries/s (peak) | p50 ms | "
             "p95 ms | p99 ms | max ms | lost | duplicates | not enqueued | reconnects |")
     rows = [head, "|" + "---:|" * 13]
     for r in results:
         lat = r["latency_ms"]
         rows.append(
-            f"| {r['batch_max_entries']} | {r['saves_per_s']:,.0f} | {r['saved']:,} | "
+            f"| {r['variant']} | {r['saves_per_s']:,.0f} | {r['saved']:,} | "
             f"{r['subscribers_ready']}/{r['subscribers']} | {r['deliveries_per_s']:,.0f} "
             f"({r['peak_deliveries_per_s']:,}) | {lat['p50']} | {lat['p95']} | {lat['p99']} | "
             f"{lat['max']} | {r['lost']} | {r['duplicates']} | {r['not_enqueued']} | "
@@ -229,10 +232,10 @@ def _table(results: list[dict[str, Any]]) -> str:
 def _cpu_table(results: list[dict[str, Any]]) -> str:
     cols = (*GROUPS, "others", "machine")
     rows = ["CPU, average cores while producing (2 cores in all):", "",
-            "| batch | " + " | ".join(cols) + " |", "|" + "---:|" * (len(cols) + 1)]
+            "| batching | " + " | ".join(cols) + " |", "|" + "---:|" * (len(cols) + 1)]
     for r in results:
         cpu = r["cpu_cores"]
-        rows.append(f"| {r['batch_max_entries']} | "
+        rows.append(f"| {r['variant']} | "
                     + " | ".join(f"{cpu.get(c, float('nan')):.2f}" for c in cols) + " |")
     return "\n".join(rows)
 
@@ -251,7 +254,7 @@ def _verdict(r: dict[str, Any]) -> str:
 def _locust_line(r: dict[str, Any]) -> str:
     stats = r["locust_entry_stats"]
     if not stats:
-        return "none (entry events off)"
+        return "none (locust_sample = 0)"
     return "; ".join(f"{s['Name']}: {s['Request Count']} entries, median "
                      f"{s['Median Response Time']} ms, p95 {s['95%']} ms, p99 {s['99%']} ms"
                      for s in stats)

@@ -33,7 +33,7 @@ import redis
 from loadtest import report
 from loadtest.bosh import BoshClient, HTTPTransport
 from loadtest.sampler import Sampler
-from loadtest.scenario import Scenario, ScenarioError, from_mapping, load, nodes_for
+from loadtest.scenario import Scenario, ScenarioError, Variant, from_mapping, load, nodes_for
 from scalepub.sharding import Keys
 from tests.stack import Stack, new_stack
 
@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_stopped)
     results = []
     try:
-        for batch in scenario.batch_max_entries:
-            results.append(run_variant(scenario, batch, out / f"batch-{batch}"))
+        for variant in scenario.variants():
+            results.append(run_variant(scenario, variant, out / variant.name))
     except (Stopped, KeyboardInterrupt):
         print("loadtest: stopped; everything started was stopped", file=sys.stderr)
         return EXIT_FAILED
@@ -141,6 +141,7 @@ def _with_overrides(scenario: Scenario, pairs: list[str]) -> Scenario:
             raise ScenarioError(f"--set {pair}: {exc}") from None
     merged = {k: getattr(scenario, k) for k in scenario.__dataclass_fields__}
     merged["batch_max_entries"] = list(merged["batch_max_entries"])
+    merged["linger_ms"] = list(merged["linger_ms"])
     return from_mapping({**merged, **values}, "--set")
 
 
@@ -151,16 +152,16 @@ def _raise_stopped(_signum: int, _frame: Any) -> None:
 # ---------------------------------------------------------------------------- one variant
 
 
-def run_variant(s: Scenario, batch: int, out: Path) -> dict[str, Any]:
-    """Run the scenario with one batch size; returns its results (see ``report``)."""
+def run_variant(s: Scenario, variant: Variant, out: Path) -> dict[str, Any]:
+    """Run the scenario with one batching; returns its results (see ``report``)."""
     out.mkdir(parents=True, exist_ok=True)
     procs = Procs()
     with contextlib.ExitStack() as cleanup:
         dbdir = Path(tempfile.mkdtemp(prefix="loadtest-db-", dir=_fast_tmp()))
         cleanup.callback(shutil.rmtree, dbdir, True)
         procs.stack = new_stack()
-        cleanup.callback(_stack_down, procs.stack)
-        print(f"[{batch}] starting Redis + ejabberd", flush=True)
+        cleanup.callback(_stack_down, procs.stack, out)
+        print(f"[{variant.label}] starting Redis + ejabberd", flush=True)
         procs.stack.up()
         env = _env(s, procs.stack)
         hot = s.hot_node if s.hot_share else None
@@ -168,7 +169,8 @@ def run_variant(s: Scenario, batch: int, out: Path) -> dict[str, Any]:
         _create_nodes(procs.stack.env, ([hot] if hot else []) + authors)
         dbs = _prepare_dbs(s, env, dbdir)
         procs.pool = _start([str(BIN / "scalepub"), "run", "--shards", str(s.shards),
-                             "--batch-max-entries", str(batch), "--linger-ms", str(s.linger_ms),
+                             "--batch-max-entries", str(variant.batch_max_entries),
+                             "--linger-ms", str(variant.linger_ms),
                              "--window", str(s.window), "--metrics-port", "0"],
                             env, out / "pool.log")
         cleanup.callback(_stop, procs.pool, signal.SIGTERM)
@@ -176,7 +178,7 @@ def run_variant(s: Scenario, batch: int, out: Path) -> dict[str, Any]:
         cleanup.callback(_stop, procs.locust, signal.SIGTERM)
         cleanup.callback(_stop_all, procs.producers)
         sampler = Sampler(procs.roots, env["SCALEPUB_REDIS_URL"], KEY_PREFIX, s.shards,
-                          progress=lambda: _progress(out))
+                          progress=lambda: _counts(out))
         sampler.start()
         cleanup.callback(sampler.stop)
         ready = _wait_ready(s, procs, out)
@@ -188,7 +190,7 @@ def run_variant(s: Scenario, batch: int, out: Path) -> dict[str, Any]:
         _stop(procs.pool, signal.SIGTERM)
         truth = _truth(dbs, env, s.shards)
     return report.variant_results(
-        scenario=s, batch=batch, out=out, ready=ready, window=window, drained=drained,
+        scenario=s, variant=variant, out=out, ready=ready, window=window, drained=drained,
         truth=truth, timeline=sampler.rows,
         subscription=lambda user: nodes_for(user, hot, authors, s.authors_per_subscriber),
     )
@@ -208,8 +210,11 @@ def _env(s: Scenario, stack: Stack) -> dict[str, str]:
     }
 
 
-def _stack_down(stack: Stack) -> None:
+def _stack_down(stack: Stack, out: Path) -> None:
     stack.down()
+    for log in (stack.state_dir / "ejabberd" / "log").glob("*.log"):
+        with contextlib.suppress(OSError):
+            shutil.copyfile(log, out / f"ejabberd-{log.name}")
     shutil.rmtree(stack.state_dir, ignore_errors=True)
 
 
@@ -236,11 +241,17 @@ def _stop(proc: subprocess.Popen[bytes] | None, sig: int) -> None:
     if proc is None or proc.poll() is not None:
         return
     proc.send_signal(sig)
+    started = time.monotonic()
     try:
         proc.wait(STOP_GRACE_S)
     except subprocess.TimeoutExpired:
+        print(f"pid {proc.pid} ({Path(str(proc.args[0])).name}) still running "
+              f"{STOP_GRACE_S:g} s after signal {sig}: killed", flush=True)
         proc.kill()
         proc.wait(10)
+    else:
+        print(f"pid {proc.pid} ({Path(str(proc.args[0])).name}) exited "
+              f"{proc.returncode} after {time.monotonic() - started:.1f} s", flush=True)
 
 
 def _stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
@@ -260,28 +271,35 @@ def _start_locust(s: Scenario, stack: Stack, env: dict[str, str], out: Path,
         "anon_domain": stack.env["SCALEPUB_ANON_DOMAIN"],
         "pubsub_service": stack.env["SCALEPUB_PUBSUB_SERVICE"],
         "wait_s": s.bosh_wait_s, "out_dir": str(out), "hot_node": hot, "author_nodes": authors,
-        "authors_per_user": s.authors_per_subscriber, "entry_events": s.entry_events,
+        "authors_per_user": s.authors_per_subscriber, "locust_sample": s.locust_sample,
     }
     (out / "locust-config.json").write_text(json.dumps(config, indent=1))
     bound = s.max_ready_s + s.duration_s + s.drain_s + 120
     cmd = [str(BIN / "locust"), "-f", str(REPO / "loadtest" / "locustfile.py"), "--headless",
            "-u", str(s.subscribers), "-r", str(s.spawn_rate), "--run-time", f"{int(bound)}s",
            "--stop-timeout", "5", "--csv", str(out / "locust"), "--csv-full-history",
-           "--only-summary", "--loglevel", "WARNING", "--exit-code-on-error", "0"]
+           "--only-summary", "--loglevel", "INFO", "--exit-code-on-error", "0"]
     if s.locust_processes > 1:
         cmd += ["--processes", str(s.locust_processes)]
     return _start(cmd, {**env, "LOADTEST_CONFIG": str(out / "locust-config.json")},
                   out / "locust.log")
 
 
-def _progress(out: Path) -> dict[str, int]:
-    total = {"ready": 0, "entries": 0, "duplicates": 0, "reconnects": 0}
+def _progress(out: Path) -> dict[str, Any]:
+    total: dict[str, Any] = {"ready": 0, "entries": 0, "duplicates": 0, "reconnects": 0}
+    subscriptions: dict[str, int] = {}
     for path in out.glob("progress-*.json"):
         with contextlib.suppress(OSError, ValueError):
             data = json.loads(path.read_text())
             for key in total:
                 total[key] += int(data.get(key, 0))
-    return total
+            for node, n in data.get("subscriptions", {}).items():
+                subscriptions[node] = subscriptions.get(node, 0) + n
+    return {**total, "subscriptions": subscriptions}
+
+
+def _counts(out: Path) -> dict[str, int]:
+    return {k: v for k, v in _progress(out).items() if isinstance(v, int)}
 
 
 def _wait_ready(s: Scenario, procs: Procs, out: Path) -> int:
@@ -322,7 +340,7 @@ def _prepare_dbs(s: Scenario, env: dict[str, str], dbdir: Path) -> list[Path]:
     base = dbdir / "base.sqlite3"
     subprocess.run([str(BIN / "python"), "example/manage.py", "migrate", "-v", "0"],
                    env={**env, "EXAMPLE_DB": str(base)}, cwd=REPO, check=True, timeout=120)
-    count = s.producers + (1 if s.hot_share else 0)
+    count = (s.producers if s.hot_share < 1 else 0) + (s.hot_producers if s.hot_share else 0)
     dbs = [dbdir / f"producer-{i}.sqlite3" for i in range(count)]
     for db in dbs:
         shutil.copyfile(base, db)
@@ -342,17 +360,18 @@ class Producer:
 
 
 def producer_plan(s: Scenario, dbs: list[Path]) -> list[Producer]:
-    """Who saves what: the hot node's process first, per-author processes staggered by ramp."""
-    plan = []
+    """Who saves what: hot-node processes first, then per-author ones; the ramp staggers them."""
+    kinds = []
     if s.hot_share:
-        rate = s.rate * s.hot_share
-        plan.append(Producer(dbs[-1], HOT_AUTHOR_PREFIX, 1, rate, 0.0,
-                             round(rate * s.duration_s)))
-    each = s.rate * (1 - s.hot_share) / s.producers
-    for i in range(s.producers):
-        start = s.ramp_s * i / s.producers
-        plan.append(Producer(dbs[i], AUTHOR_PREFIX, s.authors, each, start,
-                             round(each * (s.duration_s - start))))
+        kinds += [(HOT_AUTHOR_PREFIX, 1, s.rate * s.hot_share / s.hot_producers)] * s.hot_producers
+    if s.hot_share < 1:
+        each = s.rate * (1 - s.hot_share) / s.producers
+        kinds += [(AUTHOR_PREFIX, s.authors, each)] * s.producers
+    plan = []
+    for i, (prefix, authors, rate) in enumerate(kinds):
+        start = s.ramp_s * i / len(kinds)
+        plan.append(Producer(dbs[i], prefix, authors, rate, start,
+                             round(rate * (s.duration_s - start))))
     return plan
 
 
@@ -368,8 +387,10 @@ def _produce(s: Scenario, env: dict[str, str], dbs: list[Path], procs: Procs,
                "--authors", str(p.authors), "--count", str(p.count), "--prefix", p.prefix]
         if s.bulk:
             cmd += ["--bulk", str(s.bulk)]
-        procs.producers.append(_start(cmd, {**env, "EXAMPLE_DB": str(p.db)},
-                                      out / f"producer-{i}.log"))
+        penv = {**env, "EXAMPLE_DB": str(p.db)}
+        if s.delivery:
+            penv["SCALEPUB_DELIVERY"] = s.delivery
+        procs.producers.append(_start(cmd, penv, out / f"producer-{i}.log"))
     deadline = t0 + s.duration_s * 3 + 30  # a producer far behind its rate is cut off
     while any(p.poll() is None for p in procs.producers) and time.time() < deadline:
         time.sleep(0.1)
@@ -381,19 +402,22 @@ def _produce(s: Scenario, env: dict[str, str], dbs: list[Path], procs: Procs,
 
 
 def _drain(s: Scenario, env: dict[str, str], procs: Procs, out: Path) -> bool:
-    """Wait until the streams are empty and the subscribers stopped receiving (bounded)."""
-    client = redis.Redis.from_url(env["SCALEPUB_REDIS_URL"])
+    """Wait until every appended entry reached every subscriber of its node (bounded)."""
+    client = redis.Redis.from_url(env["SCALEPUB_REDIS_URL"], decode_responses=True)
     keys = Keys(KEY_PREFIX)
     deadline = time.monotonic() + s.drain_s
-    last, still_since = -1, time.monotonic()
     try:
         while time.monotonic() < deadline:
-            entries = _progress(out)["entries"]
-            if entries != last:
-                last, still_since = entries, time.monotonic()
-            if _backlog(client, keys, s.shards) == 0 and time.monotonic() - still_since > 2.0:
-                return True
-            time.sleep(0.2)
+            progress = _progress(out)
+            appended: dict[str, str] = {}
+            for shard in range(s.shards):
+                appended.update(client.hgetall(keys.seqs(shard)))  # type: ignore[arg-type]
+            expected = sum(n * int(appended.get(node, 0))
+                           for node, n in progress["subscriptions"].items())
+            if progress["entries"] - progress["duplicates"] >= expected:
+                return _backlog(client, keys, s.shards) == 0
+            time.sleep(0.25)
+        print(f"drain: not every delivery arrived within {s.drain_s:g} s", flush=True)
         return False
     finally:
         client.close()

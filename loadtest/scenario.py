@@ -30,19 +30,24 @@ class Scenario:
     ramp_s: float = 0.0  # producer processes start one by one over this time (0: all at once)
     producers: int = 1  # processes saving per-author tweets (`manage.py tweet`)
     authors: int = 10  # per-author nodes
-    hot_share: float = 0.0  # share of the rate saved on the one hot node (its own process)
+    hot_share: float = 0.0  # share of the rate saved on the one hot node
+    hot_producers: int = 1  # processes saving on the hot node (one manages ~400 saves/s here)
     bulk: int = 0  # rows per bulk_create + publish_many (0: one save per row)
+    delivery: str = ""  # producers' SCALEPUB DELIVERY (outbox|direct; empty: the default)
     subscribers: int = 5  # Locust users, each one BOSH session
     hot_subscribe: bool = True  # every subscriber follows the hot node
     authors_per_subscriber: int = 1  # per-author nodes each subscriber follows
     spawn_rate: float = 50.0  # subscribers started per second
     shards: int = 2
-    batch_max_entries: tuple[int, ...] = (250,)  # one variant per value; 1 = batching off
-    linger_ms: float = 5.0
+    # One variant per (batch_max_entries, linger_ms) pair; batch_max_entries 1 = batching off.
+    batch_max_entries: tuple[int, ...] = (250,)
+    linger_ms: tuple[float, ...] = (5.0,)
     window: int = 32
     bosh_wait_s: int = 20  # BOSH 'wait': longest a poll is held without data
     locust_processes: int = 1
-    entry_events: bool = True  # one Locust request event per received entry
+    # Report every Nth entry to Locust's statistics (1: each; 0: none). A Locust request event
+    # costs ~4 us of the subscriber process's CPU; the run's own histograms count every entry.
+    locust_sample: int = 1
     drain_s: float = 30.0  # longest wait, after the last save, for every delivery
     max_ready_s: float = 60.0  # longest wait for every subscriber to be subscribed
 
@@ -51,9 +56,31 @@ class Scenario:
         """The hot node's name (a single author) for a variant."""
         return f"{NODE_BASE}hot0"
 
+    def variants(self) -> list[Variant]:
+        """The (batch size, linger) pairs to run, in file order."""
+        return [Variant(b, linger) for b in self.batch_max_entries for linger in self.linger_ms]
+
     def author_nodes(self, prefix: str) -> list[str]:
         """Per-author nodes under an author-name prefix."""
         return [f"{NODE_BASE}{prefix}{i}" for i in range(self.authors)]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """The batching under test in one part of a run."""
+
+    batch_max_entries: int
+    linger_ms: float
+
+    @property
+    def name(self) -> str:
+        """Folder name, e.g. ``batch-250-linger-5``."""
+        return f"batch-{self.batch_max_entries}-linger-{self.linger_ms:g}"
+
+    @property
+    def label(self) -> str:
+        """Human label, e.g. ``batch 250, linger 5 ms``."""
+        return f"batch {self.batch_max_entries}, linger {self.linger_ms:g} ms"
 
 
 def nodes_for(user: int, hot_node: str | None, author_nodes: list[str], per_user: int) -> list[str]:
@@ -90,11 +117,12 @@ def from_mapping(data: dict[str, Any], where: str = "scenario") -> Scenario:
 
 def _coerce(where: str, key: str, value: Any, kind: Any) -> Any:
     kind = str(kind)
-    if kind == "tuple[int, ...]":
+    if kind.startswith("tuple["):
+        item, what = (int, "integer") if kind == "tuple[int, ...]" else ((int, float), "number")
         value = value if isinstance(value, list) else [value]
-        if not value or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            raise ScenarioError(f"{where}: '{key}' must be an integer or a list of integers")
-        return tuple(value)
+        if not value or not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+            raise ScenarioError(f"{where}: '{key}' must be a {what} or a list of them")
+        return tuple(value if item is int else [float(v) for v in value])
     types: dict[str, type | tuple[type, ...]] = {
         "str": str, "float": (int, float), "int": int, "bool": bool}
     expected = types[kind]
@@ -106,13 +134,16 @@ def _coerce(where: str, key: str, value: Any, kind: Any) -> Any:
 def _check(s: Scenario, where: str) -> None:
     problems = {
         "duration_s": s.duration_s > 0, "rate": s.rate > 0, "ramp_s": 0 <= s.ramp_s < s.duration_s,
-        "producers": s.producers >= 1, "authors": s.authors >= 1,
-        "hot_share": 0 <= s.hot_share < 1, "bulk": s.bulk >= 0, "subscribers": s.subscribers >= 1,
+        "producers": s.producers >= (1 if s.hot_share < 1 else 0), "authors": s.authors >= 1,
+        "hot_share": 0 <= s.hot_share <= 1,
+        "hot_producers": s.hot_producers >= (1 if s.hot_share > 0 else 0), "bulk": s.bulk >= 0,
+        "subscribers": s.subscribers >= 1,
         "authors_per_subscriber": s.authors_per_subscriber >= 0, "spawn_rate": s.spawn_rate > 0,
         "shards": s.shards >= 1, "batch_max_entries": min(s.batch_max_entries) >= 1,
         "window": s.window >= 1, "bosh_wait_s": 1 <= s.bosh_wait_s <= 120,
         "locust_processes": s.locust_processes >= 1, "drain_s": s.drain_s > 0,
-        "linger_ms": s.linger_ms >= 0, "max_ready_s": s.max_ready_s > 0,
+        "linger_ms": min(s.linger_ms) >= 0, "max_ready_s": s.max_ready_s > 0,
+        "locust_sample": s.locust_sample >= 0, "delivery": s.delivery in ("", "outbox", "direct"),
     }
     for key, ok in problems.items():
         if not ok:

@@ -46,15 +46,22 @@ def test_subscribers_follow_the_hot_node_and_rotate_over_authors() -> None:
 
 
 def test_producer_plan_splits_the_rate_and_staggers_the_ramp() -> None:
-    s = from_mapping({"name": "x", "rate": 1000, "hot_share": 0.2, "producers": 4,
-                      "duration_s": 20, "ramp_s": 8})
+    s = from_mapping({"name": "x", "rate": 1000, "hot_share": 0.2, "producers": 3,
+                      "hot_producers": 2, "duration_s": 20, "ramp_s": 10})
     plan = producer_plan(s, [Path(f"db{i}") for i in range(5)])
-    hot, *authors = plan
-    assert (hot.prefix, hot.authors, hot.rate, hot.count) == ("hot", 1, 200, 4000)
-    assert [p.rate for p in authors] == [200] * 4
-    assert [p.start_s for p in authors] == [0, 2, 4, 6]
-    assert [p.count for p in authors] == [4000, 3600, 3200, 2800]
+    assert [(p.prefix, p.authors, p.rate) for p in plan] == [
+        ("hot", 1, 100), ("hot", 1, 100), ("user", 10, 800 / 3), ("user", 10, 800 / 3),
+        ("user", 10, 800 / 3)]
+    assert [p.start_s for p in plan] == [0, 2, 4, 6, 8]
+    assert [p.count for p in plan] == [2000, 1800, round(800 / 3 * 16), 3733, round(800 / 3 * 12)]
     assert len({p.db for p in plan}) == 5  # one database each: no shared SQLite write lock
+
+
+def test_all_on_the_hot_node_needs_no_author_producers() -> None:
+    s = from_mapping({"name": "x", "rate": 900, "hot_share": 1.0, "producers": 0,
+                      "hot_producers": 3, "authors_per_subscriber": 0})
+    assert [(p.prefix, p.rate) for p in producer_plan(s, [Path("a"), Path("b"), Path("c")])] == [
+        ("hot", 300)] * 3
 
 
 @pytest.mark.stack
@@ -75,9 +82,9 @@ def test_tiny_scenario_delivers_every_entry_to_every_subscriber(tmp_path: Path) 
     assert r["latency_ms"]["p50"] is not None and r["latency_ms"]["p50"] > 0
     assert {row["Name"] for row in r["locust_entry_stats"]} == {"hot", "author"}
     assert sum(int(row["Request Count"]) for row in r["locust_entry_stats"]) == r["delivered"]
-    variant = out / "batch-250"
+    variant = out / "batch-250-linger-5"
     for name in ("latency", "deliveries", "backlog", "cpu"):
         assert (variant / f"{name}.png").stat().st_size > 5000
     for name in ("results.json", "timeline.csv", "latency_per_second.csv", "locust_stats.csv"):
         assert (variant / name).exists()
-    assert "| 250 |" in (out / "summary.md").read_text()
+    assert "| batch 250, linger 5 ms |" in (out / "summary.md").read_text()
