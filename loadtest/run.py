@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else REPO / "loadtest" / "reports" / f"{stamp}-{scenario.name}"
     out.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, _raise_stopped)
+    signal.signal(signal.SIGINT, _raise_stopped)
     results = []
     try:
         for variant in scenario.variants():
@@ -146,6 +147,9 @@ def _with_overrides(scenario: Scenario, pairs: list[str]) -> Scenario:
 
 
 def _raise_stopped(_signum: int, _frame: Any) -> None:
+    # Further signals are ignored: the cleanup that follows must run to its end.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise Stopped
 
 
@@ -375,6 +379,13 @@ def producer_plan(s: Scenario, dbs: list[Path]) -> list[Producer]:
     return plan
 
 
+def _record_pids(procs: Procs, out: Path) -> None:
+    """pids.json: every process this variant started (for debugging, and for the test that
+    checks nothing outlives an interrupted run)."""
+    pids = {g: p for g, p in procs.roots().items() if g != "runner"}
+    (out / "pids.json").write_text(json.dumps(pids))
+
+
 def _produce(s: Scenario, env: dict[str, str], dbs: list[Path], procs: Procs,
              out: Path) -> tuple[float, float]:
     """Run the producers to completion (bounded); returns the production window (epoch s)."""
@@ -391,6 +402,7 @@ def _produce(s: Scenario, env: dict[str, str], dbs: list[Path], procs: Procs,
         if s.delivery:
             penv["SCALEPUB_DELIVERY"] = s.delivery
         procs.producers.append(_start(cmd, penv, out / f"producer-{i}.log"))
+        _record_pids(procs, out)
     deadline = t0 + s.duration_s * 3 + 30  # a producer far behind its rate is cut off
     while any(p.poll() is None for p in procs.producers) and time.time() < deadline:
         time.sleep(0.1)

@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from loadtest.run import producer_plan
@@ -88,3 +91,39 @@ def test_tiny_scenario_delivers_every_entry_to_every_subscriber(tmp_path: Path) 
     for name in ("results.json", "timeline.csv", "latency_per_second.csv", "locust_stats.csv"):
         assert (variant / name).exists()
     assert "| batch 250, linger 5 ms |" in (out / "summary.md").read_text()
+
+
+@pytest.mark.stack
+@pytest.mark.timeout(180)
+def test_an_interrupted_run_stops_everything_it_started(tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    runner = subprocess.Popen(
+        [sys.executable, "-u", "-m", "loadtest.run", str(SCENARIOS / "smoke.toml"), "--out",
+         str(out), "--set", "duration_s=60"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        assert runner.stdout is not None
+        for line in runner.stdout:
+            if line.startswith("producing"):
+                break
+        time.sleep(2)  # producers saving, subscribers receiving
+        runner.send_signal(signal.SIGINT)
+        rest = runner.communicate(timeout=120)[0]
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    assert runner.returncode == 2, rest
+    assert "stopped" in rest
+    started = json.loads((out / "batch-250-linger-5" / "pids.json").read_text())
+    assert set(started) >= {"ejabberd", "redis", "pool", "locust", "producers"}
+    assert all(started[g] for g in ("ejabberd", "redis", "pool", "locust", "producers"))
+    alive = [pid for pids in started.values() for pid in pids if _alive(pid)]
+    assert alive == [], f"still running: {alive}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
