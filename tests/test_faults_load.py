@@ -98,7 +98,7 @@ def redis_down(stack: Stack) -> None:
     """SIGTERM = SHUTDOWN: Redis fsyncs its AOF, then exits (as `ops/stack` stops it)."""
     pid = int((stack.state_dir / "redis.pid").read_text().strip())
     os.kill(pid, signal.SIGTERM)
-    assert wait_until(lambda: not Path(f"/proc/{pid}").exists(), 30), "Redis did not stop"
+    assert wait_until(lambda: not alive(pid), 30), "Redis did not stop"
 
 
 def redis_up(stack: Stack, settings: Settings) -> None:
@@ -119,6 +119,15 @@ def redis_up(stack: Stack, settings: Settings) -> None:
         client.close()
 
 
+def alive(pid: int) -> bool:
+    """The process runs (a zombie waiting for its reaper does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.1) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -131,14 +140,11 @@ def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.1)
 # -- the load ----------------------------------------------------------------------------
 
 
-class _CountingSpill:
-    """Appends that failed (Redis down): the producer thread retries them."""
-
-    def __init__(self) -> None:
-        self.failures = 0
+class _QuietSpill:
+    """Appends that failed (Redis down) are the producer thread's to retry: no log per entry."""
 
     def spill(self, entries: Sequence[PendingEntry], error: Exception) -> None:
-        self.failures += 1
+        pass
 
 
 class SteadyProducer(threading.Thread):
@@ -157,7 +163,6 @@ class SteadyProducer(threading.Thread):
         self.by_shard: dict[int, list[str]] = defaultdict(list)
         for node in nodes:
             self.by_shard[shard_for(node, settings.shards)].append(node)
-        self.spill = _CountingSpill()
         self.rounds = 0
         self.retried_rounds = 0
         self.error: BaseException | None = None
@@ -165,7 +170,7 @@ class SteadyProducer(threading.Thread):
     def run(self) -> None:
         client = redis.Redis.from_url(self.settings.redis_url, socket_timeout=10,
                                       socket_connect_timeout=2, retry=Retry(NoBackoff(), 0))
-        producer = StreamProducer(self.settings, client=client, spill=self.spill)
+        producer = StreamProducer(self.settings, client=client, spill=_QuietSpill())
         started = time.monotonic()
         try:
             for i in range(ROUNDS):
@@ -425,14 +430,6 @@ async def _stored(env: dict[str, str], nodes: list[str]) -> dict[str, list[Got]]
 def stored_entries(env: dict[str, str], nodes: list[str]) -> dict[str, list[Got]]:
     """What the server stored (and so had confirmed) per node, in item order."""
     return asyncio.run(_stored(env, nodes))
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def start_load(run: Run) -> PoolProcess:
