@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import msgpack
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -19,12 +20,17 @@ from scalepub.sharding import CONSUMER_GROUP, ENTRY_FIELD, Keys, shard_for
 
 log = logging.getLogger(__name__)
 
-# KEYS: stream, seq hash, meta hash.  ARGV: shards, maxlen, consumer group, then
-# (node, head, tail) triples.  Checks the shard count this stream was written for, so
-# producers and pool never disagree silently; refuses when the entries waiting for the pool
-# (undelivered + unacknowledged) would pass MAXLEN, because trimming would then drop entries
-# nobody has published (it appends the entries that fit, in order, and returns their ids);
-# then per entry: next per-node seq, splice it into the envelope, XADD.
+# KEYS: stream, seq hash, meta hash[, the outbox's record of its last call to this shard].
+# ARGV: shards, maxlen, consumer group, msgpack list of 'outbox id:ts' (or ''), then
+# (node, head, tail) triples. In order:
+# 1. Refuse if the shard count differs from the one this stream was written for.
+# 2. Entries whose outbox id is in the record were appended by a call whose reply was lost
+#    (a timeout after Redis ran it): answer their recorded id and seq, append nothing.
+# 3. Backpressure: entries waiting for the pool (undelivered + unacknowledged) stay within
+#    MAXLEN, so trimming never drops an entry nobody published. Entries that do not fit
+#    are answered nil (the caller keeps them); the rest get the next per-node seq spliced
+#    into their envelope and an XADD.
+# 4. Record this call's (outbox id, stream id, seq) triples for step 2 of the next call.
 APPEND_LUA = """
 local recorded = redis.call('HGET', KEYS[3], 'shards')
 if recorded and recorded ~= ARGV[1] then
@@ -32,6 +38,16 @@ if recorded and recorded ~= ARGV[1] then
     ' shards but this stream belongs to a pool of ' .. recorded)
 end
 if not recorded then redis.call('HSET', KEYS[3], 'shards', ARGV[1]) end
+local oids = nil
+local done = {}
+if ARGV[4] ~= '' then
+  oids = cmsgpack.unpack(ARGV[4])
+  local record = redis.call('GET', KEYS[4])
+  if record then
+    local r = cmsgpack.unpack(record)
+    for j = 1, #r, 3 do done[r[j]] = {r[j + 1], r[j + 2]} end
+  end
+end
 local maxlen = tonumber(ARGV[2])
 local waiting = 0
 if redis.call('EXISTS', KEYS[1]) == 1 then
@@ -44,20 +60,28 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   -- no group yet (the pool never ran) or an unknown lag: count every entry as waiting
   if not waiting then waiting = redis.call('XLEN', KEYS[1]) end
 end
-if waiting >= maxlen then
-  return redis.error_reply('BACKPRESSURE ' .. waiting .. ' entries wait for the pool, ' ..
-    'STREAM_MAXLEN is ' .. maxlen)
-end
--- as many as fit, in order; the caller keeps the rest
-local last = math.min(#ARGV, 3 + 3 * (maxlen - waiting))
-local out = {}
-for i = 4, last, 3 do
-  local seq = redis.call('HINCRBY', KEYS[2], ARGV[i], 1)
-  local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*',
-    'e', ARGV[i + 1] .. cmsgpack.pack(seq) .. ARGV[i + 2])
+local room = maxlen - waiting
+local out, record, n = {}, {}, 0
+for i = 5, #ARGV, 3 do
+  n = n + 1
+  local oid = oids and oids[n]
+  local id, seq = false, false
+  if oid and done[oid] then
+    id, seq = done[oid][1], done[oid][2]
+  elseif room > 0 then
+    room = room - 1
+    seq = redis.call('HINCRBY', KEYS[2], ARGV[i], 1)
+    id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*',
+      'e', ARGV[i + 1] .. cmsgpack.pack(seq) .. ARGV[i + 2])
+  end
   out[#out + 1] = id
   out[#out + 1] = seq
+  if oid and id then
+    local k = #record
+    record[k + 1], record[k + 2], record[k + 3] = oid, id, seq
+  end
 end
+if oids then redis.call('SET', KEYS[4], cmsgpack.pack(record), 'EX', 604800) end
 return out
 """
 assert ENTRY_FIELD == b"e", "APPEND_LUA writes the envelope under field 'e'"
@@ -73,6 +97,7 @@ class PendingEntry:
     pk: str
     fmt: str
     payload: bytes
+    oid: int | None = None  # its outbox row id, when the relay appends it
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +159,9 @@ def redis_client(settings: Settings) -> redis.Redis:
         settings.redis_url,
         socket_timeout=settings.redis_timeout,
         socket_connect_timeout=settings.redis_timeout,
-        retry=Retry(NoBackoff(), 1),
+        # Once more on a broken connection (e.g. a pooled one Redis closed), never on a
+        # timeout: the command may have run, and appending twice would duplicate entries.
+        retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
         health_check_interval=30,
     )
 
@@ -171,64 +198,69 @@ class StreamProducer:
         metrics.ENQUEUE_FAILURES.labels(reason=failure_reason(error)).inc(len(entries))
         (spill or self.spill).spill(entries, error)
 
-    def append(self, entries: Sequence[PendingEntry]) -> AppendResult:
+    def append(self, entries: Sequence[PendingEntry], source: str = "") -> AppendResult:
         """Append ``entries``, one script per shard, order kept per node.
 
         A shard that refuses (shard count mismatch, backpressure) does not stop the others:
         its entries come back in ``failures``. Raises ``redis.RedisError`` when Redis cannot
-        be reached; then any of the entries may or may not have been appended.
+        be reached; then any of the entries may or may not have been appended. With a
+        ``source`` (an outbox's database) and entries carrying their outbox ``oid``, appending
+        the same entries again after such an error returns where they landed instead.
         """
         by_shard: dict[int, list[PendingEntry]] = defaultdict(list)
         for entry in entries:
             by_shard[shard_for(entry.node, self.settings.shards)].append(entry)
         result = AppendResult([], [])
-        for shard, reply in zip(by_shard, self._run(by_shard), strict=True):
+        for shard, reply in zip(by_shard, self._run(by_shard, source), strict=True):
             batch = by_shard[shard]
             if isinstance(reply, redis.ResponseError):
                 result.failures.append(ShardFailure(shard, batch, reply))
                 continue
-            appended = _appended(shard, reply)
-            result.appended += appended
-            if len(appended) < len(batch):  # the stream took only what fit under MAXLEN
-                rest = batch[len(appended):]
-                error = redis.ResponseError(
-                    f"BACKPRESSURE stream of shard {shard} full: {len(rest)} entries refused")
-                result.failures.append(ShardFailure(shard, rest, error))
+            pairs = list(zip(reply[::2], reply[1::2], strict=True))
+            result.appended += [Appended(shard, _text(sid), int(str(seq)))
+                                for sid, seq in pairs if sid is not None]
+            refused = [e for e, (sid, _) in zip(batch, pairs, strict=True) if sid is None]
+            if refused:  # the stream took only what fit under MAXLEN
+                error = redis.ResponseError(f"BACKPRESSURE stream of shard {shard} full: "
+                                            f"{len(refused)} entries refused")
+                result.failures.append(ShardFailure(shard, refused, error))
         metrics.ENTRIES_ENQUEUED.inc(len(result.appended))
         return result
 
-    def _run(self, by_shard: dict[int, list[PendingEntry]]) -> list[Any]:
+    def _run(self, by_shard: dict[int, list[PendingEntry]], source: str) -> list[Any]:
         if len(by_shard) == 1:  # the common case, one save: a single EVALSHA
             [(shard, batch)] = by_shard.items()
             try:
-                return [self._call(shard, batch, self.client)]
+                return [self._call(shard, batch, source, self.client)]
             except redis.ResponseError as exc:  # the script refused: not a transport error
                 return [exc]
         pipe = self.client.pipeline(transaction=False)
         for shard, batch in by_shard.items():
-            self._call(shard, batch, pipe)
+            self._call(shard, batch, source, pipe)
         return list(pipe.execute(raise_on_error=False))
 
-    def _call(self, shard: int, batch: list[PendingEntry], client: redis.Redis) -> list[object]:
+    def _call(self, shard: int, batch: list[PendingEntry], source: str,
+              client: redis.Redis) -> list[object]:
+        keys = [self.keys.stream(shard), self.keys.seqs(shard), self.keys.meta(shard)]
+        oids = b""
+        if source:
+            keys.append(self.keys.relay_record(shard, source))
+            # with the save time: a database that reuses the ids of deleted rows (MySQL before
+            # 8.0 after a restart) must not make a new row look appended already
+            oids = msgpack.packb([f"{e.oid}:{e.ts_ns}" for e in batch])
         args: list[bytes | str | int] = [self.settings.shards, self.settings.stream_maxlen,
-                                         CONSUMER_GROUP]
+                                         CONSUMER_GROUP, oids]
         for e in batch:
             head, tail = split_encode(
                 e.node, ts_ns=e.ts_ns, model=e.model, pk=e.pk, fmt=e.fmt, payload=e.payload
             )
             args += [e.node, head, tail]
-        keys = [self.keys.stream(shard), self.keys.seqs(shard), self.keys.meta(shard)]
         reply: list[object] = self._append(keys=keys, args=args, client=client)
         return reply
 
     def close(self) -> None:
         """Release the connection pool."""
         self.client.close()
-
-
-def _appended(shard: int, reply: list[object]) -> list[Appended]:
-    pairs = zip(reply[::2], reply[1::2], strict=True)
-    return [Appended(shard, _text(sid), int(str(seq))) for sid, seq in pairs]
 
 
 def _text(value: object) -> str:

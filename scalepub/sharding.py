@@ -47,6 +47,10 @@ class Keys:
         """Key with a TTL that a live shard process keeps refreshing."""
         return f"{self.prefix}:{{{shard}}}:alive"
 
+    def relay_record(self, shard: int, database: str) -> str:
+        """What the outbox relay of ``database`` last appended to a shard (for retries)."""
+        return f"{self.prefix}:{{{shard}}}:relayed:{database}"
+
     def relay_lease(self, database: str) -> str:
         """Key whose holder is the one outbox relay moving ``database``'s rows."""
         return f"{self.prefix}:relay:{database}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections import defaultdict
@@ -17,6 +18,7 @@ from twitter.models import Tweet
 
 from scalepub.django.models import OutboxEntry
 from scalepub.django.relay import Relay
+from scalepub.producer import PendingEntry
 from scalepub.settings import Settings, env_mapping
 from scalepub.sharding import CONSUMER_GROUP, Keys, shard_for
 from tests.conftest import _as_env
@@ -156,3 +158,25 @@ def test_backpressure_keeps_entries_in_the_outbox(external_relay: Settings,
     assert not OutboxEntry.objects.exists()
     entries = read_all(redis_client, external_relay)
     assert [e.env.seq for e in entries][-30:] == list(range(51, 81))
+
+
+def test_rows_appended_by_a_relay_that_died_are_not_appended_twice(
+    external_relay: Settings, redis_client: redis.Redis
+) -> None:
+    for i in range(20):
+        Tweet.objects.create(author=f"d{i % 2}", text=str(i))
+    dying = Relay(external_relay)
+    rows = OutboxEntry.objects.order_by("id")
+    entries = [PendingEntry(r.node, r.ts_ns, r.model, r.object_pk, r.fmt, bytes(r.payload),
+                            oid=r.id) for r in rows]
+    assert len(dying.producer.append(entries, source=dying.database).appended) == 20
+    # ... and it died before deleting the rows (or its reply was lost to a timeout)
+    call_command("scalepub_relay", "--once", stdout=open("/dev/null", "w"))  # noqa: SIM115
+    assert not OutboxEntry.objects.exists()
+    stored = read_all(redis_client, external_relay)
+    assert sorted((e.env.node, e.env.seq) for e in stored) == sorted(
+        (f"/twitter/Tweet/d{n}", s) for n in range(2) for s in range(1, 11))
+    # A new row that reuses a deleted row's id (MySQL < 8 after a restart) is still appended.
+    reused = dataclasses.replace(entries[0], ts_ns=entries[0].ts_ns + 1)
+    assert dying.producer.append([reused], source=dying.database).appended
+    assert len(read_all(redis_client, external_relay)) == 21

@@ -86,7 +86,7 @@ def test_waiting_entries_are_bounded_by_maxlen(settings_for: Settings,
             redis_client.xack(stream, CONSUMER_GROUP, *[sid for sid, _ in got])
     assert 100 <= redis_client.xlen(stream) < 400  # MAXLEN ~ trims whole macro nodes
     with pytest.raises(redis.ResponseError, match="BACKPRESSURE"):  # 100 waiting again
-        for i in range(3):
+        for _ in range(3):
             result = producer.append([entry("/n/m", j) for j in range(50)])
             if result.failures:
                 raise result.failures[0].error

@@ -3,8 +3,10 @@
 One relay per database works at a time (a Redis lease), so rows leave the table in id order
 and per-node order survives. By default every Django process runs a relay thread that
 competes for the lease (``OUTBOX_RELAY = "thread"``); ``manage.py scalepub_relay`` runs one
-on its own. Rows are deleted only after Redis appended them: a relay that dies in between
-re-appends them (at-least-once; the duplicate has the same model and pk, a new seq).
+on its own. Rows are deleted only after Redis appended them. A relay that dies in between, or
+whose append timed out after Redis ran it, leaves rows that were appended: the append script
+keeps, per shard, the outbox ids of the last call from this database and answers those rows
+with where they landed instead of appending them twice.
 """
 
 from __future__ import annotations
@@ -113,8 +115,11 @@ class Relay:
         self._report(age, len(rows))
         if not rows:
             return Round(0, 0)
-        entries = [PendingEntry(r[1], r[2], r[3], r[4], r[5], bytes(r[6])) for r in rows]
-        result = self.producer.append(entries)
+        entries = [PendingEntry(r[1], r[2], r[3], r[4], r[5], bytes(r[6]), oid=r[0])
+                   for r in rows]
+        # With the database as source, rows appended by a call whose reply was lost (a
+        # timeout) are recognised when this or the next relay appends them again.
+        result = self.producer.append(entries, source=self.database)
         refused = {id(e) for f in result.failures for e in f.entries}
         for failure in result.failures:
             self._refused(failure.error, len(failure.entries))
