@@ -203,7 +203,11 @@ def _markdown(out: Path, s: Scenario, results: list[dict[str, Any]]) -> str:
              f"tweet`, one SQLite file each on tmpfs) for {s.duration_s:g} s "
              f"(ramp {s.ramp_s:g} s), {s.shards} shards, window "
              f"{s.window}. Everything on this machine, shared with other work: see CPU 'others'.",
-             "", _table(results), "", _cpu_table(results), ""]
+             "", _table(results), "",
+             "*lost*: entry-deliveries that had not arrived when the run ended (every subscriber "
+             "x every entry saved on its nodes, counted from the producers' databases); "
+             "*not enqueued*: rows saved but never appended to Redis; *max ms*: the slowest "
+             "delivery.", "", _cpu_table(results), ""]
     for r in results:
         rel = Path(r["out"]).relative_to(out)
         lines += [f"## {r['variant']}", "", _verdict(r), "",
@@ -245,7 +249,13 @@ def _verdict(r: dict[str, Any]) -> str:
     top = sorted(cpu.items(), key=lambda kv: -kv[1])[:3]
     machine = r["cpu_cores"].get("machine", 0.0)
     busy = "the machine was saturated" if machine >= 1.8 else "the machine had spare CPU"
-    status = "all entries delivered" if r["ok"] else "NOT OK (see lost / subscribers / drain)"
+    if r["ok"]:
+        status = "Every entry reached every subscriber of its node"
+    elif not r["drained"]:
+        status = (f"NOT OK: {r['lost']:,} entry-deliveries had not arrived when the drain "
+                  "deadline passed (a backlog when nothing is missing in between, see lost)")
+    else:
+        status = "NOT OK (see lost / subscribers)"
     return (f"{headline(r)}. {status}. Busiest while producing: "
             + ", ".join(f"{g} {c:.2f} cores" for g, c in top)
             + f"; {machine:.2f} of 2 cores busy: {busy}.")

@@ -242,28 +242,30 @@ def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
 
 
 def _stop(proc: subprocess.Popen[bytes] | None, sig: int) -> None:
-    if proc is None or proc.poll() is not None:
+    """Signal a child, wait for it (bounded), then kill whatever is left of its process group
+    (each child leads its own group: shards, Locust workers, tweet processes go with it)."""
+    if proc is None:
         return
-    proc.send_signal(sig)
-    started = time.monotonic()
-    try:
-        proc.wait(STOP_GRACE_S)
-    except subprocess.TimeoutExpired:
-        print(f"pid {proc.pid} ({Path(str(proc.args[0])).name}) still running "
-              f"{STOP_GRACE_S:g} s after signal {sig}: killed", flush=True)
-        proc.kill()
+    name = Path(str(proc.args[0] if isinstance(proc.args, list) else proc.args)).name
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        started = time.monotonic()
+        try:
+            proc.wait(STOP_GRACE_S)
+            print(f"pid {proc.pid} ({name}) exited {proc.returncode} after "
+                  f"{time.monotonic() - started:.1f} s", flush=True)
+        except subprocess.TimeoutExpired:
+            print(f"pid {proc.pid} ({name}) still running {STOP_GRACE_S:g} s after signal "
+                  f"{sig}: killed", flush=True)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(10)
-    else:
-        print(f"pid {proc.pid} ({Path(str(proc.args[0])).name}) exited "
-              f"{proc.returncode} after {time.monotonic() - started:.1f} s", flush=True)
 
 
 def _stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
     for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in procs:
-        _stop(proc, signal.SIGKILL)
+        _stop(proc, signal.SIGTERM)
 
 
 def _start_locust(s: Scenario, stack: Stack, env: dict[str, str], out: Path,
@@ -382,30 +384,46 @@ def producer_plan(s: Scenario, dbs: list[Path]) -> list[Producer]:
 def _record_pids(procs: Procs, out: Path) -> None:
     """pids.json: every process this variant started (for debugging, and for the test that
     checks nothing outlives an interrupted run)."""
-    pids = {g: p for g, p in procs.roots().items() if g != "runner"}
+    pids: dict[str, list[int]] = {}
+    for group, roots in procs.roots().items():
+        if group == "runner":
+            continue
+        pids[group] = list(roots)
+        for root in roots:
+            with contextlib.suppress(psutil.Error):
+                pids[group] += [c.pid for c in psutil.Process(root).children(recursive=True)]
     (out / "pids.json").write_text(json.dumps(pids))
 
 
 def _produce(s: Scenario, env: dict[str, str], dbs: list[Path], procs: Procs,
              out: Path) -> tuple[float, float]:
     """Run the producers to completion (bounded); returns the production window (epoch s)."""
+    items = []
     plan = sorted(producer_plan(s, dbs), key=lambda p: p.start_s)
-    t0 = time.time()
-    print(f"producing {s.rate:g} saves/s for {s.duration_s:g} s", flush=True)
     for i, p in enumerate(plan):
-        time.sleep(max(0.0, t0 + p.start_s - time.time()))
         cmd = [str(BIN / "python"), "example/manage.py", "tweet", "--rate", f"{p.rate:.3f}",
                "--authors", str(p.authors), "--count", str(p.count), "--prefix", p.prefix]
         if s.bulk:
             cmd += ["--bulk", str(s.bulk)]
-        penv = {**env, "EXAMPLE_DB": str(p.db)}
+        penv = {"EXAMPLE_DB": str(p.db)}
         if s.delivery:
             penv["SCALEPUB_DELIVERY"] = s.delivery
-        procs.producers.append(_start(cmd, penv, out / f"producer-{i}.log"))
-        _record_pids(procs, out)
-    deadline = t0 + s.duration_s * 3 + 30  # a producer far behind its rate is cut off
-    while any(p.poll() is None for p in procs.producers) and time.time() < deadline:
+        items.append({"cmd": cmd, "env": penv, "start_s": p.start_s,
+                      "log": str(out / f"producer-{i}.log")})
+    plan_file = out / "producer-plan.json"
+    plan_file.write_text(json.dumps({"nice": s.producer_nice, "producers": items}, indent=1))
+    t0 = time.time()
+    print(f"producing {s.rate:g} saves/s for {s.duration_s:g} s", flush=True)
+    procs.producers.append(_start([str(BIN / "python"), "-m", "loadtest.producers", str(plan_file)],
+                                  env, out / "producers.log"))
+    _record_pids(procs, out)
+    deadline = t0 + s.duration_s * 3 + 30  # producers far behind their rate are cut off
+    all_started, recorded = max(p.start_s for p in plan) + 1.0, False
+    while procs.producers[0].poll() is None and time.time() < deadline:
         time.sleep(0.1)
+        if not recorded and time.time() - t0 > all_started:
+            _record_pids(procs, out)  # now with every tweet process
+            recorded = True
     _stop_all(procs.producers)
     return t0, time.time()
 

@@ -34,6 +34,9 @@ class Scenario:
     hot_producers: int = 1  # processes saving on the hot node (one manages ~400 saves/s here)
     bulk: int = 0  # rows per bulk_create + publish_many (0: one save per row)
     delivery: str = ""  # producers' SCALEPUB DELIVERY (outbox|direct; empty: the default)
+    # nice(1) level of the producers: > 0 lets the pipeline under test (ejabberd, shards,
+    # subscribers) have the CPU first on a box shared with the application's processes.
+    producer_nice: int = 0
     subscribers: int = 5  # Locust users, each one BOSH session
     hot_subscribe: bool = True  # every subscriber follows the hot node
     authors_per_subscriber: int = 1  # per-author nodes each subscriber follows
@@ -142,7 +145,8 @@ def _check(s: Scenario, where: str) -> None:
         "shards": s.shards >= 1, "batch_max_entries": min(s.batch_max_entries) >= 1,
         "window": s.window >= 1, "bosh_wait_s": 1 <= s.bosh_wait_s <= 120,
         "locust_processes": s.locust_processes >= 1, "drain_s": s.drain_s > 0,
-        "linger_ms": min(s.linger_ms) >= 0, "max_ready_s": s.max_ready_s > 0,
+        "linger_ms": min(s.linger_ms) >= 0, "producer_nice": 0 <= s.producer_nice <= 19,
+        "max_ready_s": s.max_ready_s > 0,
         "locust_sample": s.locust_sample >= 0, "delivery": s.delivery in ("", "outbox", "direct"),
     }
     for key, ok in problems.items():
