@@ -45,6 +45,10 @@ HEARTBEAT_INTERVAL_S = 2.0  # the key lives 5 intervals: `scalepub status` calls
 # A batch in flight at this many connection losses is split; a single entry is dead-lettered.
 SPLIT_AFTER_RESENDS = 2
 DEAD_AFTER_RESENDS = 5
+_REDIS_RETRY_FIRST_S = 0.1
+_REDIS_RETRY_MAX_S = 2.0
+# An XMPP reconnect costs a TLS handshake and a SASL login: back off further than for Redis.
+_RECONNECT_MAX_S = 5.0
 TRANSIENT_CONDITIONS = frozenset({
     "internal-server-error", "resource-constraint", "remote-server-timeout",
     "service-unavailable", "recipient-unavailable",
@@ -240,7 +244,7 @@ class ShardWorker:
                       "were published (lost)", shard, self.stats.trimmed)
 
     async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
-        delay = 0.1
+        delay = _REDIS_RETRY_FIRST_S
         while True:
             try:
                 return await call()
@@ -248,8 +252,10 @@ class ShardWorker:
                 if self._stop.is_set() and self._draining:
                     raise  # stopping: what is not done stays pending, nothing is lost
                 self._m.errors("redis").inc()
-                log.warning("shard %s: Redis unavailable (%s), retrying in %.1f s",
-                            self._name, exc, delay)
+                # once per outage at WARNING: several loops retry, each every ≤ 2 s
+                log.log(logging.WARNING if delay == _REDIS_RETRY_FIRST_S else logging.DEBUG,
+                        "shard %s: Redis unavailable (%s), retrying in %.1f s",
+                        self._name, exc, delay)
             except redis.ResponseError as exc:
                 if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
                     raise
@@ -258,7 +264,8 @@ class ShardWorker:
                 for key in self.shard_of:
                     await streams.ensure_group(self.redis, key)
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            # capped low: recovery after an outage waits for the next try, and a try is cheap
+            delay = min(delay * 2, _REDIS_RETRY_MAX_S)
 
     async def _wait_for_space(self) -> None:
         while self.batcher.buffered >= self.max_buffer and not self._stop.is_set():
@@ -443,7 +450,7 @@ class ShardWorker:
                 log.warning("shard %s: reconnect failed (%s); next try in %.1f s",
                             self._name, exc, delay)
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+            delay = min(delay * 2, _RECONNECT_MAX_S)
 
     # -- health ----------------------------------------------------------------------------
 
