@@ -484,8 +484,8 @@ def _truth(dbs: list[Path], env: dict[str, str], shards: int) -> dict[str, Any]:
                 appended[node] = int(seq)
     finally:
         client.close()
-    return {"saved": saved, "appended": appended,
-            "saving_s": max(last - first, 1e-3) if saved else 0.0}
+    return {"saved": saved, "appended": appended, "first_commit": first if saved else 0.0,
+            "last_commit": last, "saving_s": max(last - first, 1e-3) if saved else 0.0}
 
 
 def _epoch(stamp: str) -> float:

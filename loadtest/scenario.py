@@ -52,6 +52,11 @@ class Scenario:
     # costs ~4 us of the subscriber process's CPU; the run's own histograms count every entry.
     locust_sample: int = 1
     drain_s: float = 30.0  # longest wait, after the last save, for every delivery
+    # Targets the report checks (0: none).
+    target_saves_per_s: float = 0.0
+    target_p50_ms: float = 0.0
+    target_p99_ms: float = 0.0
+    target_deliveries_per_s: float = 0.0
     max_ready_s: float = 60.0  # longest wait for every subscriber to be subscribed
 
     @property
@@ -61,7 +66,9 @@ class Scenario:
 
     def variants(self) -> list[Variant]:
         """The (batch size, linger) pairs to run, in file order."""
-        return [Variant(b, linger) for b in self.batch_max_entries for linger in self.linger_ms]
+        # A batch of one entry is full at once: its linger changes nothing, one variant will do.
+        return [Variant(b, linger) for b in self.batch_max_entries
+                for linger in (self.linger_ms if b > 1 else self.linger_ms[:1])]
 
     def author_nodes(self, prefix: str) -> list[str]:
         """Per-author nodes under an author-name prefix."""

@@ -127,3 +127,9 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_variants_skip_the_linger_of_unbatched_runs() -> None:
+    s = from_mapping({"name": "x", "batch_max_entries": [250, 1], "linger_ms": [5, 50]})
+    assert [v.name for v in s.variants()] == [
+        "batch-250-linger-5", "batch-250-linger-50", "batch-1-linger-5"]
