@@ -44,6 +44,7 @@ def variant_results(*, scenario: Scenario, variant: Variant, out: Path, ready: i
         **delivery,
         "latency_ms": {f"p{p:g}": _round(overall.percentile(p)) for p in PERCENTILES},
         "locust_entry_stats": _locust_stats(out / "locust_stats.csv"),
+        "bosh_requests": _bosh_requests(out / "locust_stats.csv"),
         # Between the first and the last commit: the producers' start-up (Django, ~1 s of CPU
         # each) is not part of what a save costs.
         "cpu_cores": _cpu(timeline, truth["first_commit"], truth["last_commit"]),
@@ -137,6 +138,15 @@ def _locust_stats(path: Path) -> list[dict[str, str]]:
         rows = [r for r in csv.DictReader(f) if r.get("Type") == "entry"]
     keep = ("Name", "Request Count", "Median Response Time", "95%", "99%", "Max Response Time")
     return [{k: r.get(k, "") for k in keep} for r in rows]
+
+
+def _bosh_requests(path: Path) -> int:
+    """HTTP requests the subscribers made (long polls, logins, subscribes)."""
+    if not path.exists():
+        return 0
+    with path.open() as f:
+        return sum(int(r["Request Count"]) for r in csv.DictReader(f)
+                   if r.get("Type") == "POST" and r.get("Name") == "bosh")
 
 
 def _cpu(timeline: list[dict[str, Any]], t0: float, t1: float) -> dict[str, float]:
@@ -236,7 +246,7 @@ def _markdown(out: Path, s: Scenario, results: list[dict[str, Any]]) -> str:
              "*lost*: entry-deliveries that had not arrived when the run ended (every subscriber "
              "x every entry saved on its nodes, counted from the producers' databases); "
              "*not enqueued*: rows saved but never appended to Redis; *max ms*: the slowest "
-             "delivery.", "", _cpu_table(results), ""]
+             "delivery.", "", _http_line(results), "", _cpu_table(results), ""]
     for r in results:
         rel = Path(r["out"]).relative_to(out)
         lines += [f"## {r['variant']}", "", _verdict(r), "", _targets_line(r), "",
@@ -262,6 +272,15 @@ def _table(results: list[dict[str, Any]]) -> str:
             f"{lat['max']} | {r['lost']} | {r['duplicates']} | {r['not_enqueued']} | "
             f"{r['reconnects']} |")
     return "\n".join(rows)
+
+
+def _http_line(results: list[dict[str, Any]]) -> str:
+    parts = [f"{r['variant']}: {r['bosh_requests']:,} requests, "
+             f"{r['received'] / max(r['bosh_requests'], 1):.1f} entries per response"
+             for r in results]
+    return ("BOSH HTTP requests of the subscribers (each answer carries what was queued for that "
+            "session: the fewer entries per answer, the more the HTTP cycles cost): "
+            + "; ".join(parts) + ".")
 
 
 def _cpu_table(results: list[dict[str, Any]]) -> str:
