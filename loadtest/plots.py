@@ -81,15 +81,19 @@ def _plot(path: Path, title: str, ylabel: str, x: list[float], lines: dict[str, 
     fig, ax = plt.subplots(figsize=(9, 4.5), dpi=100)
     for label, ys in lines.items():
         ax.plot(x, [float("nan") if y is None else y for y in ys], label=label, linewidth=1.2)
-    for label, (xs, ys) in (extra or {}).items():
-        ax.plot(xs, ys, label=label, linewidth=1.0, linestyle="--")
+    if extra:  # on its own axis (right): saves/s are ~1/100 of the deliveries
+        right = ax.twinx()
+        for label, (xs, ys) in extra.items():
+            right.plot(xs, ys, label=label, linewidth=1.0, linestyle="--", color="tab:orange")
+            right.set_ylabel(label)
+        right.legend(fontsize=8, loc="upper right")
     if log:
         ax.set_yscale("log")
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("seconds since the producers started")
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
-    if lines or extra:
+    if lines:
         ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path)
