@@ -133,3 +133,21 @@ def test_variants_skip_the_linger_of_unbatched_runs() -> None:
     s = from_mapping({"name": "x", "batch_max_entries": [250, 1], "linger_ms": [5, 50]})
     assert [v.name for v in s.variants()] == [
         "batch-250-linger-5", "batch-250-linger-50", "batch-1-linger-5"]
+
+
+def test_lost_is_counted_against_the_saved_rows_not_against_what_arrived() -> None:
+    from loadtest.report import _delivery
+
+    dumps = [{"tracks": [
+        # got 1..10 of 10: nothing lost
+        {"user": 0, "node": "/a", "next": 11, "received": 11, "duplicates": 1, "missing": 0},
+        # got 1..8 with 4 missing: 4 and 9..10 lost
+        {"user": 1, "node": "/a", "next": 9, "received": 7, "duplicates": 0, "missing": 1},
+        # subscribed, got nothing: all 5 lost
+        {"user": 1, "node": "/b", "next": 0, "received": 0, "duplicates": 0, "missing": 0},
+    ], "per_second": {"100": {"10": 9}, "101": {"20": 8}}}]
+    d = _delivery(dumps, {"/a": 10, "/b": 5}, (99.5, 101.5))
+    assert d["lost"] == 0 + 3 + 5
+    assert d["delivered"] == 10 + 7 and d["duplicates"] == 1
+    assert d["deliveries_per_s"] == 8.5 and d["peak_deliveries_per_s"] == 9
+    assert d["deliveries_per_s_while_saving"] == 9  # only second 100 lies wholly inside
