@@ -196,10 +196,25 @@ def _on_init(environment: Environment, **_kwargs: Any) -> None:
         gevent.spawn(_report_progress)
 
 
+@events.test_stopping.add_listener
+def _on_test_stopping(environment: Environment, **_kwargs: Any) -> None:
+    # The run stops users only once every expected delivery arrived (loadtest/run.py drain),
+    # so this dump is complete; a --processes worker may be killed before the events below.
+    _dump()
+
+
+@events.test_stop.add_listener
+def _on_test_stop(environment: Environment, **_kwargs: Any) -> None:
+    _dump()  # users stopped: nothing is received after this one
+
+
 @events.quit.add_listener
 def _on_quit(**_kwargs: Any) -> None:
-    # 'quit' comes after the users were stopped ('quitting' comes before): nothing is received
-    # after this dump. A master of --processes has no users and no tracker of its own.
+    _dump()  # again at exit: the same figures if nothing arrived in between
+
+
+def _dump() -> None:
+    # A master of --processes has no users and no tracker of its own.
     if STATE["ready"] or TRACKER.entries:
         _write_progress()
         _write(OUT / f"subscribers-{os.getpid()}.json", {**_progress(), **TRACKER.to_json()})
