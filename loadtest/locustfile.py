@@ -5,10 +5,11 @@ nodes and long-polls. Every new entry reports its end-to-end latency (now - the 
 timestamp) as a Locust request of type ``entry`` named after the node's kind (``hot`` or
 ``author``), so Locust's statistics and CSV carry the percentiles. The process also keeps its
 own per-second latency histograms and per-node seq tracks (``loadtest/entries.py``): the run
-checks them against the truth in Redis for lost entries and duplicates.
+checks them against the rows saved (the producers' databases) for lost entries and duplicates.
 
 Configuration comes from the JSON file named by ``LOADTEST_CONFIG``; results go to its
-``out_dir`` as ``progress-<pid>.json`` (every second) and ``subscribers-<pid>.json`` (at exit).
+``out_dir`` as ``progress-<pid>.json`` (every 0.5 s) and ``subscribers-<pid>.json`` (when the
+users stop).
 """
 
 from __future__ import annotations
@@ -56,7 +57,10 @@ class LocustTransport:
         self.path = path
 
     def post(self, body: bytes, timeout: float) -> bytes:
-        """POST to the BOSH path; errors become ``TransportError`` (the client retries)."""
+        """POST to the BOSH path; errors become ``TransportError`` (the client retries).
+
+        The timeout is the user's ``network_timeout`` (BOSH wait + 15 s), set per class.
+        """
         headers = {"Content-Type": "text/xml; charset=utf-8"}
         with self.user.client.post(self.path, data=body, headers=headers, name="bosh",
                                    catch_response=True) as response:

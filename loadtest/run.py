@@ -5,7 +5,8 @@ free ports (``tests/stack.py`` → ``ops/stack``), the nodes created as the publ
 run``, the Locust BOSH subscribers (a subprocess: gevent must not patch this one), then the
 example project's ``manage.py tweet`` producers for the scenario's duration. It waits for the
 last delivery (bounded), stops everything it started, also on Ctrl-C, SIGTERM or an error, and
-writes the report folder (``loadtest/report.py``). Exit code 0 when no entry was lost.
+writes the report folder (``loadtest/report.py``). Exit codes: 0 every entry reached every
+subscriber, 1 some did not (or a subscriber never subscribed), 2 the run failed or was stopped.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import sys
 import tempfile
 import time
 import tomllib
+import traceback
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -112,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
             results.append(run_variant(scenario, variant, out / variant.name))
     except (Stopped, KeyboardInterrupt):
         print("loadtest: stopped; everything started was stopped", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception:  # a part failed to start or died: said, after everything was stopped
+        traceback.print_exc()
+        print("loadtest: failed; everything started was stopped (logs in the report folder)",
+              file=sys.stderr)
         return EXIT_FAILED
     finally:
         if results:
