@@ -34,6 +34,7 @@ def variant_results(*, scenario: Scenario, variant: Variant, out: Path, ready: i
     results: dict[str, Any] = {
         "scenario": scenario.name, "variant": variant.label, "out": str(out),
         "batch_max_entries": variant.batch_max_entries, "linger_ms": variant.linger_ms,
+        "rate": scenario.rate,
         "subscribers": scenario.subscribers, "subscribers_ready": ready, "drained": drained,
         "production_s": round(t1 - t0, 2),
         "saved": sum(saved.values()), "appended": sum(truth["appended"].values()),
@@ -235,7 +236,8 @@ def _without_series(r: dict[str, Any]) -> dict[str, Any]:
 def _markdown(out: Path, s: Scenario, results: list[dict[str, Any]]) -> str:
     lines = [f"# Load test `{s.name}`", "", s.description, "",
              f"{s.subscribers} BOSH subscribers (each: {'the hot node + ' if s.hot_share else ''}"
-             f"{s.authors_per_subscriber} of {s.authors} author nodes), {s.rate:g} saves/s "
+             f"{s.authors_per_subscriber} of {s.authors} author nodes), "
+             f"{', '.join(f'{r:g}' for r in s.rates) if s.rates else f'{s.rate:g}'} saves/s "
              f"({s.hot_share:.0%} on the hot node) by "
              f"{s.producers if s.hot_share < 1 else 0} author + "
              f"{s.hot_producers if s.hot_share else 0} hot-node producer processes (`manage.py "

@@ -24,7 +24,7 @@ import tempfile
 import time
 import tomllib
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     try:
         for variant in scenario.variants():
-            results.append(run_variant(scenario, variant, out / variant.name))
+            at_rate = replace(scenario, rate=variant.rate) if variant.rate else scenario
+            results.append(run_variant(at_rate, variant, out / variant.name))
     except (Stopped, KeyboardInterrupt):
         print("loadtest: stopped; everything started was stopped", file=sys.stderr)
         return EXIT_FAILED
@@ -150,6 +151,7 @@ def _with_overrides(scenario: Scenario, pairs: list[str]) -> Scenario:
     merged = {k: getattr(scenario, k) for k in scenario.__dataclass_fields__}
     merged["batch_max_entries"] = list(merged["batch_max_entries"])
     merged["linger_ms"] = list(merged["linger_ms"])
+    merged["rates"] = list(merged["rates"])
     return from_mapping({**merged, **values}, "--set")
 
 

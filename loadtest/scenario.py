@@ -27,6 +27,7 @@ class Scenario:
     description: str = ""
     duration_s: float = 30.0  # how long the producers save rows (ramp included)
     rate: float = 100.0  # saves/s in total once ramped up
+    rates: tuple[float, ...] = ()  # a sweep: one variant per rate (each batching), instead of rate
     ramp_s: float = 0.0  # producer processes start one by one over this time (0: all at once)
     producers: int = 1  # processes saving per-author tweets (`manage.py tweet`)
     authors: int = 10  # per-author nodes
@@ -65,10 +66,13 @@ class Scenario:
         return f"{NODE_BASE}hot0"
 
     def variants(self) -> list[Variant]:
-        """The (batch size, linger) pairs to run, in file order."""
+        """The (rate,) batch size, linger combinations to run, in file order."""
         # A batch of one entry is full at once: its linger changes nothing, one variant will do.
-        return [Variant(b, linger) for b in self.batch_max_entries
-                for linger in (self.linger_ms if b > 1 else self.linger_ms[:1])]
+        batchings = [(b, linger) for b in self.batch_max_entries
+                     for linger in (self.linger_ms if b > 1 else self.linger_ms[:1])]
+        if not self.rates:
+            return [Variant(b, linger) for b, linger in batchings]
+        return [Variant(b, linger, rate) for rate in self.rates for b, linger in batchings]
 
     def author_nodes(self, prefix: str) -> list[str]:
         """Per-author nodes under an author-name prefix."""
@@ -81,16 +85,19 @@ class Variant:
 
     batch_max_entries: int
     linger_ms: float
+    rate: float | None = None  # set in a sweep (the scenario's ``rates``)
 
     @property
     def name(self) -> str:
-        """Folder name, e.g. ``batch-250-linger-5``."""
-        return f"batch-{self.batch_max_entries}-linger-{self.linger_ms:g}"
+        """Folder name, e.g. ``batch-250-linger-5`` (``rate-500-batch-...`` in a sweep)."""
+        head = f"rate-{self.rate:g}-" if self.rate is not None else ""
+        return f"{head}batch-{self.batch_max_entries}-linger-{self.linger_ms:g}"
 
     @property
     def label(self) -> str:
-        """Human label, e.g. ``batch 250, linger 5 ms``."""
-        return f"batch {self.batch_max_entries}, linger {self.linger_ms:g} ms"
+        """Human label, e.g. ``batch 250, linger 5 ms`` (``500 saves/s, batch ...``)."""
+        head = f"{self.rate:g} saves/s, " if self.rate is not None else ""
+        return f"{head}batch {self.batch_max_entries}, linger {self.linger_ms:g} ms"
 
 
 def nodes_for(user: int, hot_node: str | None, author_nodes: list[str], per_user: int) -> list[str]:
@@ -143,7 +150,8 @@ def _coerce(where: str, key: str, value: Any, kind: Any) -> Any:
 
 def _check(s: Scenario, where: str) -> None:
     problems = {
-        "duration_s": s.duration_s > 0, "rate": s.rate > 0, "ramp_s": 0 <= s.ramp_s < s.duration_s,
+        "duration_s": s.duration_s > 0, "ramp_s": 0 <= s.ramp_s < s.duration_s,
+        "rate": s.rate > 0, "rates": min(s.rates, default=1) > 0,
         "producers": s.producers >= (1 if s.hot_share < 1 else 0), "authors": s.authors >= 1,
         "hot_share": 0 <= s.hot_share <= 1,
         "hot_producers": s.hot_producers >= (1 if s.hot_share > 0 else 0), "bulk": s.bulk >= 0,

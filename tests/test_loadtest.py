@@ -151,3 +151,11 @@ def test_lost_is_counted_against_the_saved_rows_not_against_what_arrived() -> No
     assert d["delivered"] == 10 + 7 and d["duplicates"] == 1
     assert d["deliveries_per_s"] == 8.5 and d["peak_deliveries_per_s"] == 9
     assert d["deliveries_per_s_while_saving"] == 9  # only second 100 lies wholly inside
+
+
+def test_a_rate_sweep_runs_every_batching_at_every_rate() -> None:
+    s = from_mapping({"name": "x", "rates": [100, 500], "batch_max_entries": [250, 1]})
+    assert [v.name for v in s.variants()] == [
+        "rate-100-batch-250-linger-5", "rate-100-batch-1-linger-5",
+        "rate-500-batch-250-linger-5", "rate-500-batch-1-linger-5"]
+    assert s.variants()[2].label == "500 saves/s, batch 250, linger 5 ms"
