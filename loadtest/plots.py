@@ -98,3 +98,30 @@ def _plot(path: Path, title: str, ylabel: str, x: list[float], lines: dict[str, 
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def sweep(out: Path, results: list[dict[str, Any]]) -> Path:
+    """sweep.png: e2e latency percentiles and deliveries/s against the save rate."""
+    rows = sorted(results, key=lambda r: r["rate"])
+    rates = [r["rate"] for r in rows]
+    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=100)
+    for p in ("p50", "p95", "p99"):
+        ax.plot(rates, [r["latency_ms"][p] for r in rows], marker="o", label=f"e2e {p}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("target saves/s")
+    ax.set_ylabel("latency (ms, log)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    right = ax.twinx()
+    right.plot(rates, [r["deliveries_per_s_while_saving"] for r in rows], color="tab:gray",
+               linestyle="--", marker="s", label="entry-deliveries/s while saving")
+    right.set_ylabel("entry-deliveries/s")
+    right.legend(fontsize=8, loc="lower right")
+    ax.set_title(f"{rows[0]['scenario']}: latency and deliveries against the save rate",
+                 fontsize=10)
+    fig.tight_layout()
+    path = out / "sweep.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -223,6 +223,8 @@ def write(out: Path, scenario: Scenario, results: list[dict[str, Any]]) -> None:
 
     for r in results:
         plots.variant(Path(r["out"]), r)
+    if scenario.rates and len(results) > 1:
+        plots.sweep(out, results)
     (out / "summary.json").write_text(json.dumps(
         {"scenario": scenario.__dict__, "results": [_without_series(r) for r in results]},
         indent=1, default=list))
@@ -245,6 +247,7 @@ def _markdown(out: Path, s: Scenario, results: list[dict[str, Any]]) -> str:
              f"(ramp {s.ramp_s:g} s), {s.shards} shards, window "
              f"{s.window}. Everything on this machine, shared with other work: see CPU 'others'.",
              "", _table(results), "",
+             *(["![sweep](sweep.png)", ""] if s.rates and len(results) > 1 else []),
              "*lost*: entry-deliveries that had not arrived when the run ended (every subscriber "
              "x every entry saved on its nodes, counted from the producers' databases); "
              "*not enqueued*: rows saved but never appended to Redis; *max ms*: the slowest "
