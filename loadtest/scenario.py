@@ -137,7 +137,7 @@ def _coerce(where: str, key: str, value: Any, kind: Any) -> Any:
     if kind.startswith("tuple["):
         item, what = (int, "integer") if kind == "tuple[int, ...]" else ((int, float), "number")
         value = value if isinstance(value, list) else [value]
-        if not value or not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+        if not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
             raise ScenarioError(f"{where}: '{key}' must be a {what} or a list of them")
         return tuple(value if item is int else [float(v) for v in value])
     types: dict[str, type | tuple[type, ...]] = {
@@ -157,10 +157,10 @@ def _check(s: Scenario, where: str) -> None:
         "hot_producers": s.hot_producers >= (1 if s.hot_share > 0 else 0), "bulk": s.bulk >= 0,
         "subscribers": s.subscribers >= 1,
         "authors_per_subscriber": s.authors_per_subscriber >= 0, "spawn_rate": s.spawn_rate > 0,
-        "shards": s.shards >= 1, "batch_max_entries": min(s.batch_max_entries) >= 1,
+        "shards": s.shards >= 1, "batch_max_entries": min(s.batch_max_entries, default=0) >= 1,
         "window": s.window >= 1, "bosh_wait_s": 1 <= s.bosh_wait_s <= 120,
         "locust_processes": s.locust_processes >= 1, "drain_s": s.drain_s > 0,
-        "linger_ms": min(s.linger_ms) >= 0, "producer_nice": 0 <= s.producer_nice <= 19,
+        "linger_ms": min(s.linger_ms, default=-1) >= 0, "producer_nice": 0 <= s.producer_nice <= 19,
         "max_ready_s": s.max_ready_s > 0,
         "locust_sample": s.locust_sample >= 0, "delivery": s.delivery in ("", "outbox", "direct"),
     }

@@ -159,3 +159,12 @@ def test_a_rate_sweep_runs_every_batching_at_every_rate() -> None:
         "rate-100-batch-250-linger-5", "rate-100-batch-1-linger-5",
         "rate-500-batch-250-linger-5", "rate-500-batch-1-linger-5"]
     assert s.variants()[2].label == "500 saves/s, batch 250, linger 5 ms"
+
+
+def test_overrides_keep_the_rest_of_the_scenario() -> None:
+    from loadtest.run import _with_overrides
+
+    s = _with_overrides(load(SCENARIOS / "steady.toml"), ["rate=100", 'delivery="direct"'])
+    assert (s.rate, s.delivery, s.subscribers, s.rates) == (100, "direct", 200, ())
+    with pytest.raises(ScenarioError, match="batch_max_entries"):
+        _with_overrides(s, ["batch_max_entries=[]"])
