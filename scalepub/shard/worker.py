@@ -47,6 +47,7 @@ SPLIT_AFTER_RESENDS = 2
 DEAD_AFTER_RESENDS = 5
 _REDIS_RETRY_FIRST_S = 0.1
 _REDIS_RETRY_MAX_S = 2.0
+_RETRY_WARN_EVERY_S = 10.0
 # An XMPP reconnect costs a TLS handshake and a SASL login: back off further than for Redis.
 _RECONNECT_MAX_S = 5.0
 TRANSIENT_CONDITIONS = frozenset({
@@ -245,6 +246,7 @@ class ShardWorker:
 
     async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
         delay = _REDIS_RETRY_FIRST_S
+        warned = -_RETRY_WARN_EVERY_S
         while True:
             try:
                 return await call()
@@ -252,8 +254,11 @@ class ShardWorker:
                 if self._stop.is_set() and self._draining:
                     raise  # stopping: what is not done stays pending, nothing is lost
                 self._m.errors("redis").inc()
-                # once per outage at WARNING: several loops retry, each every ≤ 2 s
-                log.log(logging.WARNING if delay == _REDIS_RETRY_FIRST_S else logging.DEBUG,
+                # several loops retry, each every ≤ 2 s: a WARNING at most every 10 s each
+                now = time.monotonic()
+                quiet = now - warned < _RETRY_WARN_EVERY_S
+                warned = warned if quiet else now
+                log.log(logging.DEBUG if quiet else logging.WARNING,
                         "shard %s: Redis unavailable (%s), retrying in %.1f s",
                         self._name, exc, delay)
             except redis.ResponseError as exc:
