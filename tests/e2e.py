@@ -253,3 +253,40 @@ def assert_complete_and_ordered(by_node: dict[str, list[Got]], expected: dict[st
         assert sorted(first_seen) == list(range(1, count + 1)), f"{node}: missing seqs"
         assert order == sorted(order), f"{node}: out of order {order[:20]}..."
     return duplicates
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.1) -> bool:
+    """Poll ``predicate`` every ``step`` seconds until it holds (True) or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return bool(predicate())
+
+
+async def _stored(env: dict[str, str], nodes: list[str]) -> dict[str, list[Got]]:
+    client = slixmpp.ClientXMPP(env["SCALEPUB_ANON_DOMAIN"], "")
+    client.enable_starttls = client.enable_direct_tls = False
+    client.enable_plaintext = True
+    client.register_plugin("xep_0060")
+    started = asyncio.get_running_loop().create_future()
+    client.add_event_handler("session_start", lambda _e: started.set_result(None))
+    client.connect(env["SCALEPUB_XMPP_HOST"], int(env["SCALEPUB_XMPP_PORT"]))
+    await asyncio.wait_for(started, 20)
+    out: dict[str, list[Got]] = {}
+    for node in nodes:
+        reply = await client.plugin["xep_0060"].get_items(env["SCALEPUB_PUBSUB_SERVICE"], node,
+                                                          timeout=30)
+        out[node] = []
+        for item in reply["pubsub"]["items"]:
+            fragment = ET.fromstring(f"<entries>{item['payload'].text}</entries>")
+            out[node] += [Got(e.get("node", ""), int(e.get("seq", "0")), e.get("id", ""))
+                          for e in fragment.iter("entry")]
+    await client.disconnect()
+    return out
+
+
+def stored_entries(env: dict[str, str], nodes: list[str]) -> dict[str, list[Got]]:
+    """What the server stored (and so had confirmed) per node, in item order."""
+    return asyncio.run(_stored(env, nodes))

@@ -20,9 +20,14 @@ from scalepub.settings import Settings, env_mapping
 from scalepub.sharding import Keys
 from scalepub.status import collect, collect_relays
 from tests.conftest import _as_env
-from tests.e2e import Collector, PoolProcess, assert_complete_and_ordered, create_nodes
+from tests.e2e import (
+    Collector,
+    PoolProcess,
+    assert_complete_and_ordered,
+    create_nodes,
+    wait_until,
+)
 from tests.stack import Stack
-from tests.test_outbox import wait_until
 
 pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
 

@@ -19,7 +19,6 @@ names a file, appended to it as a JSON line.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -27,15 +26,13 @@ import subprocess
 import threading
 import time
 import uuid
-import xml.etree.ElementTree as ET
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import redis
-import slixmpp
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -44,7 +41,7 @@ from scalepub.producer import PendingEntry, StreamProducer
 from scalepub.settings import Settings, env_mapping
 from scalepub.shard.streams import backlogs
 from scalepub.sharding import CONSUMER_GROUP, ENTRY_FIELD, Keys, shard_for
-from tests.e2e import Collector, Got, PoolProcess, create_nodes
+from tests.e2e import Collector, Got, PoolProcess, create_nodes, stored_entries, wait_until
 from tests.stack import Stack, new_stack
 
 pytestmark = [pytest.mark.stack, pytest.mark.timeout(150)]
@@ -127,14 +124,6 @@ def alive(pid: int) -> bool:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
-
-def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return False
 
 
 # -- the load ----------------------------------------------------------------------------
@@ -403,33 +392,6 @@ def _run(fault_stack: Stack, tmp_path: Path) -> Iterator[Run]:
         for key in client.scan_iter(match=f"{settings.key_prefix}:*", count=1000):
             client.delete(key)
         client.close()
-
-
-async def _stored(env: dict[str, str], nodes: list[str]) -> dict[str, list[Got]]:
-    client = slixmpp.ClientXMPP(env["SCALEPUB_ANON_DOMAIN"], "")
-    client.enable_starttls = client.enable_direct_tls = False
-    client.enable_plaintext = True
-    client.register_plugin("xep_0060")
-    started = asyncio.get_running_loop().create_future()
-    client.add_event_handler("session_start", lambda _e: started.set_result(None))
-    client.connect(env["SCALEPUB_XMPP_HOST"], int(env["SCALEPUB_XMPP_PORT"]))
-    await asyncio.wait_for(started, 20)
-    out: dict[str, list[Got]] = {}
-    for node in nodes:
-        reply = await client.plugin["xep_0060"].get_items(env["SCALEPUB_PUBSUB_SERVICE"], node,
-                                                          timeout=30)
-        out[node] = []
-        for item in reply["pubsub"]["items"]:
-            fragment = ET.fromstring(f"<entries>{item['payload'].text}</entries>")
-            out[node] += [Got(e.get("node", ""), int(e.get("seq", "0")), e.get("id", ""))
-                          for e in fragment.iter("entry")]
-    await client.disconnect()
-    return out
-
-
-def stored_entries(env: dict[str, str], nodes: list[str]) -> dict[str, list[Got]]:
-    """What the server stored (and so had confirmed) per node, in item order."""
-    return asyncio.run(_stored(env, nodes))
 
 
 def start_load(run: Run) -> PoolProcess:

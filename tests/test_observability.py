@@ -20,7 +20,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -33,7 +33,7 @@ from twitter.models import Tweet
 from scalepub.producer import PendingEntry, StreamProducer
 from scalepub.settings import Settings
 from scalepub.sharding import ENTRY_FIELD, Keys, shard_for
-from tests.e2e import PoolProcess, create_nodes
+from tests.e2e import PoolProcess, create_nodes, wait_until
 from tests.stack import REPO, Stack, free_port
 
 PROMETHEUS_DIR = REPO / "ops" / "prometheus"
@@ -158,14 +158,6 @@ class Prometheus:
                 self.proc.wait(5)
         self._log.close()
 
-
-def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return False
 
 
 def rule_config(directory: Path) -> Path:

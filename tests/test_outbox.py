@@ -6,7 +6,6 @@ import dataclasses
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from scalepub.producer import PendingEntry
 from scalepub.settings import Settings, env_mapping
 from scalepub.sharding import CONSUMER_GROUP, Keys, shard_for
 from tests.conftest import _as_env
-from tests.e2e import Collector, PoolProcess, assert_complete_and_ordered, create_nodes
+from tests.e2e import Collector, PoolProcess, assert_complete_and_ordered, create_nodes, wait_until
 from tests.stack import Stack
 from tests.streams import StoredEntry, read_all
 
@@ -38,14 +37,6 @@ def wait_for_entries(client: redis.Redis, settings: Settings, count: int,
             return entries
         time.sleep(0.05)
 
-
-def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def assert_creation_order(entries: list[StoredEntry], per_node: int) -> None:

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
-import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
-import slixmpp
 
 from scalepub.producer import PendingEntry, StreamProducer
 from scalepub.settings import Settings, env_mapping
 from scalepub.shard.streams import backlogs
 from scalepub.sharding import CONSUMER_GROUP, ENTRY_FIELD, Keys, shard_for
-from tests.e2e import Collector, PoolProcess, create_nodes
+from tests.e2e import Collector, PoolProcess, create_nodes, stored_entries, wait_until
 from tests.stack import Stack, new_stack
 
 pytestmark = pytest.mark.stack
@@ -44,14 +41,6 @@ def drained(settings: Settings) -> bool:
         client.close()
 
 
-def wait_until(predicate, timeout: float) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
-
 
 @pytest.fixture(scope="module")
 def storing_stack() -> Iterator[Stack]:
@@ -64,27 +53,6 @@ def storing_stack() -> Iterator[Stack]:
         yield s
     finally:
         s.down()
-
-
-async def _stored_entries(env: dict[str, str], nodes: list[str]) -> dict[str, list[int]]:
-    client = slixmpp.ClientXMPP(env["SCALEPUB_ANON_DOMAIN"], "")
-    client.enable_starttls = client.enable_direct_tls = False
-    client.enable_plaintext = True
-    client.register_plugin("xep_0060")
-    started = asyncio.get_running_loop().create_future()
-    client.add_event_handler("session_start", lambda _e: started.set_result(None))
-    client.connect(env["SCALEPUB_XMPP_HOST"], int(env["SCALEPUB_XMPP_PORT"]))
-    await asyncio.wait_for(started, 20)
-    out: dict[str, list[int]] = {}
-    for node in nodes:
-        reply = await client.plugin["xep_0060"].get_items(env["SCALEPUB_PUBSUB_SERVICE"], node)
-        seqs = []
-        for item in reply["pubsub"]["items"]:
-            fragment = ET.fromstring(f"<entries>{item['payload'].text}</entries>")
-            seqs += [int(e.get("seq", "0")) for e in fragment.iter("entry")]
-        out[node] = seqs
-    await client.disconnect()
-    return out
 
 
 def test_ejabberd_restart_mid_stream_loses_nothing(storing_stack: Stack, tmp_path: Path) -> None:
@@ -104,9 +72,9 @@ def test_ejabberd_restart_mid_stream_loses_nothing(storing_stack: Stack, tmp_pat
     finally:
         pool.kill()
     assert "reconnected" in pool.output()
-    stored = asyncio.run(_stored_entries(storing_stack.env, nodes))
+    stored = stored_entries(storing_stack.env, nodes)
     for node in nodes:
-        assert sorted(set(stored[node])) == list(range(1, 201)), node
+        assert sorted({g.seq for g in stored[node]}) == list(range(1, 201)), node
 
 
 @pytest.fixture

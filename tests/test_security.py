@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from scalepub.shard.streams import backlogs
 from scalepub.shard.xmpp import Reply, XmppLink, XmppTlsError
 from scalepub.sharding import Keys
 from scalepub.subscriber import ReceivedEntry, Subscriber
-from tests.e2e import PoolProcess, create_nodes, settings_env
+from tests.e2e import PoolProcess, create_nodes, settings_env, wait_until
 from tests.stack import Stack, new_stack
 
 pytestmark = pytest.mark.stack
@@ -91,14 +91,6 @@ def drained(settings: Settings) -> bool:
     finally:
         client.close()
 
-
-def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def ejabberdctl(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:

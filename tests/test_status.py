@@ -15,9 +15,9 @@ import pytest
 from scalepub import exitcodes
 from scalepub.settings import Settings
 from scalepub.status import ShardStatus
-from tests.e2e import PoolProcess, create_nodes, settings_env
+from tests.e2e import PoolProcess, create_nodes, settings_env, wait_until
 from tests.stack import Stack
-from tests.test_pool_faults import produce, wait_until
+from tests.test_pool_faults import produce
 
 SCALEPUB = str(Path(sys.executable).parent / "scalepub")
 
