@@ -6,8 +6,9 @@ All ``manage.py tweet`` processes are children of this one process, started by
 before it shares it between processes: producers started each in its own session would get
 one share each, five producers five times ejabberd's. Here the application is one share, like
 ejabberd, Redis, the shard pool and Locust, as if each ran on a machine of its own;
-``nice`` (the plan's ``nice``) lowers that share further. SIGTERM is forwarded to the
-producers.
+``nice`` (the plan's ``nice``) lowers that share further. SIGTERM becomes SIGINT for the
+producers: Django then exits through its exit handlers, and the outbox relay thread drains
+what the process saved (SIGTERM would skip that and leave rows in its outbox).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def main(plan_path: str) -> int:
 def _forward(children: list[subprocess.Popen[bytes]]) -> None:
     for child in children:
         if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
+            child.send_signal(signal.SIGINT)
 
 
 def _set_autogroup_nice(nice: int) -> None:

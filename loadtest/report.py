@@ -40,6 +40,7 @@ def variant_results(*, scenario: Scenario, variant: Variant, out: Path, ready: i
         "saved": sum(saved.values()), "appended": sum(truth["appended"].values()),
         "not_enqueued": sum(max(0, n - truth["appended"].get(node, 0))
                             for node, n in saved.items()),
+        "outbox_left": truth.get("outbox_left", 0),
         # Between the first and the last commit (the producers' start-up is not saving time).
         "saves_per_s": round(sum(saved.values()) / max(truth["saving_s"], 1e-9), 1),
         **delivery,
@@ -250,8 +251,10 @@ def _markdown(out: Path, s: Scenario, results: list[dict[str, Any]]) -> str:
              *(["![sweep](sweep.png)", ""] if s.rates and len(results) > 1 else []),
              "*lost*: entry-deliveries that had not arrived when the run ended (every subscriber "
              "x every entry saved on its nodes, counted from the producers' databases); "
-             "*not enqueued*: rows saved but never appended to Redis; *max ms*: the slowest "
-             "delivery.", "", _http_line(results), "", _cpu_table(results), ""]
+             "*not enqueued*: rows saved but never appended to Redis (left in the producers' "
+             "outbox tables: " + ", ".join(str(r["outbox_left"]) for r in results)
+             + "); *max ms*: the slowest delivery.",
+             "", _http_line(results), "", _cpu_table(results), ""]
     for r in results:
         rel = Path(r["out"]).relative_to(out)
         lines += [f"## {r['variant']}", "", _verdict(r), "", _targets_line(r), "",

@@ -475,8 +475,11 @@ def _truth(dbs: list[Path], env: dict[str, str], shards: int) -> dict[str, Any]:
     """Rows committed per node (the producers' databases) and entries appended per node (Redis)."""
     saved: dict[str, int] = {}
     first, last = float("inf"), 0.0
+    outbox_left = 0
     for db in dbs:
         with contextlib.closing(sqlite3.connect(db)) as conn:
+            with contextlib.suppress(sqlite3.OperationalError):  # no outbox table: 0 left
+                outbox_left += conn.execute("SELECT COUNT(*) FROM scalepub_outbox").fetchone()[0]
             for author, count, oldest, newest in conn.execute(
                     "SELECT author, COUNT(*), MIN(created_at), MAX(created_at) FROM twitter_tweet"
                     " GROUP BY author"):
@@ -493,7 +496,8 @@ def _truth(dbs: list[Path], env: dict[str, str], shards: int) -> dict[str, Any]:
                 appended[node] = int(seq)
     finally:
         client.close()
-    return {"saved": saved, "appended": appended, "first_commit": first if saved else 0.0,
+    return {"saved": saved, "appended": appended, "outbox_left": outbox_left,
+            "first_commit": first if saved else 0.0,
             "last_commit": last, "saving_s": max(last - first, 1e-3) if saved else 0.0}
 
 

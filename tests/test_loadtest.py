@@ -78,7 +78,7 @@ def test_tiny_scenario_delivers_every_entry_to_every_subscriber(tmp_path: Path) 
     assert done.returncode == 0, done.stdout + done.stderr
     [r] = json.loads((out / "summary.json").read_text())["results"]
     assert r["subscribers_ready"] == r["subscribers"] == 4
-    assert r["saved"] == 200 and r["appended"] == 200
+    assert r["saved"] == 200 and r["appended"] == 200 and r["outbox_left"] == 0
     assert r["lost"] == 0 and r["drained"] and r["ok"]
     # Every subscriber got every entry of every node it follows: hot (40) + 2 authors (40 each).
     assert r["delivered"] == 4 * (40 + 40 + 40)
