@@ -29,6 +29,9 @@ def main(plan_path: str) -> int:
     """Start every producer at its offset, wait for all; exit code: the worst child's."""
     plan: dict[str, Any] = json.loads(Path(plan_path).read_text())
     _set_autogroup_nice(int(plan.get("nice", 0)))
+    # A shell that starts a job in the background (CI, nohup) leaves SIGINT ignored, and an
+    # ignored signal stays ignored across exec: the producers would not hear it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     children: list[subprocess.Popen[bytes]] = []
     signal.signal(signal.SIGTERM, lambda *_: _forward(children))
     t0 = time.monotonic()
