@@ -90,3 +90,20 @@ def test_tail_prints_entries_with_latency(settings_for: Settings, stack: Stack,
     for i, line in enumerate(lines):
         assert line.startswith(f"{node} #{i + 1} ") and " ms " in line
         assert f"text='hello {i}'" in line
+
+
+def test_run_help_states_the_settings_defaults() -> None:
+    """Every `[... default N]` in `scalepub run --help` is the Settings default it names."""
+    import re
+
+    from click.testing import CliRunner
+
+    from scalepub.cli import main
+    from scalepub.settings import Settings
+
+    text = " ".join(CliRunner().invoke(main, ["run", "--help"]).output.split())
+    found = re.findall(r"--([a-z-]+) [A-Z]+ (?:(?!--)[^\[])*\[[^\]]*default ([0-9]+(?:\.[0-9]+)?)\]", text)
+    assert len(found) >= 6, text
+    defaults = Settings()
+    for option, stated in found:
+        assert float(stated) == float(getattr(defaults, option.replace("-", "_"))), option

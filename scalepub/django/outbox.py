@@ -1,4 +1,5 @@
-"""Writing entries to the outbox table: in the save's transaction, or as a spill after commit."""
+"""The outbox table: entries written in the save's transaction (or spilled after commit), read
+and deleted by the relay."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import functools
 import logging
 from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
 from django.db import DatabaseError, connections, transaction
 
@@ -25,21 +27,49 @@ def write(entries: Sequence[PendingEntry], using: str, path: str = "transaction"
 
     rows = [(e.node, e.ts_ns, e.model, e.pk, e.fmt, e.payload) for e in entries]
     with connections[using].cursor() as cursor:
-        # One plain INSERT: the ORM's save() machinery doubled the cost of a registered save.
         cursor.executemany(_insert_sql(using), rows)
     metrics.OUTBOX_WRITTEN.labels(path=path).inc(len(rows))
     transaction.on_commit(partial(wake, using), using=using)
 
 
+def oldest(using: str, limit: int) -> list[tuple[Any, ...]]:
+    """Up to ``limit`` rows, oldest first: (id, node, ts_ns, model, object_pk, fmt, payload)."""
+    table, columns = _table(using, ("id", *_FIELDS))
+    with connections[using].cursor() as cursor:
+        cursor.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY {columns[0]} "
+                       "LIMIT %s", [limit])
+        return list(cursor.fetchall())
+
+
+def delete(using: str, ids: Sequence[int]) -> None:
+    """Delete the rows ``ids`` (the relay's part once Redis holds them)."""
+    table, [id_column] = _table(using, ("id",))
+    with connections[using].cursor() as cursor:
+        for start in range(0, len(ids), _DELETE_CHUNK):
+            chunk = ids[start:start + _DELETE_CHUNK]
+            cursor.execute(f"DELETE FROM {table} WHERE {id_column} IN "
+                           f"({', '.join(['%s'] * len(chunk))})", chunk)
+
+
+# Plain SQL rather than the ORM: at one relay round per commit, the ORM's query building and
+# delete collector were most of the relay's CPU, and save() doubled the cost of a saved row.
+_FIELDS = ("node", "ts_ns", "model", "object_pk", "fmt", "payload")
+_DELETE_CHUNK = 500  # below every backend's limit of query parameters
+
+
 @functools.cache
 def _insert_sql(using: str) -> str:
+    table, columns = _table(using, _FIELDS)
+    return (f"INSERT INTO {table} ({', '.join(columns)}) "
+            f"VALUES ({', '.join(['%s'] * len(columns))})")
+
+
+def _table(using: str, fields: Sequence[str]) -> tuple[str, list[str]]:
+    """The quoted table name and the quoted columns of ``fields``."""
     from scalepub.django.models import OutboxEntry
 
     meta, quote = OutboxEntry._meta, connections[using].ops.quote_name
-    columns = [meta.get_field(name).column
-               for name in ("node", "ts_ns", "model", "object_pk", "fmt", "payload")]
-    return (f"INSERT INTO {quote(meta.db_table)} ({', '.join(map(quote, columns))}) "
-            f"VALUES ({', '.join(['%s'] * len(columns))})")
+    return quote(meta.db_table), [quote(meta.get_field(name).column) for name in fields]
 
 
 class OutboxSpill:

@@ -26,6 +26,7 @@ import redis
 from django.db import DatabaseError, connections
 
 from scalepub import metrics
+from scalepub.django import outbox
 from scalepub.producer import PendingEntry, StreamProducer, failure_reason, redis_client
 from scalepub.settings import Settings
 from scalepub.sharding import Keys
@@ -105,11 +106,7 @@ class Relay:
 
     def relay_once(self) -> Round:
         """Append up to OUTBOX_BATCH of the oldest rows, delete those Redis took."""
-        from scalepub.django.models import OutboxEntry
-
-        rows = list(OutboxEntry.objects.using(self.using).order_by("id").values_list(
-            "id", "node", "ts_ns", "model", "object_pk", "fmt", "payload",
-        )[: self.settings.outbox_batch])
+        rows = outbox.oldest(self.using, self.settings.outbox_batch)
         age = (time.time_ns() - rows[0][2]) / 1e9 if rows else 0.0
         metrics.OUTBOX_OLDEST_AGE.set(age)
         self._report(age, len(rows))
@@ -125,7 +122,7 @@ class Relay:
             self._refused(failure.error, len(failure.entries))
         self._refusing = bool(result.failures)
         done = [row[0] for row, e in zip(rows, entries, strict=True) if id(e) not in refused]
-        OutboxEntry.objects.using(self.using).filter(id__in=done).delete()
+        outbox.delete(self.using, done)
         metrics.OUTBOX_RELAYED.inc(len(done))
         return Round(len(done), len(rows) - len(done))
 
