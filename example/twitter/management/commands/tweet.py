@@ -1,6 +1,8 @@
 """``manage.py tweet``: create tweets at a steady rate, the demo's and load tests' producer."""
 
 import random
+import signal
+import sys
 import time
 
 from django.core.management.base import BaseCommand
@@ -26,6 +28,9 @@ class Command(BaseCommand):
         parser.add_argument("--prefix", default="user", help="author name prefix")
 
     def handle(self, *args, count, authors, rate, bulk, prefix, **options):
+        # SIGTERM (kill, timeout, a supervisor) ends like Ctrl-C: exit handlers run, so the
+        # outbox relay thread moves what this process saved and releases its lease.
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
         names = [f"{prefix}{i}" for i in range(authors)]
         started = time.monotonic()
         made = 0
