@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 import uuid
 from collections import defaultdict
@@ -16,7 +17,7 @@ from django.test import override_settings
 from twitter.models import Tweet
 
 from scalepub.django.models import OutboxEntry
-from scalepub.django.relay import Relay
+from scalepub.django.relay import Relay, Round
 from scalepub.producer import PendingEntry
 from scalepub.settings import Settings, env_mapping
 from scalepub.sharding import CONSUMER_GROUP, Keys, shard_for
@@ -171,3 +172,26 @@ def test_rows_appended_by_a_relay_that_died_are_not_appended_twice(
     reused = dataclasses.replace(entries[0], ts_ns=entries[0].ts_ns + 1)
     assert dying.producer.append([reused], source=dying.database).appended
     assert len(read_all(redis_client, external_relay)) == 21
+
+
+def test_a_bug_in_a_round_does_not_end_the_relay(outbox_django: Settings,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    relay = Relay(outbox_django)
+    rounds: list[int] = []
+
+    def broken_once() -> Round:
+        rounds.append(1)
+        if len(rounds) == 1:
+            raise KeyError("a bug")
+        return Round(0, 0)
+
+    monkeypatch.setattr(relay, "relay_once", broken_once)
+    stop = threading.Event()
+    thread = threading.Thread(target=relay.run, args=(stop,))
+    thread.start()
+    try:
+        assert wait_until(lambda: len(rounds) >= 2, timeout=10)  # after its 1 s back-off
+    finally:
+        stop.set()
+        thread.join(10)
+    assert not thread.is_alive()

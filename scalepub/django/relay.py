@@ -180,6 +180,10 @@ class Relay:
             done = self.relay_once()
         except (redis.RedisError, DatabaseError) as exc:
             return self._failed(exc, delay), True
+        except Exception:  # a bug must not end the thread: the rows would wait for ever
+            log.exception("scalepub relay: unexpected error; rows stay in the outbox")
+            metrics.RELAY_ERRORS.labels(reason="internal").inc()
+            return max(_longer(delay), 1.0), True
         if done.refused:
             return _longer(delay), True
         return 0.0, done.moved < self.settings.outbox_batch
@@ -250,7 +254,8 @@ def wake(using: str = "default") -> None:
         return
     with _lock:
         current = _threads.get(using)
-        if current is None or current.pid != os.getpid():  # none yet, or inherited by fork
+        # none yet, inherited by a fork, or ended (e.g. a stop that timed out)
+        if current is None or current.pid != os.getpid() or not current.thread.is_alive():
             current = _threads[using] = _RelayThread(settings, using)
     current.wake.set()
 
