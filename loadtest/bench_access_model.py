@@ -24,11 +24,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "loadtest"))
 
-from bench_publish import CLK_TCK, cpu_ticks, payload, pids_of  # noqa: E402
+from bench_publish import payload, publish_window  # noqa: E402
 
 from scalepub.settings import Settings  # noqa: E402
-from scalepub.shard.batch import Batch, Entry, entry_part, publish_iq  # noqa: E402
-from scalepub.shard.xmpp import Reply, XmppLink  # noqa: E402
+from scalepub.shard.batch import (  # noqa: E402
+    Batch,
+    Entry,
+    entry_part,
+    publish_iq,
+    publish_options,
+)
 
 WINDOW = 32
 NODES = 50
@@ -48,38 +53,12 @@ def batch(node: str, first: int) -> Batch:
 
 async def publish(settings: Settings, prefix: str, iqs: int) -> tuple[float, float]:
     """Publish ``iqs`` batches over NODES nodes; (IQs per second, ejabberd CPU s per IQ)."""
-    pending: set[str] = set()
-    done = asyncio.Event()
-    sent = 0
     batches = [batch(f"{prefix}/{i}", 1) for i in range(NODES)]
-
-    def pump() -> None:
-        nonlocal sent
-        while len(pending) < WINDOW and sent < iqs:
-            iq_id = f"acc{sent}"
-            pending.add(iq_id)
-            link.send(publish_iq(iq_id, settings.pubsub_service, batches[sent % NODES],
-                                 link.publish_options))
-            sent += 1
-
-    def on_reply(reply: Reply) -> None:
-        if not reply.ok:
-            raise RuntimeError(f"publish refused: {reply.reason}")
-        pending.discard(reply.iq_id)
-        pump()
-        if not pending:
-            done.set()
-
-    link = XmppLink(settings, f"access{os.getpid()}", pending.__contains__, on_reply,
-                    lambda: None)
-    await link.connect()
-    beams = pids_of("beam.smp")
-    before, started = cpu_ticks(beams), time.perf_counter()
-    pump()
-    await done.wait()
-    elapsed = time.perf_counter() - started
-    cpu = (cpu_ticks(beams) - before) / CLK_TCK
-    await link.close()
+    options = publish_options(settings.node_access_model)
+    elapsed, cpu = await publish_window(
+        settings, lambda iq_id, n: publish_iq(iq_id, settings.pubsub_service,
+                                              batches[n % NODES], options),
+        iqs, WINDOW, "access")
     return iqs / elapsed, cpu / iqs
 
 

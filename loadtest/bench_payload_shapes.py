@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,11 +20,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "loadtest"))
 
-from bench_publish import CLK_TCK, cpu_ticks, payload, pids_of  # noqa: E402
+from bench_publish import payload, publish_window  # noqa: E402
 
 from scalepub.settings import Settings  # noqa: E402
 from scalepub.shard.batch import escape  # noqa: E402
-from scalepub.shard.xmpp import Reply, XmppLink  # noqa: E402
 
 WINDOW = 32
 
@@ -47,38 +45,13 @@ def shapes(entries: int) -> dict[str, bytes]:
 
 async def publish(settings: Settings, body: bytes, iqs: int) -> float:
     """Publish ``body`` ``iqs`` times, WINDOW in flight; ejabberd CPU seconds per IQ."""
-    pending: set[str] = set()
-    done = asyncio.Event()
-    sent = 0
+    def iq(iq_id: str, n: int) -> bytes:
+        return (f'<iq type="set" id="{iq_id}" to="{settings.pubsub_service}">'
+                f'<pubsub xmlns="http://jabber.org/protocol/pubsub">'
+                f'<publish node="/bench/shapes/{n % 50}"><item id="{n}">'.encode()
+                + body + b"</item></publish></pubsub></iq>")
 
-    def pump() -> None:
-        nonlocal sent
-        while len(pending) < WINDOW and sent < iqs:
-            iq_id = f"shape{sent}"
-            pending.add(iq_id)
-            link.send(f'<iq type="set" id="{iq_id}" to="{settings.pubsub_service}">'
-                      f'<pubsub xmlns="http://jabber.org/protocol/pubsub">'
-                      f'<publish node="/bench/shapes/{sent % 50}"><item id="{sent}">'.encode()
-                      + body + b"</item></publish></pubsub></iq>")
-            sent += 1
-
-    def on_reply(reply: Reply) -> None:
-        if not reply.ok:
-            raise RuntimeError(f"publish refused: {reply.reason}")
-        pending.discard(reply.iq_id)
-        pump()
-        if not pending:
-            done.set()
-
-    link = XmppLink(settings, f"shapes{os.getpid()}", pending.__contains__, on_reply,
-                    lambda: None)
-    await link.connect()
-    beams = pids_of("beam.smp")
-    before = cpu_ticks(beams)
-    pump()
-    await done.wait()
-    cpu = (cpu_ticks(beams) - before) / CLK_TCK
-    await link.close()
+    _, cpu = await publish_window(settings, iq, iqs, WINDOW, "shape")
     return cpu / iqs
 
 

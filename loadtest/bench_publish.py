@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ sys.path.insert(0, str(REPO))
 from scalepub.producer import PendingEntry, StreamProducer  # noqa: E402
 from scalepub.settings import Settings  # noqa: E402
 from scalepub.shard.streams import stream_backlog  # noqa: E402
+from scalepub.shard.xmpp import Reply, XmppLink  # noqa: E402
 from scalepub.sharding import Keys  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -101,6 +103,46 @@ def pids_of(name: str, parent: int | None = None) -> list[int]:
     args = ["pgrep", "-P", str(parent)] if parent else ["pgrep", "-x", name]
     out = subprocess.run(args, capture_output=True, text=True, check=False).stdout
     return [int(p) for p in out.split()]
+
+
+async def publish_window(settings: Settings, iq_for: Callable[[str, int], bytes], iqs: int,
+                         window: int, name: str) -> tuple[float, float]:
+    """Send ``iqs`` IQs ``iq_for(iq_id, n)`` over one XmppLink, ``window`` in flight.
+
+    Returns (wall seconds, ejabberd CPU seconds: every beam.smp on the machine) from the first
+    IQ to the last reply; a refused IQ raises.
+    """
+    pending: set[str] = set()
+    done = asyncio.Event()
+    sent = 0
+
+    def pump() -> None:
+        nonlocal sent
+        while len(pending) < window and sent < iqs:
+            iq_id = f"{name}{sent}"
+            pending.add(iq_id)
+            link.send(iq_for(iq_id, sent))
+            sent += 1
+
+    def on_reply(reply: Reply) -> None:
+        if not reply.ok:
+            raise RuntimeError(f"publish refused: {reply.reason}")
+        pending.discard(reply.iq_id)
+        pump()
+        if not pending:
+            done.set()
+
+    link = XmppLink(settings, f"{name}{os.getpid()}", pending.__contains__, on_reply,
+                    lambda: None)
+    await link.connect()
+    beams = pids_of("beam.smp")
+    before, started = cpu_ticks(beams), time.perf_counter()
+    pump()
+    await done.wait()
+    elapsed = time.perf_counter() - started
+    cpu = (cpu_ticks(beams) - before) / CLK_TCK
+    await link.close()
+    return elapsed, cpu
 
 
 def peak_rss_mb(pids: list[int]) -> float:
