@@ -46,16 +46,17 @@ def settings_for(stack: Stack, redis_client: redis.Redis) -> Iterator[Settings]:
 @pytest.fixture
 def scalepub_django(settings_for: Settings) -> Iterator[Settings]:
     """The Django side pointed at the session's stack, ``direct`` delivery (append on commit)."""
-    yield from _django_with(settings_for.replace(delivery="direct"))
+    yield from django_side(settings_for.replace(delivery="direct"))
 
 
 @pytest.fixture
 def outbox_django(settings_for: Settings) -> Iterator[Settings]:
     """The Django side pointed at the session's stack, ``outbox`` delivery (the default)."""
-    yield from _django_with(settings_for.replace(delivery="outbox"))
+    yield from django_side(settings_for.replace(delivery="outbox"))
 
 
-def _django_with(settings: Settings) -> Iterator[Settings]:
+def django_side(settings: Settings) -> Iterator[Settings]:
+    """``settings.SCALEPUB`` set to ``settings`` while the generator is suspended."""
     with override_settings(SCALEPUB=env_mapping(_as_env(settings))):
         yield settings
 

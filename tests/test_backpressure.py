@@ -11,15 +11,14 @@ from pathlib import Path
 
 import pytest
 import redis
-from django.test import override_settings
 from prometheus_client import REGISTRY
 from twitter.models import Tweet
 
 from scalepub.django.models import OutboxEntry
-from scalepub.settings import Settings, env_mapping
+from scalepub.settings import Settings
 from scalepub.sharding import Keys
 from scalepub.status import collect, collect_relays
-from tests.conftest import _as_env
+from tests.conftest import django_side
 from tests.e2e import (
     Collector,
     PoolProcess,
@@ -64,8 +63,7 @@ def backpressure_refusals() -> float:
 def small_streams(settings_for: Settings) -> Iterator[Settings]:
     """Outbox delivery, relay thread in this process, 2 shards of at most MAXLEN waiting."""
     settings = settings_for.replace(delivery="outbox", stream_maxlen=MAXLEN, shards=2)
-    with override_settings(SCALEPUB=env_mapping(_as_env(settings))):
-        yield settings
+    yield from django_side(settings)
 
 
 @pytest.mark.timeout(300)

@@ -7,21 +7,21 @@ import threading
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 from django.core.management import CommandError, call_command
 from django.db import transaction
-from django.test import override_settings
 from twitter.models import Tweet
 
 from scalepub.django.models import OutboxEntry
 from scalepub.django.relay import Relay, Round
 from scalepub.producer import PendingEntry
-from scalepub.settings import Settings, env_mapping
+from scalepub.settings import Settings
 from scalepub.sharding import CONSUMER_GROUP, Keys, shard_for
-from tests.conftest import _as_env
+from tests.conftest import django_side
 from tests.e2e import Collector, PoolProcess, assert_complete_and_ordered, create_nodes, wait_until
 from tests.stack import Stack
 from tests.streams import StoredEntry, read_all
@@ -123,12 +123,11 @@ def test_relay_lease_lets_one_relay_work(outbox_django: Settings) -> None:
 
 
 @pytest.fixture
-def external_relay(settings_for: Settings) -> Settings:
+def external_relay(settings_for: Settings) -> Iterator[Settings]:
     """Outbox delivery with no relay thread: only `manage.py scalepub_relay` moves rows."""
     settings = settings_for.replace(delivery="outbox", outbox_relay="external",
                                     stream_maxlen=50, shards=1)
-    with override_settings(SCALEPUB=env_mapping(_as_env(settings))):
-        yield settings
+    yield from django_side(settings)
 
 
 def test_backpressure_keeps_entries_in_the_outbox(external_relay: Settings,
