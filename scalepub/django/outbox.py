@@ -41,6 +41,14 @@ def oldest(using: str, limit: int) -> list[tuple[Any, ...]]:
         return list(cursor.fetchall())
 
 
+def count(using: str) -> int:
+    """Rows waiting in the outbox."""
+    table, _ = _table(using, ())
+    with connections[using].cursor() as cursor:
+        cursor.execute(f"SELECT COUNT(*) FROM {table}")
+        return int(cursor.fetchone()[0])
+
+
 def delete(using: str, ids: Sequence[int]) -> None:
     """Delete the rows ``ids`` (the relay's part once Redis holds them)."""
     table, [id_column] = _table(using, ("id",))

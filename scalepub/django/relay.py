@@ -128,14 +128,11 @@ class Relay:
 
     def _report(self, oldest_age_s: float, seen: int) -> None:
         """Once a second, the backlog for `scalepub status` (a hash with a TTL)."""
-        from scalepub.django.models import OutboxEntry
-
         now = time.monotonic()
         if now - self._reported < STATE_EVERY_S:
             return
         self._reported = now
-        rows = seen if seen < self.settings.outbox_batch else (
-            OutboxEntry.objects.using(self.using).count())
+        rows = seen if seen < self.settings.outbox_batch else outbox.count(self.using)
         state = {"rows": rows, "oldest_age_s": round(oldest_age_s, 3),
                  "refusing": int(self._refusing), "pid": os.getpid(),
                  "host": socket.gethostname(), "at": time.time()}

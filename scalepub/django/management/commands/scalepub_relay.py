@@ -10,7 +10,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DEFAULT_DB_ALIAS
 
-from scalepub.django.models import OutboxEntry
+from scalepub.django import outbox
 from scalepub.django.producer import get_settings
 from scalepub.django.relay import Relay
 
@@ -42,7 +42,7 @@ class Command(BaseCommand):
         signal.signal(signal.SIGINT, on_signal)
         self.stdout.write(f"scalepub relay: database {database!r}, lease {relay.lease.key}")
         relay.run(stop)
-        left = OutboxEntry.objects.using(database).count()
+        left = outbox.count(database)
         self.stdout.write(f"scalepub relay: stopped, {left} rows left in the outbox")
 
     def _once(self, relay: Relay, database: str) -> None:
@@ -58,7 +58,7 @@ class Command(BaseCommand):
                     break
         finally:
             relay.lease.release()
-        left = OutboxEntry.objects.using(database).count()
+        left = outbox.count(database)
         self.stdout.write(f"scalepub relay: moved {moved} entries, {left} left in the outbox")
         if left:
             raise CommandError(f"{left} entries are still in the outbox (see the log above)")
