@@ -195,14 +195,24 @@ class Relay:
             connections[self.using].close()  # a broken connection is reopened on next use
         return _longer(delay)
 
-    def _drain(self) -> None:
-        deadline = time.monotonic() + DRAIN_ON_STOP_S
+    def drain(self, seconds: float = float("inf")) -> int:
+        """Move rows while this relay holds the lease, until the outbox is empty, Redis
+        refuses, or ``seconds`` pass; then release the lease. Returns the rows moved."""
+        deadline = time.monotonic() + seconds
+        moved = 0
         try:
             while time.monotonic() < deadline and self.lease.hold():
                 done = self.relay_once()
+                moved += done.moved
                 if done.moved < self.settings.outbox_batch or done.refused:
                     break
+        finally:
             self.lease.release()
+        return moved
+
+    def _drain(self) -> None:
+        try:
+            self.drain(DRAIN_ON_STOP_S)
         except (redis.RedisError, DatabaseError) as exc:
             log.warning("scalepub relay: stopped with rows left in the outbox: %s", exc)
         finally:

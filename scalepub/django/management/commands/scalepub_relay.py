@@ -49,15 +49,7 @@ class Command(BaseCommand):
         if not relay.lease.hold():
             raise CommandError(f"another relay holds the lease {relay.lease.key}; "
                                "it is moving the rows already")
-        moved = 0
-        try:
-            while True:
-                done = relay.relay_once()
-                moved += done.moved
-                if done.refused or done.moved < relay.settings.outbox_batch:
-                    break
-        finally:
-            relay.lease.release()
+        moved = relay.drain()
         left = outbox.count(database)
         self.stdout.write(f"scalepub relay: moved {moved} entries, {left} left in the outbox")
         if left:
