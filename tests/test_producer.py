@@ -90,3 +90,29 @@ def test_waiting_entries_are_bounded_by_maxlen(settings_for: Settings,
             result = producer.append([entry("/n/m", j) for j in range(50)])
             if result.failures:
                 raise result.failures[0].error
+
+
+def test_entries_of_a_lost_read_reply_are_found_again(settings_for: Settings) -> None:
+    """A shard whose XREADGROUP reply was lost finds those entries among its own pending."""
+    import asyncio
+
+    from scalepub.shard import streams
+    from scalepub.shard.worker import async_redis
+
+    StreamProducer(settings_for.replace(shards=1)).enqueue(
+        [entry("/n/lost", j) for j in range(30)])
+    key = Keys(settings_for.key_prefix).stream(0)
+
+    async def scenario() -> tuple[list[bytes], list[bytes]]:
+        r = async_redis(settings_for)
+        await streams.ensure_group(r, key)
+        [(_, seen)] = await streams.read_new(r, [key], "c1", 10, 100)
+        await streams.read_new(r, [key], "c1", 15, 100)  # delivered, reply "lost"
+        [(_, found)] = await streams.read_own_pending(r, {key: seen[-1][0]}, "c1", 100)
+        [(_, rest)] = await streams.read_new(r, [key], "c1", 100, 100)
+        await r.aclose()
+        return [sid for sid, _ in found], [sid for sid, _ in seen + rest]
+
+    found, others = asyncio.run(scenario())
+    assert len(found) == 15 and not set(found) & set(others)
+    assert len(found) + len(others) == 30

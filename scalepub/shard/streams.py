@@ -6,7 +6,7 @@ Also the start-up check that the pool runs with the shard count the producers wr
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -74,8 +74,23 @@ async def claim_pending(r: aredis.Redis, key: str, consumer: str, cursor: bytes,
 async def read_new(r: aredis.Redis, keys: Sequence[str], consumer: str, count: int,
                    block_ms: int) -> list[tuple[bytes, StreamEntries]]:
     """New entries for this consumer from several streams, waiting up to ``block_ms``."""
-    reply = await r.xreadgroup(CONSUMER_GROUP, consumer, dict.fromkeys(keys, ">"),
-                               count=count, block=block_ms)
+    return await _read_group(r, consumer, dict.fromkeys(keys, ">"), count, block_ms)
+
+
+async def read_own_pending(r: aredis.Redis, after: Mapping[str, bytes], consumer: str,
+                           count: int) -> list[tuple[bytes, StreamEntries]]:
+    """This consumer's pending entries with ids after ``after[stream]``, oldest first.
+
+    After a read whose reply was lost (Redis went away while answering), the entries it
+    delivered are pending for this consumer but were never seen: they are found here.
+    """
+    return await _read_group(r, consumer, dict(after), count, None)
+
+
+async def _read_group(r: aredis.Redis, consumer: str, ids: Mapping[str, bytes | str],
+                      count: int, block_ms: int | None) -> list[tuple[bytes, StreamEntries]]:
+    streams: dict[Any, Any] = dict(ids)  # redis-py's key type is invariant
+    reply = await r.xreadgroup(CONSUMER_GROUP, consumer, streams, count=count, block=block_ms)
     if isinstance(reply, dict):  # RESP3 (redis-py 8's default) maps stream → entries
         return cast(list[tuple[bytes, StreamEntries]], list(reply.items()))
     return cast(list[tuple[bytes, StreamEntries]], reply or [])

@@ -118,6 +118,8 @@ class ShardWorker:
         self._draining = False
         self._background: set[asyncio.Task[None]] = set()
         self._valid_nodes: set[str] = set()
+        self._last_taken: dict[str, bytes] = {}  # stream → newest id read from it
+        self._reread = False
         self._on_ready = on_ready
         self.crashed: BaseException | None = None
         self._m = _Meters(self._name)
@@ -217,14 +219,29 @@ class ShardWorker:
             replies = await self._retrying(self._read_new)
             now = time.monotonic()
             for stream, entries in replies or []:
-                shard = self.shard_of[stream.decode()]
-                for sid, fields in entries:
-                    self._take(shard, sid, fields, now)
+                self._take_all(stream.decode(), entries, now)
             self._pump()
 
     async def _read_new(self) -> list[tuple[bytes, streams.StreamEntries]]:
-        return await streams.read_new(self.redis, list(self.shard_of), self.consumer,
-                                      READ_COUNT, READ_BLOCK_MS)
+        if self._reread:  # the last read failed: its reply may be lost, its entries pending
+            replies = await streams.read_own_pending(
+                self.redis, {k: self._last_taken.get(k, b"0-0") for k in self.shard_of},
+                self.consumer, READ_COUNT)
+            if any(entries for _, entries in replies):
+                return replies
+            self._reread = False
+        self._reread = True  # until the reply is in hand
+        replies = await streams.read_new(self.redis, list(self.shard_of), self.consumer,
+                                         READ_COUNT, READ_BLOCK_MS)
+        self._reread = False
+        return replies
+
+    def _take_all(self, key: str, entries: streams.StreamEntries, now: float) -> None:
+        shard = self.shard_of[key]
+        for sid, fields in entries:
+            self._take(shard, sid, fields, now)
+        if entries:  # ascending: the newest id this worker has seen of the stream
+            self._last_taken[key] = entries[-1][0]
 
     async def _claim(self, key: str, shard: int) -> None:
         """Entries a dead predecessor read but never got confirmed: they go first."""
@@ -234,9 +251,7 @@ class ShardWorker:
             cursor, entries, trimmed = await streams.claim_pending(
                 self.redis, key, self.consumer, cursor, READ_COUNT)
             self.stats.trimmed += trimmed
-            now = time.monotonic()
-            for sid, fields in entries:
-                self._take(shard, sid, fields, now)
+            self._take_all(key, entries, time.monotonic())
             self._pump()
             if cursor in (b"0-0", "0-0"):
                 break
