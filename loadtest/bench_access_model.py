@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO / "loadtest"))
 from bench_publish import payload, publish_window  # noqa: E402
 
 from scalepub.settings import Settings  # noqa: E402
-from scalepub.shard.batch import (  # noqa: E402
+from scalepub.xmpp.batch import (  # noqa: E402
     Batch,
     Entry,
     entry_part,

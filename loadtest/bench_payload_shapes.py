@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO / "loadtest"))
 from bench_publish import payload, publish_window  # noqa: E402
 
 from scalepub.settings import Settings  # noqa: E402
-from scalepub.shard.batch import escape  # noqa: E402
+from scalepub.xmpp.batch import escape  # noqa: E402
 
 WINDOW = 32
 

@@ -34,11 +34,11 @@ import slixmpp
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from scalepub.backlog import stream_backlog  # noqa: E402
 from scalepub.producer import PendingEntry, StreamProducer  # noqa: E402
 from scalepub.settings import Settings  # noqa: E402
-from scalepub.shard.streams import stream_backlog  # noqa: E402
-from scalepub.shard.xmpp import Reply, XmppLink  # noqa: E402
 from scalepub.sharding import Keys  # noqa: E402
+from scalepub.xmpp.link import Reply, XmppLink  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 WORDS = ["scale", "publish", "live", "stream", "shard", "batch", "node", "entry", "feed"]

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-# The shard writes the attributes in this order (scalepub/shard/batch.py ``_ENTRY``). The
+# The shard writes the attributes in this order (scalepub/xmpp/batch.py ``_ENTRY``). The
 # server forwards the batch's CDATA either as CDATA or as escaped text, so the pattern runs
 # over the raw BOSH body and accepts both; node names never hold ``&``, ``"`` or ``<``. It
 # starts with a literal so that the regex engine can skip ahead by substring search.

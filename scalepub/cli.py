@@ -119,13 +119,13 @@ def status(as_json: bool, log_level: str, **options: Any) -> None:
     """
     import redis
 
-    from scalepub.producer import redis_client
+    from scalepub.connections import sync_client
     from scalepub.status import as_json as rows
     from scalepub.status import collect, collect_relays, healthy, relay_lines, table
 
     configure_logging(log_level)
     settings = _settings(**options)
-    client = redis_client(settings)
+    client = sync_client(settings)
     try:
         statuses = collect(settings, client)
         relays = collect_relays(settings, client)
@@ -163,7 +163,7 @@ def tail(nodes: tuple[str, ...], follow_all: bool, jid: str | None, password: st
         raise click.UsageError("give one or more NODES, or --all")
     configure_logging(log_level)
     settings = _settings(**options)
-    from scalepub.shard.xmpp import XmppUnreachable
+    from scalepub.xmpp.link import XmppUnreachable
 
     try:
         with contextlib.suppress(KeyboardInterrupt):
@@ -175,7 +175,7 @@ def tail(nodes: tuple[str, ...], follow_all: bool, jid: str | None, password: st
 
 async def _tail(settings: Settings, nodes: tuple[str, ...], follow_all: bool,
                 jid: str | None, password: str, count: int) -> None:
-    from scalepub.subscriber import ReceivedEntry, Subscriber
+    from scalepub.xmpp.subscriber import ReceivedEntry, Subscriber
 
     done = asyncio.Event()
     seen = 0
@@ -215,8 +215,8 @@ def authorize(node: str, jids: tuple[str, ...], affiliation: str, log_level: str
     Logs in as the publisher account, which owns the nodes it created, and sets each JID's
     affiliation (XEP-0060 owner use case). Exit code 0 when the server accepted it.
     """
-    from scalepub.access import set_affiliations
-    from scalepub.shard.xmpp import XmppAuthError, XmppUnreachable
+    from scalepub.xmpp.affiliations import set_affiliations
+    from scalepub.xmpp.link import XmppAuthError, XmppUnreachable
 
     configure_logging(log_level)
     settings = _settings(**options)

@@ -10,10 +10,9 @@ from typing import Any, Protocol
 
 import msgpack
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from scalepub import metrics
+from scalepub.connections import sync_client
 from scalepub.envelope import split_encode
 from scalepub.settings import Settings
 from scalepub.sharding import CONSUMER_GROUP, ENTRY_FIELD, Keys, shard_for
@@ -153,19 +152,6 @@ def failure_reason(error: Exception) -> str:
     return "redis"
 
 
-def redis_client(settings: Settings) -> redis.Redis:
-    """A client whose every call is bounded by ``redis_timeout`` (one quick retry, no backoff)."""
-    return redis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.redis_timeout,
-        socket_connect_timeout=settings.redis_timeout,
-        # Once more on a broken connection (e.g. a pooled one Redis closed), never on a
-        # timeout: the command may have run, and appending twice would duplicate entries.
-        retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
-        health_check_interval=30,
-    )
-
-
 class StreamProducer:
     """Appends entries to their shard streams; never raises for Redis trouble, spills instead."""
 
@@ -173,7 +159,7 @@ class StreamProducer:
                  spill: Spill | None = None) -> None:
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
-        self.client = client if client is not None else redis_client(settings)
+        self.client = client if client is not None else sync_client(settings)
         self.spill = spill if spill is not None else LogSpill()
         self._append = self.client.register_script(APPEND_LUA)
 

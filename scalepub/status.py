@@ -9,8 +9,8 @@ from typing import cast
 
 import redis
 
+from scalepub.backlog import stream_backlog
 from scalepub.settings import Settings
-from scalepub.shard.streams import stream_backlog
 from scalepub.sharding import Keys
 
 # A shard with work waiting and no confirmed publish for this long is stuck.

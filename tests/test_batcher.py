@@ -7,8 +7,8 @@ import xml.etree.ElementTree as ET
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scalepub.shard.batch import Batch, Entry, entry_part, publish_iq, well_formed
 from scalepub.shard.batcher import Batcher, Caps
+from scalepub.xmpp.batch import Batch, Entry, entry_part, publish_iq, well_formed
 
 
 def entry(node: str, seq: int, payload: bytes = b"<p>x</p>", fmt: bytes = b"xml") -> Entry:

@@ -36,10 +36,10 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from scalepub.backlog import backlogs
 from scalepub.envelope import decode
 from scalepub.producer import PendingEntry, StreamProducer
 from scalepub.settings import Settings, env_mapping
-from scalepub.shard.streams import backlogs
 from scalepub.sharding import CONSUMER_GROUP, ENTRY_FIELD, Keys, shard_for
 from tests.e2e import Collector, Got, PoolProcess, create_nodes, stored_entries, wait_until
 from tests.stack import Stack, new_stack

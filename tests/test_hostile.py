@@ -1,6 +1,6 @@
 """Hostile or odd rows (docs/reliability.md §4): each has its documented outcome.
 
-Unit and property tests build the real batch bytes (scalepub/shard/batch.py) and read them
+Unit and property tests build the real batch bytes (scalepub/xmpp/batch.py) and read them
 the way the browser client does: parse the publish stanza, take the ``<batch>``'s text, parse
 ``"<entries>" + text + "</entries>"``. The Django-save and end-to-end tests use the session's
 real Redis and ejabberd.
@@ -30,6 +30,7 @@ from kitchensink.models import Keyed, Routed, Specimen
 from prometheus_client import REGISTRY
 
 import scalepub
+from scalepub.backlog import backlogs
 from scalepub.django.serialize import (
     ENTRY_OVERHEAD_BYTES,
     NOT_XML_CHARS,
@@ -42,9 +43,8 @@ from scalepub.django.serialize import (
 from scalepub.nodes import InvalidNodeName, validate_node
 from scalepub.producer import PendingEntry, StreamProducer
 from scalepub.settings import Settings
-from scalepub.shard.batch import NS_BATCH, Batch, Entry, entry_part, publish_iq
-from scalepub.shard.streams import backlogs
 from scalepub.sharding import Keys, shard_for
+from scalepub.xmpp.batch import NS_BATCH, Batch, Entry, entry_part, publish_iq
 from tests.e2e import Collector, PoolProcess, create_nodes
 from tests.streams import StoredEntry, read_all
 

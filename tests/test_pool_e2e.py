@@ -14,8 +14,8 @@ import pytest
 import redis
 from django.core.management import call_command
 
+from scalepub.backlog import backlogs
 from scalepub.settings import Settings
-from scalepub.shard.streams import backlogs
 from scalepub.sharding import Keys
 from tests.e2e import (
     Collector,

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import redis
 
+from scalepub.backlog import backlogs
 from scalepub.producer import PendingEntry, StreamProducer
 from scalepub.settings import Settings, env_mapping
-from scalepub.shard.streams import backlogs
 from scalepub.sharding import CONSUMER_GROUP, ENTRY_FIELD, Keys, shard_for
 from tests.e2e import Collector, PoolProcess, create_nodes, stored_entries, wait_until
 from tests.stack import Stack, new_stack

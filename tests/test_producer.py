@@ -96,15 +96,15 @@ def test_entries_of_a_lost_read_reply_are_found_again(settings_for: Settings) ->
     """A shard whose XREADGROUP reply was lost finds those entries among its own pending."""
     import asyncio
 
+    from scalepub.connections import shard_client
     from scalepub.shard import streams
-    from scalepub.shard.worker import async_redis
 
     StreamProducer(settings_for.replace(shards=1)).enqueue(
         [entry("/n/lost", j) for j in range(30)])
     key = Keys(settings_for.key_prefix).stream(0)
 
     async def scenario() -> tuple[list[bytes], list[bytes]]:
-        r = async_redis(settings_for)
+        r = shard_client(settings_for)
         await streams.ensure_group(r, key)
         [(_, seen)] = await streams.read_new(r, [key], "c1", 10, 100)
         await streams.read_new(r, [key], "c1", 15, 100)  # delivered, reply "lost"

@@ -29,13 +29,13 @@ from django.test import Client, override_settings
 from slixmpp.exceptions import IqError, IqTimeout
 
 from scalepub import exitcodes
+from scalepub.backlog import backlogs
 from scalepub.producer import PendingEntry, StreamProducer
 from scalepub.settings import Settings, SettingsError, env_mapping
-from scalepub.shard.batch import Batch, Entry, entry_part, publish_iq
-from scalepub.shard.streams import backlogs
-from scalepub.shard.xmpp import Reply, XmppLink, XmppTlsError
 from scalepub.sharding import Keys
-from scalepub.subscriber import ReceivedEntry, Subscriber
+from scalepub.xmpp.batch import Batch, Entry, entry_part, publish_iq
+from scalepub.xmpp.link import Reply, XmppLink, XmppTlsError
+from scalepub.xmpp.subscriber import ReceivedEntry, Subscriber
 from tests.e2e import PoolProcess, create_nodes, settings_env, wait_until
 from tests.stack import Stack, new_stack
 
@@ -327,7 +327,7 @@ def test_a_ca_file_that_is_not_one_is_a_bad_setting(tmp_path: Path) -> None:
 
 
 def test_auto_means_tls_outside_loopback() -> None:
-    from scalepub.shard.xmpp import tls_required
+    from scalepub.xmpp.link import tls_required
 
     assert not tls_required(Settings(xmpp_host="127.0.0.1"))
     assert not tls_required(Settings(xmpp_host="localhost"))
@@ -480,7 +480,7 @@ def _seqs(fragment: str) -> list[str]:
 def test_open_nodes_get_no_publish_options() -> None:
     open_iq = publish_iq("1", "pubsub.localhost", one_entry_batch("/n"), b"")
     assert b"publish-options" not in open_iq
-    from scalepub.shard.batch import publish_options
+    from scalepub.xmpp.batch import publish_options
 
     assert b"<value>whitelist</value>" in publish_options("whitelist")
 

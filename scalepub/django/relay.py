@@ -26,8 +26,9 @@ import redis
 from django.db import DatabaseError, connections
 
 from scalepub import metrics
+from scalepub.connections import sync_client
 from scalepub.django import outbox
-from scalepub.producer import PendingEntry, StreamProducer, failure_reason, redis_client
+from scalepub.producer import PendingEntry, StreamProducer, failure_reason
 from scalepub.settings import Settings
 from scalepub.sharding import Keys
 
@@ -99,7 +100,7 @@ class Relay:
         self.producer = producer if producer is not None else StreamProducer(settings)
         self.database = database_id(using)
         keys = Keys(settings.key_prefix)
-        self.lease = Lease(redis_client(settings), keys.relay_lease(self.database))
+        self.lease = Lease(sync_client(settings), keys.relay_lease(self.database))
         self.state_key = keys.relay_state(self.database)
         self._refusing = False
         self._reported = 0.0

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
-from scalepub.shard.batch import Batch, Entry
+from scalepub.xmpp.batch import Batch, Entry
 
 
 @dataclass(frozen=True)

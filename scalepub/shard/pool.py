@@ -15,11 +15,12 @@ from types import FrameType
 import redis
 
 from scalepub import exitcodes
-from scalepub.producer import redis_client
+from scalepub.backlog import stream_backlog
+from scalepub.connections import sync_client
 from scalepub.settings import Settings
 from scalepub.shard import metrics
 from scalepub.shard.process import shard_main
-from scalepub.shard.streams import ShardCountMismatch, agree_shard_count, stream_backlog
+from scalepub.shard.streams import ShardCountMismatch, agree_shard_count
 from scalepub.sharding import Keys
 
 log = logging.getLogger(__name__)
@@ -82,8 +83,7 @@ class Pool:
                  self.settings.metrics_port)
 
     def _preflight(self) -> int:
-        client = redis_client(self.settings.replace(redis_timeout=max(self.settings.redis_timeout,
-                                                                      2.0)))
+        client = sync_client(self.settings, timeout=max(self.settings.redis_timeout, 2.0))
         try:
             previous = agree_shard_count(client, Keys(self.settings.key_prefix),
                                          self.settings.shards)
@@ -193,7 +193,7 @@ class BacklogGauges:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
-        self.client = redis_client(settings)
+        self.client = sync_client(settings)
         self.next_at = 0.0
 
     def maybe_update(self) -> None:

@@ -17,7 +17,7 @@ from scalepub import exitcodes
 from scalepub.logsetup import configure_logging
 from scalepub.settings import Settings
 from scalepub.shard.worker import ShardWorker
-from scalepub.shard.xmpp import XmppAuthError, XmppUnreachable
+from scalepub.xmpp.link import XmppAuthError, XmppUnreachable
 
 log = logging.getLogger(__name__)
 

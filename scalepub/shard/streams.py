@@ -7,41 +7,22 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, cast
 
-import hiredis
 import redis
 import redis.asyncio as aredis
 
+from scalepub.backlog import Backlog, backlogs
 from scalepub.sharding import CONSUMER_GROUP, ENTRY_FIELD, Keys
 
 # Dead-letter streams keep the newest entries only; they are for inspection and replay.
 DEAD_LETTER_MAXLEN = 100_000
 
-# Raw replies (see raw_replies): [stream id, [field, value, ...] or None for a deleted entry].
+# Raw replies (scalepub.connections.raw_replies): [stream id, [field, value, ...] or None
+# for a deleted entry].
 StreamEntries = list[tuple[bytes, list[bytes] | None]]
 
 ACK_CHUNK = 10_000
-
-
-class HiredisPackedConnection(aredis.Connection):
-    """Packs commands with hiredis (C). redis-py's asyncio connection packs each argument in
-    Python, ~4 us an id measured; XACK of every published entry then costs a shard more than
-    all its other work."""
-
-    def pack_command(self, *args: Any) -> list[bytes]:
-        name = args[0]
-        if isinstance(name, str) and " " in name:  # e.g. "XGROUP CREATE"
-            args = (*name.split(), *args[1:])
-        return [hiredis.pack_command(args)]
-
-
-def raw_replies(r: aredis.Redis) -> aredis.Redis:
-    """Skip redis-py's per-entry reply parsing (dicts) for the reads; ~3 us an entry."""
-    for command in ("XREADGROUP", "XAUTOCLAIM"):
-        r.set_response_callback(command, lambda response, **_kw: response)
-    return r
 
 
 class ShardCountMismatch(RuntimeError):
@@ -112,39 +93,6 @@ async def dead_letter(r: aredis.Redis, keys: Keys, shard: int, *, stream_id: byt
         }, maxlen=DEAD_LETTER_MAXLEN, approximate=True)
         pipe.xack(keys.stream(shard), CONSUMER_GROUP, stream_id)
         await pipe.execute()
-
-
-@dataclass(frozen=True)
-class Backlog:
-    """Entries of one stream not yet published: never read (lag) or read, unacked."""
-
-    key: str
-    lag: int
-    pending: int
-
-
-def stream_backlog(r: redis.Redis, key: str) -> tuple[int, int]:
-    """(lag, pending) of one stream: entries never read, and read but unacknowledged."""
-    groups = cast(list[dict[str, object]], r.xinfo_groups(key)) if r.exists(key) else []
-    group = next((g for g in groups if g["name"] in (CONSUMER_GROUP, CONSUMER_GROUP.encode())),
-                 None)
-    if group is None:
-        return int(r.xlen(key)), 0
-    lag = group.get("lag")
-    if lag is None:  # Redis cannot tell after trims/deletes: count from the last read id
-        last = group["last-delivered-id"]
-        start = last.decode() if isinstance(last, bytes) else str(last)
-        lag = len(cast(list[object], r.xrange(key, min=f"({start}")))
-    return int(cast(int, lag)), int(cast(int, group["pending"]))
-
-
-def backlogs(r: redis.Redis, keys: Keys) -> list[Backlog]:
-    """The backlog of every shard stream under the prefix (any shard count)."""
-    out = []
-    for key in sorted(k.decode() for k in r.scan_iter(match=keys.stream_pattern, count=1000)):
-        lag, pending = stream_backlog(r, key)
-        out.append(Backlog(key, lag, pending))
-    return out
 
 
 def agree_shard_count(r: redis.Redis, keys: Keys, shards: int) -> int | None:

@@ -21,18 +21,18 @@ from typing import Any, TypeVar
 
 import msgpack
 import redis
-import redis.asyncio as aredis
 from prometheus_client import Counter
 
+from scalepub.connections import shard_client
 from scalepub.envelope import VERSION as ENVELOPE_VERSION
 from scalepub.envelope import EnvelopeError, decode
 from scalepub.nodes import InvalidNodeName, validate_node
 from scalepub.settings import Settings
 from scalepub.shard import metrics, streams
-from scalepub.shard.batch import Batch, Entry, entry_part, publish_iq, well_formed
 from scalepub.shard.batcher import Batcher, Caps
-from scalepub.shard.xmpp import Reply, XmppAuthError, XmppLink, XmppUnreachable
 from scalepub.sharding import ENTRY_FIELD, Keys
+from scalepub.xmpp.batch import Batch, Entry, entry_part, publish_iq, well_formed
+from scalepub.xmpp.link import Reply, XmppAuthError, XmppLink, XmppUnreachable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -82,15 +82,6 @@ class Stats:
                 f"trimmed={self.trimmed} rate={rate:.0f}/s")
 
 
-def async_redis(settings: Settings) -> aredis.Redis:
-    """The shard's Redis client (blocking reads need a timeout above READ_BLOCK_MS)."""
-    return streams.raw_replies(aredis.Redis.from_url(
-        settings.redis_url, socket_timeout=max(5.0, settings.redis_timeout),
-        socket_connect_timeout=max(2.0, settings.redis_timeout),
-        connection_class=streams.HiredisPackedConnection,
-    ))
-
-
 class ShardWorker:
     """Publishes the streams of ``shards`` over one XMPP connection until stopped."""
 
@@ -106,7 +97,7 @@ class ShardWorker:
         self.max_buffer = settings.window * settings.batch_max_entries * 2
         self.inflight: dict[str, Batch] = {}
         self.stats = Stats()
-        self.redis = async_redis(settings)
+        self.redis = shard_client(settings)
         resource = f"scalepub-{socket.gethostname()}-{consumer}"
         self.link = XmppLink(settings, resource, self.inflight.__contains__, self._on_reply,
                              self._on_down)

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from xml.sax.saxutils import quoteattr
 
 from scalepub.settings import Settings
-from scalepub.shard.xmpp import Reply, XmppLink
+from scalepub.xmpp.link import Reply, XmppLink
 
 NS_PUBSUB_OWNER = "http://jabber.org/protocol/pubsub#owner"
 AFFILIATIONS = ("member", "none", "outcast")  # none revokes; outcast bans

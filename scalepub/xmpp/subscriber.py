@@ -19,8 +19,8 @@ import slixmpp
 from slixmpp.exceptions import IqError, IqTimeout
 
 from scalepub.settings import Settings
-from scalepub.shard.batch import NS_BATCH
-from scalepub.shard.xmpp import XmppTlsError, configure_transport
+from scalepub.xmpp.batch import NS_BATCH
+from scalepub.xmpp.link import XmppTlsError, configure_transport
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher.base import MatcherBase
 
 from scalepub.settings import Settings
-from scalepub.shard.batch import publish_options
+from scalepub.xmpp.batch import publish_options
 
 log = logging.getLogger(__name__)
 
