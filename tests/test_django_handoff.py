@@ -124,7 +124,7 @@ def test_bad_node_callable_does_not_fail_the_save(
     scalepub_django: Settings, redis_client: redis.Redis
 ) -> None:
     before = failures("node")
-    Tweet.objects.create(author="has space", text="invalid node name")
+    Tweet.objects.create(author="has\ttab", text="invalid node name")
     assert failures("node") == before + 1
     assert read_all(redis_client, scalepub_django) == []
 

@@ -1,4 +1,4 @@
-"""Node names, the shard hash and the envelope format."""
+"""The shard hash and the envelope format (node names: tests/test_nodes.py)."""
 
 from __future__ import annotations
 
@@ -12,25 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from scalepub.envelope import Envelope, EnvelopeError, decode, encode, split_encode
-from scalepub.nodes import InvalidNodeName, default_node, validate_node
 from scalepub.sharding import Keys, shard_for
-
-
-def test_default_node_is_the_seed_name() -> None:
-    assert default_node("twitter", "Tweet") == "/twitter/Tweet"
-
-
-@pytest.mark.parametrize("node", ["/twitter/Tweet", "/twitter/Tweet/42", "/a/b.c@d:e~f+g=h-i_j"])
-def test_valid_nodes(node: str) -> None:
-    assert validate_node(node) == node
-
-
-@pytest.mark.parametrize(
-    "node", ["", "twitter/Tweet", "/", "/a//b", "/a/", "/a b", "/a<b", "/é", 42, None, "/" + "x" * 300]
-)
-def test_invalid_nodes(node: object) -> None:
-    with pytest.raises(InvalidNodeName):
-        validate_node(node)
 
 
 def test_shard_hash_is_stable_across_processes() -> None:

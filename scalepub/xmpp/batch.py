@@ -11,6 +11,7 @@ never parses or re-serializes a payload on the normal path.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from xml.parsers import expat
@@ -27,6 +28,11 @@ _ATTR_REFS = {b"\t": b"&#9;", b"\n": b"&#10;", b"\r": b"&#13;"}
 _ENTRY = b'<entry node="%s" seq="%d" id="%s" ts="%d" model="%s" pk="%s" fmt="%s">%s</entry>'
 _CDATA_END = b"]]>"
 _CDATA_END_SPLIT = b"]]]]><![CDATA[>"  # "]]>" inside a CDATA section, split in two
+_BATCH_HEAD = b'<batch xmlns="%s" node="%s" first="%d" last="%d" count="%d"><![CDATA['
+_PUBLISH_HEAD = (b'<iq type="set" id="%s" to="%s"><pubsub xmlns="%s">'
+                 b'<publish node="%s"><item id="%s">')
+# A shard sees few distinct nodes many times: each is escaped once, then looked up.
+_NODE_CACHE = 65536
 
 
 @dataclass(slots=True)
@@ -45,7 +51,7 @@ def entry_part(*, node: bytes, seq: int, stream_id: bytes, ts_ns: int, model: by
                pk: bytes, fmt: bytes, payload: bytes) -> bytes:
     """``<entry ...>payload</entry>``: XML payloads kept as they are, JSON escaped as text."""
     body = payload if fmt == b"xml" else escape(payload)
-    part = _ENTRY % (node, seq, stream_id, ts_ns, _attr(model), _attr(pk), fmt, body)
+    part = _ENTRY % (node_attr(node), seq, stream_id, ts_ns, _attr(model), _attr(pk), fmt, body)
     if _CDATA_END in part:
         part = part.replace(_CDATA_END, _CDATA_END_SPLIT)
     return part
@@ -75,12 +81,9 @@ class Batch:
 
     def payload(self) -> bytes:
         """The single payload element of the item."""
-        first, last = self.entries[0].seq, self.entries[-1].seq
-        head = (
-            f'<batch xmlns="{NS_BATCH}" node="{self.node}" first="{first}" last="{last}" '
-            f'count="{len(self.entries)}"><![CDATA['
-        )
-        return head.encode() + b"".join(e.part for e in self.entries) + b"]]></batch>"
+        head = _BATCH_HEAD % (NS_BATCH.encode(), node_attr(self.node.encode()),
+                              self.entries[0].seq, self.entries[-1].seq, len(self.entries))
+        return head + b"".join(e.part for e in self.entries) + b"]]></batch>"
 
     def split(self) -> tuple[Batch, Batch]:
         """Two halves, in order, to isolate an entry the server refuses."""
@@ -93,11 +96,9 @@ class Batch:
 
 def publish_iq(iq_id: str, service: str, batch: Batch, options: bytes = b"") -> bytes:
     """The raw publish IQ for ``batch``, built without an XML tree."""
-    head = (
-        f'<iq type="set" id="{iq_id}" to="{service}"><pubsub xmlns="{NS_PUBSUB}">'
-        f'<publish node="{batch.node}"><item id="{batch.item_id}">'
-    )
-    return head.encode() + batch.payload() + b"</item></publish>" + options + b"</pubsub></iq>"
+    head = _PUBLISH_HEAD % (iq_id.encode(), service.encode(), NS_PUBSUB.encode(),
+                            node_attr(batch.node.encode()), batch.item_id.encode())
+    return head + batch.payload() + b"</item></publish>" + options + b"</pubsub></iq>"
 
 
 def publish_options(access_model: str) -> bytes:
@@ -121,6 +122,16 @@ def escape(data: bytes) -> bytes:
     for raw, escaped in _ESCAPES:
         data = data.replace(raw, escaped)
     return data
+
+
+@functools.lru_cache(maxsize=_NODE_CACHE)
+def node_attr(node: bytes) -> bytes:
+    """A node name (UTF-8) escaped for a double-quoted XML attribute.
+
+    Node names are free text (scalepub.nodes): ``&``, ``<`` and ``"`` are escaped; the
+    characters an attribute could not carry unchanged are refused by ``validate_node``.
+    """
+    return _attr(node)
 
 
 def _attr(text: bytes) -> bytes:
