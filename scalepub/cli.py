@@ -9,7 +9,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,17 @@ def _settings(**overrides: Any) -> Settings:
         return Settings.from_env(**overrides)
     except SettingsError as exc:
         click.echo(f"scalepub: bad setting: {exc}", err=True)
-        sys.exit(exitcodes.USAGE)
+        sys.exit(exitcodes.for_exception(exc))
+
+
+@contextlib.contextmanager
+def _exit_codes(settings: Settings) -> Iterator[None]:
+    """An error the user can fix ends the command with one line and its exit code."""
+    try:
+        yield
+    except Exception as exc:
+        sys.exit(exitcodes.report(exc, settings,
+                                  lambda line: click.echo(f"scalepub: {line}", err=True)))
 
 
 def _common(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -117,8 +127,6 @@ def status(as_json: bool, log_level: str, **options: Any) -> None:
     stuck (work waiting, nothing confirmed for 30 s) and no outbox relay reports entries
     older than 30 s; 7 otherwise: usable as a health probe.
     """
-    import redis
-
     from scalepub.connections import sync_client
     from scalepub.status import as_json as rows
     from scalepub.status import collect, collect_relays, healthy, relay_lines, table
@@ -127,12 +135,9 @@ def status(as_json: bool, log_level: str, **options: Any) -> None:
     settings = _settings(**options)
     client = sync_client(settings)
     try:
-        statuses = collect(settings, client)
-        relays = collect_relays(settings, client)
-    except redis.RedisError as exc:
-        click.echo(f"scalepub: cannot reach Redis at {settings.redis_url_redacted}: {exc}",
-                   err=True)
-        sys.exit(exitcodes.REDIS_UNREACHABLE)
+        with _exit_codes(settings):
+            statuses = collect(settings, client)
+            relays = collect_relays(settings, client)
     finally:
         client.close()
     if as_json:
@@ -216,18 +221,11 @@ def authorize(node: str, jids: tuple[str, ...], affiliation: str, log_level: str
     affiliation (XEP-0060 owner use case). Exit code 0 when the server accepted it.
     """
     from scalepub.xmpp.affiliations import set_affiliations
-    from scalepub.xmpp.link import XmppAuthError, XmppUnreachable
 
     configure_logging(log_level)
     settings = _settings(**options)
-    try:
+    with _exit_codes(settings):
         reply = asyncio.run(set_affiliations(settings, node, dict.fromkeys(jids, affiliation)))
-    except XmppUnreachable as exc:
-        click.echo(f"scalepub: {exc}", err=True)
-        sys.exit(exitcodes.XMPP_UNREACHABLE)
-    except XmppAuthError as exc:
-        click.echo(f"scalepub: {exc}", err=True)
-        sys.exit(exitcodes.XMPP_AUTH)
     if not reply.ok:
         click.echo(f"scalepub: the server refused: {reply.reason}", err=True)
         sys.exit(exitcodes.FAILURE)

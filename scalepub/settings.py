@@ -10,7 +10,9 @@ import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import redis
 
 ENV_PREFIX = "SCALEPUB_"
 DJANGO_SETTING = "SCALEPUB"
@@ -20,6 +22,7 @@ DELIVERY_MODES = ("outbox", "direct")
 RELAY_MODES = ("thread", "external")
 TLS_MODES = ("auto", "required", "off")
 ACCESS_MODELS = ("open", "whitelist")
+REDIS_SCHEMES = ("redis", "rediss", "unix")
 _DOTTED_RE = re.compile(r"^$|^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
 _KEY_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _JID_RE = re.compile(r"^[^@/\s]+@[^@/\s]+$")
@@ -57,6 +60,42 @@ def _url(*schemes: str) -> Check:
     return check
 
 
+def _redis_url(value: Any) -> str | None:
+    """What redis-py's ``from_url`` would reject only at the first connection (a ValueError
+    from deep inside a save or a shard) or silently replace (a db or port it ignores)."""
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:
+        return "the port must be a number 1-65535"
+    if parts.scheme not in REDIS_SCHEMES:
+        return f"must be a {', '.join(s + '://' for s in REDIS_SCHEMES)} URL"
+    if parts.scheme == "unix":
+        if not parts.path:
+            return "must name the socket, e.g. unix:///run/redis.sock?db=0"
+    elif not parts.hostname:
+        return "must name the host, e.g. redis://127.0.0.1:6379/0"
+    elif port == 0:  # redis-py would quietly use 6379
+        return "the port must be a number 1-65535"
+    path = "" if parts.scheme == "unix" else parts.path  # a socket's path is no database
+    return _redis_db(path, parse_qs(parts.query)) or _redis_options(value)
+
+
+def _redis_db(path: str, query: dict[str, list[str]]) -> str | None:
+    db = query["db"][0] if "db" in query else unquote(path).strip("/")
+    if db == "" or db.isdigit():
+        return None
+    return f"the database {db!r} must be a whole number 0 or more, as in redis://host:6379/0"
+
+
+def _redis_options(value: str) -> str | None:
+    try:  # the query options (socket_timeout=...), read as redis-py reads them; no connection
+        redis.ConnectionPool.from_url(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _matches(pattern: re.Pattern[str], what: str) -> Check:
     def check(value: Any) -> str | None:
         return None if pattern.match(value) else f"must be {what}"
@@ -87,7 +126,7 @@ class Settings:
     """Everything scalepub can be told; one instance per process, immutable."""
 
     # Redis: where producers append and shards read.
-    redis_url: str = _setting("redis://127.0.0.1:6379/0", _url("redis", "rediss", "unix"))
+    redis_url: str = _setting("redis://127.0.0.1:6379/0", _redis_url)
     # Bounds how long a Django save can wait on Redis (connect and command), in seconds.
     redis_timeout: float = _setting(1.0, _positive)
     key_prefix: str = _setting("scalepub", _matches(_KEY_PREFIX_RE, "1-64 of [A-Za-z0-9_.:-]"))

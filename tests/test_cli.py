@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -21,8 +22,10 @@ SCALEPUB = str(Path(sys.executable).parent / "scalepub")
 
 
 def run(settings: Settings, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([SCALEPUB, *args], env={**os.environ, **settings_env(settings)},
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    # No metrics endpoint unless the test passes --metrics-port: parallel runs would collide.
+    env = {**os.environ, **settings_env(settings), "SCALEPUB_METRICS_PORT": "0"}
+    return subprocess.run([SCALEPUB, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
 
 
 def test_help_names_the_commands() -> None:
@@ -40,6 +43,35 @@ def test_bad_setting_is_named(settings_for: Settings) -> None:
     done = run(settings_for, "run", "--window", "0")
     assert done.returncode == exitcodes.USAGE
     assert "--window: must be greater than 0" in done.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "status"])
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:notaport/0", "redis://:6379",
+                                 "redis://127.0.0.1:6379/db1"])
+def test_a_malformed_redis_url_exits_2_naming_the_setting(command: str, url: str) -> None:
+    env = {**os.environ, "SCALEPUB_REDIS_URL": url}
+    done = subprocess.run([SCALEPUB, command], env=env, capture_output=True, text=True,
+                          timeout=30, check=False)
+    assert done.returncode == exitcodes.USAGE, done.stderr
+    assert "SCALEPUB_REDIS_URL: " in done.stderr and url in done.stderr
+    assert "Traceback" not in done.stderr
+    done = subprocess.run([SCALEPUB, command, "--redis-url", url], capture_output=True,
+                          text=True, timeout=30, check=False)
+    assert done.returncode == exitcodes.USAGE and "--redis-url: " in done.stderr, done.stderr
+
+
+@pytest.mark.stack
+def test_a_metrics_port_in_use_exits_2_naming_it(settings_for: Settings) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run(settings_for.replace(shards=1), "run", "--shards", "1",
+                   "--metrics-port", str(port))
+    assert done.returncode == exitcodes.USAGE, done.stderr[-2000:]
+    assert f"--metrics-port {port}: cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert "0 to turn the metrics endpoint off" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 @pytest.mark.stack

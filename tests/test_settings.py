@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -82,3 +83,44 @@ def test_a_bad_redis_url_is_named_without_its_password() -> None:
         Settings.from_mapping({"REDIS_URL": "http://user:sekret@cache.example/0"})
     assert "SCALEPUB['REDIS_URL']" in str(caught.value)
     assert "sekret" not in str(caught.value) and "user:***@cache.example" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis://127.0.0.1:notaport/0", "the port must be a number 1-65535"),
+        ("redis://127.0.0.1:70000/0", "the port must be a number 1-65535"),
+        ("redis://127.0.0.1:0/0", "the port must be a number 1-65535"),  # redis-py: 6379
+        ("redis://:6379", "must name the host"),
+        ("redis://127.0.0.1:6379/abc", "the database 'abc' must be a whole number"),  # redis-py: db 0
+        ("redis://127.0.0.1:6379/-1", "the database '-1' must be a whole number"),
+        ("redis://127.0.0.1:6379/0/1", "the database '0/1' must be a whole number"),  # redis-py: db 1
+        ("redis://127.0.0.1?db=two", "the database 'two' must be a whole number"),
+        ("unix:///run/redis.sock?db=x", "the database 'x' must be a whole number"),
+        ("unix://", "must name the socket"),
+        ("redis://127.0.0.1/0?socket_timeout=soon", "Invalid value for 'socket_timeout'"),
+    ],
+)
+def test_a_malformed_redis_url_is_named(url: str, problem: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({"SCALEPUB_REDIS_URL": url})
+    assert str(caught.value).startswith(f"SCALEPUB_REDIS_URL: {problem}"), caught.value
+    with pytest.raises(SettingsError, match=r"^SCALEPUB\['REDIS_URL'\]: "):
+        Settings.from_mapping({"REDIS_URL": url})
+
+
+@pytest.mark.parametrize(("url", "db"), [
+    ("redis://127.0.0.1:6379/0", 0), ("rediss://u:p@cache.example:6380/15", 15),
+    ("redis://[::1]:6379", 0), ("redis://localhost/", 0), ("unix:///run/redis.sock", 0),
+    ("unix:///run/redis.sock?db=3", 3), ("redis://h/2?socket_timeout=0.5", 2),
+])
+def test_well_formed_redis_urls_pass_and_mean_what_redis_py_reads(url: str, db: int) -> None:
+    import redis
+
+    settings = Settings.from_env({"SCALEPUB_REDIS_URL": url})
+    kwargs = redis.ConnectionPool.from_url(settings.redis_url).connection_kwargs
+    assert kwargs.get("db", 0) == db
+    if url.startswith("unix"):
+        assert kwargs["path"] == "/run/redis.sock"
+    else:
+        assert kwargs.get("port", 6379) == (urlsplit(url).port or 6379)

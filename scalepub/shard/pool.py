@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import wait
@@ -17,10 +18,10 @@ import redis
 from scalepub import exitcodes
 from scalepub.backlog import stream_backlog
 from scalepub.connections import sync_client
-from scalepub.settings import Settings
+from scalepub.settings import Settings, SettingsError
 from scalepub.shard import metrics
 from scalepub.shard.process import shard_main
-from scalepub.shard.streams import ShardCountMismatch, agree_shard_count
+from scalepub.shard.streams import agree_shard_count
 from scalepub.sharding import Keys
 
 log = logging.getLogger(__name__)
@@ -59,12 +60,13 @@ class Pool:
 
     def run(self) -> int:
         """Supervise until a signal or a fatal shard error; returns the exit code."""
-        code = self._preflight()
-        if code != exitcodes.OK:
-            return code
+        try:
+            self._serve_metrics()  # a port in use is a setting to change: say so before Redis
+            self._preflight()
+        except Exception as exc:
+            return exitcodes.report(exc, self.settings, lambda line: log.error("%s", line))
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
-        self._serve_metrics()
         for slot in self.slots:
             self._spawn(slot)
         log.info("pool: %d shard processes over %d shards", len(self.slots), self.settings.shards)
@@ -76,29 +78,34 @@ class Pool:
         return code
 
     def _serve_metrics(self) -> None:
-        if not self.settings.metrics_port:
+        """Start the metrics endpoint; a port that cannot be had is a setting to change."""
+        host, port = self.settings.metrics_host, self.settings.metrics_port
+        if not port:
             return
-        metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
+        try:
+            metrics.serve(host, port)
+        except socket.gaierror as exc:
+            raise SettingsError(f"--metrics-host {host!r}: not an address of this machine "
+                                f"({exc.strerror}) [env SCALEPUB_METRICS_HOST]") from None
+        except OSError as exc:
+            raise SettingsError(
+                f"--metrics-port {port}: cannot listen on {host}:{port} ({exc.strerror or exc}); "
+                "choose a free port with --metrics-port [env SCALEPUB_METRICS_PORT], "
+                "or 0 to turn the metrics endpoint off") from None
         log.info("pool: metrics on http://%s:%d/metrics", self.settings.metrics_host,
                  self.settings.metrics_port)
 
-    def _preflight(self) -> int:
+    def _preflight(self) -> None:
+        """Redis answers and its streams agree with our shard count (raises otherwise)."""
         client = sync_client(self.settings, timeout=max(self.settings.redis_timeout, 2.0))
         try:
             previous = agree_shard_count(client, Keys(self.settings.key_prefix),
                                          self.settings.shards)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            log.error("cannot reach Redis at %s: %s", self.settings.redis_url_redacted, exc)
-            return exitcodes.REDIS_UNREACHABLE
-        except ShardCountMismatch as exc:
-            log.error("%s", exc)
-            return exitcodes.SHARD_COUNT_MISMATCH
         finally:
             client.close()
         if previous is not None:
             log.warning("pool: shard count changed from %d to %d (streams were drained)",
                         previous, self.settings.shards)
-        return exitcodes.OK
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         self._signals += 1

@@ -11,13 +11,10 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
-import redis
-
 from scalepub import exitcodes
 from scalepub.logsetup import configure_logging
 from scalepub.settings import Settings
 from scalepub.shard.worker import ShardWorker
-from scalepub.xmpp.link import XmppAuthError, XmppUnreachable
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +38,7 @@ def shard_main(settings: Settings, shards: Sequence[int], index: int,
 
 async def run_worker(settings: Settings, shards: Sequence[int], consumer: str,
                      on_ready: Callable[[], None] | None = None) -> int:
-    """Run a ShardWorker with SIGTERM handling; map start-up failures to exit codes."""
+    """Run a ShardWorker with SIGTERM handling; errors a user can fix become exit codes."""
     worker = ShardWorker(settings, shards, consumer, on_ready=on_ready)
     signals = 0
 
@@ -66,15 +63,8 @@ async def run_worker(settings: Settings, shards: Sequence[int], consumer: str,
     watch = asyncio.create_task(_stop_when_orphaned(worker, consumer))
     try:
         await worker.run()
-    except XmppAuthError as exc:
-        log.error("%s", exc)
-        return exitcodes.XMPP_AUTH
-    except XmppUnreachable as exc:
-        log.error("%s", exc)
-        return exitcodes.XMPP_UNREACHABLE
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        log.error("cannot reach Redis at %s: %s", settings.redis_url_redacted, exc)
-        return exitcodes.REDIS_UNREACHABLE
+    except Exception as exc:
+        return exitcodes.report(exc, settings, lambda line: log.error("%s", line))
     finally:
         watch.cancel()
     return exitcodes.OK
