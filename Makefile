@@ -15,9 +15,11 @@ test: venv packages lint client
 	cd client/js && npm test
 	$(BIN)/pytest -q
 
+## lint: ruff, mypy --strict, and the layering contracts of pyproject.toml (import-linter)
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy scalepub
+	$(BIN)/lint-imports
 
 ## bench: the benchmarks (needs `eval "$$(ops/stack env)"` or a running `make stack-up`)
 bench: venv stack-up
