@@ -155,31 +155,38 @@ def status(as_json: bool, log_level: str, **options: Any) -> None:
 @click.option("--password", envvar="SCALEPUB_TAIL_PASSWORD", help="password for --jid "
               "[env SCALEPUB_TAIL_PASSWORD]")
 @click.option("--count", type=int, default=0, help="exit after this many entries")
+@click.option("--connect-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0,
+              show_default=True, help="seconds to get an XMPP session before giving up")
 @_common
 def tail(nodes: tuple[str, ...], follow_all: bool, jid: str | None, password: str | None,
-         count: int, log_level: str, **options: Any) -> None:
+         count: int, connect_timeout: float, log_level: str, **options: Any) -> None:
     """Print entries of NODES as they arrive, with their end-to-end latency.
 
-    Example: scalepub tail /twitter/Tweet/user1 /twitter/Tweet/user2, or scalepub tail --all.
-    Logs in anonymously on SCALEPUB_ANON_DOMAIN unless --jid is given; nodes that do not
-    exist yet are subscribed to as soon as they are created.
+    Example: scalepub tail "/twitter/Tweet/mary jane" /twitter/Tweet/user2, or scalepub tail
+    --all. Logs in anonymously on SCALEPUB_ANON_DOMAIN unless --jid is given. A node that
+    does not exist yet is subscribed to as soon as it is created (said once on stderr).
+    Exit codes: 2 invalid node name or setting, 3 XMPP server unreachable (within
+    --connect-timeout) or session lost, 4 login refused.
     """
     if not nodes and not follow_all:
         raise click.UsageError("give one or more NODES, or --all")
-    configure_logging(log_level)
-    settings = _settings(**options)
-    from scalepub.xmpp.link import XmppUnreachable
+    from scalepub.nodes import InvalidNodeName, validate_node
 
     try:
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(_tail(settings, nodes, follow_all, jid, password or "", count))
-    except XmppUnreachable as exc:  # TLS refused: the message names the setting
+        for node in nodes:
+            validate_node(node)
+    except InvalidNodeName as exc:
         click.echo(f"scalepub: {exc}", err=True)
-        sys.exit(exitcodes.XMPP_UNREACHABLE)
+        sys.exit(exitcodes.USAGE)
+    configure_logging(log_level)
+    settings = _settings(**options)
+    with _exit_codes(settings), contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_tail(settings, nodes, follow_all, jid, password or "", count,
+                          connect_timeout))
 
 
 async def _tail(settings: Settings, nodes: tuple[str, ...], follow_all: bool,
-                jid: str | None, password: str, count: int) -> None:
+                jid: str | None, password: str, count: int, connect_timeout: float) -> None:
     from scalepub.xmpp.subscriber import ReceivedEntry, Subscriber
 
     done = asyncio.Event()
@@ -193,14 +200,15 @@ async def _tail(settings: Settings, nodes: tuple[str, ...], follow_all: bool,
         if count and seen >= count:
             done.set()
 
-    sub = Subscriber(settings, nodes, show, follow_all=follow_all, jid=jid, password=password)
-    task = asyncio.create_task(sub.run())
+    sub = Subscriber(settings, nodes, show, follow_all=follow_all, jid=jid, password=password,
+                     notice=lambda line: click.echo(f"scalepub: {line}", err=True))
+    task = asyncio.create_task(sub.run(connect_timeout))
     if count:
         finished = asyncio.create_task(done.wait())
         await asyncio.wait({task, finished}, return_when=asyncio.FIRST_COMPLETED)
         finished.cancel()
         if task.done():
-            task.result()  # raises what ended the subscriber (e.g. TLS refused)
+            task.result()  # raises what ended the subscriber (e.g. server unreachable)
     else:
         await task
     task.cancel()

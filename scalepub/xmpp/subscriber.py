@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,12 @@ from slixmpp.exceptions import IqError, IqTimeout
 
 from scalepub.settings import Settings
 from scalepub.xmpp.batch import NS_BATCH
-from scalepub.xmpp.link import XmppTlsError, configure_transport
+from scalepub.xmpp.link import (
+    XmppAuthError,
+    XmppTlsError,
+    XmppUnreachable,
+    configure_transport,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,59 +73,151 @@ def unpack(batch: ET.Element, received_ns: int) -> list[ReceivedEntry]:
 
 
 class Subscriber:
-    """Subscribes to nodes (or every node, with ``follow_all``) and calls ``on_entry``."""
+    """Subscribes to nodes (or every node, with ``follow_all``) and calls ``on_entry``.
+
+    ``notice`` gets one line per thing the user should know while nothing arrives: nodes
+    that do not exist yet (created on first publish) and subscriptions the server refuses,
+    each said once; they are tried again every ``NODE_RETRY_S``.
+    """
 
     def __init__(self, settings: Settings, nodes: Iterable[str],
                  on_entry: Callable[[ReceivedEntry], None], *, follow_all: bool = False,
-                 jid: str | None = None, password: str = "") -> None:
+                 jid: str | None = None, password: str = "",
+                 notice: Callable[[str], object] = log.warning) -> None:
         self.settings = settings
         self.wanted = set(nodes)
         self.subscribed: set[str] = set()
         self.follow_all = follow_all
         self.on_entry = on_entry
-        self.ready = asyncio.Event()
-        self._tls_error: XmppTlsError | None = None
-        self.client = _client(settings, jid, password, self._on_tls_error)
+        self.notice = notice
+        self.jid = jid
+        self._told: dict[str, str] = {}  # node -> the refusal already reported
+        self._started: asyncio.Future[None] | None = None
+        self._failed: asyncio.Future[None] | None = None
+        self._closing = False
+        self.client = _client(settings, jid, password, self._fail)
         self.client.add_event_handler("pubsub_publish", self._on_publish)
-        self.client.add_event_handler("session_start", self._on_session)
+        for event, handler in (
+            ("session_start", self._on_session), ("failed_all_auth", self._auth_failed),
+            ("connection_failed", self._connect_failed), ("disconnected", self._disconnected),
+        ):
+            self.client.add_event_handler(event, handler)
 
-    async def run(self) -> None:
-        """Connect and keep subscribing until cancelled; raise XmppTlsError if TLS fails."""
+    async def run(self, connect_timeout: float = 10.0) -> None:
+        """Connect, then keep subscribing until cancelled.
+
+        Raises XmppUnreachable (XmppTlsError for TLS) when no session starts within
+        ``connect_timeout`` seconds or the session is lost, XmppAuthError when the server
+        refuses the login.
+        """
+        loop = asyncio.get_running_loop()
+        self._started, self._failed = loop.create_future(), loop.create_future()
         self.client.connect(self.settings.xmpp_host, self.settings.xmpp_port)
         try:
-            await self.ready.wait()
-            if self._tls_error is not None:
-                raise self._tls_error
+            await self._connected(connect_timeout)
             while True:
-                await self._subscribe_missing()
-                await asyncio.sleep(NODE_RETRY_S)
+                await self._unless_failed(self._subscribe_missing())
+                await self._unless_failed(asyncio.sleep(NODE_RETRY_S))
         finally:
+            self._closing = True
+            self.client.cancel_connection_attempt()
             self.client.disconnect(wait=0)
 
-    def _on_tls_error(self, exc: XmppTlsError) -> None:
-        self._tls_error = exc
-        self.client.cancel_connection_attempt()  # slixmpp would retry on its own, for ever
-        self.client.disconnect(wait=0)
-        self.ready.set()
+    async def _connected(self, timeout: float) -> None:
+        assert self._started is not None and self._failed is not None
+        await asyncio.wait({self._started, self._failed}, timeout=timeout,
+                           return_when=asyncio.FIRST_COMPLETED)
+        if self._failed.done():
+            self._failed.result()  # raises why
+        if not self._started.done():
+            raise XmppUnreachable(
+                f"no XMPP session with {self._server} within {timeout:g} s "
+                "(--connect-timeout)")
 
-    async def _on_session(self, _event: Any) -> None:
-        if self._tls_error is not None:
+    async def _unless_failed(self, step: Awaitable[None]) -> None:
+        """Run ``step``; raise at once if the session fails meanwhile."""
+        assert self._failed is not None
+        task = asyncio.ensure_future(step)
+        await asyncio.wait({task, self._failed}, return_when=asyncio.FIRST_COMPLETED)
+        if self._failed.done():
+            task.cancel()
+            self._failed.result()
+        task.result()
+
+    @property
+    def _server(self) -> str:
+        return f"{self.settings.xmpp_host}:{self.settings.xmpp_port}"
+
+    def _fail(self, exc: Exception) -> None:
+        """The first failure ends ``run``; slixmpp would otherwise retry on its own, for ever."""
+        if self._closing:  # disconnect() below calls _disconnected() again
+            return
+        self._closing = True
+        if self._failed is not None and not self._failed.done():
+            self._failed.set_exception(exc)
+        self.client.cancel_connection_attempt()
+        self.client.disconnect(wait=0)
+
+    def _on_session(self, _event: Any) -> None:
+        if self._failed is None or self._failed.done():  # e.g. TLS refused after all
             return
         self.client.send_presence()
-        self.ready.set()
+        if self._started is not None and not self._started.done():
+            self._started.set_result(None)
+
+    def _auth_failed(self, _event: Any) -> None:
+        if self.jid:
+            self._fail(XmppAuthError(
+                f"the XMPP server refused the credentials of {self.jid} "
+                "(check --jid and --password or SCALEPUB_TAIL_PASSWORD)"))
+        else:
+            self._fail(XmppAuthError(
+                f"the XMPP server refused an anonymous login on {self.settings.anon_domain} "
+                "(check SCALEPUB_ANON_DOMAIN: it must allow SASL ANONYMOUS)"))
+
+    def _connect_failed(self, event: Any) -> None:
+        self._fail(XmppUnreachable(f"cannot connect to XMPP server {self._server}: {event}"))
+
+    def _disconnected(self, _event: Any) -> None:
+        if self._closing:
+            return
+        started = self._started is not None and self._started.done()
+        self._fail(XmppUnreachable(
+            f"lost the session with XMPP server {self._server}" if started else
+            f"the XMPP server {self._server} closed the connection before a session started"))
 
     async def _subscribe_missing(self) -> None:
         if self.follow_all:
             self.wanted |= await self._all_nodes()
+        refused: dict[str, str] = {}
         for node in sorted(self.wanted - self.subscribed):
             try:
                 await self.client["xep_0060"].subscribe(
                     self.settings.pubsub_service, node, subscribee=self.client.boundjid.full)
-            except (IqError, IqTimeout) as exc:
-                log.debug("subscribe %s: %s (will retry)", node, exc)
+            except IqError as exc:
+                refused[node] = exc.iq["error"]["condition"] or "error"
+                continue
+            except IqTimeout:
+                refused[node] = "no answer"
                 continue
             self.subscribed.add(node)
+            self._told.pop(node, None)
             log.info("subscribed to %s", node)
+        self._tell(refused)
+
+    def _tell(self, refused: dict[str, str]) -> None:
+        """Say once per node why it is not subscribed yet (it is tried again)."""
+        new = {n: why for n, why in refused.items() if self._told.get(n) != why}
+        self._told.update(new)
+        waiting = [n for n, why in new.items() if why == "item-not-found"]
+        retry = f"trying again every {NODE_RETRY_S:g} s"
+        if waiting:
+            what = "node" if len(waiting) == 1 else f"{len(waiting)} nodes"
+            self.notice(f"waiting for {what} {', '.join(map(repr, waiting))} to be created "
+                        f"(created on first publish); {retry}")
+        for node, why in new.items():
+            if why != "item-not-found":
+                self.notice(f"cannot subscribe to {node!r}: {why}; {retry}")
 
     async def _all_nodes(self) -> set[str]:
         try:
