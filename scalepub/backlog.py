@@ -1,6 +1,14 @@
 """How far the pool is behind on each shard stream: entries never read (lag) and read but not
-yet acknowledged (pending). Read by ``scalepub status``, the pool's gauges and its start-up
-check; never imports the pool itself.
+yet acknowledged (pending). Read by ``scalepub status``, the pool's gauges, its start-up check
+and (as Lua) the append script's backpressure; never imports the pool itself.
+
+Why not XINFO GROUPS' ``lag``: after Redis rewrites its AOF and restarts, a consumer group's
+entries-read counter comes back from the rewritten file and the replayed log never advances
+it (XREADGROUP is logged as XCLAIM ... LASTID), so ``lag`` grows with every rewrite-and-restart
+cycle and never returns to 0. The figures used here survive a restart: the project's own
+counters in the shard's meta hash (``appended`` by the append script, ``done`` by the ack
+script, both atomic with the stream change they count), the group's pending count (its PEL)
+and last-delivered id against the stream's last id.
 """
 
 from __future__ import annotations
@@ -11,6 +19,35 @@ from typing import cast
 import redis
 
 from scalepub.sharding import CONSUMER_GROUP, Keys
+
+# Fields of the shard's meta hash: entries ever appended, and entries acknowledged (published
+# or dead-lettered) or found trimmed while pending. appended - done = entries waiting.
+APPENDED_FIELD = "appended"
+DONE_FIELD = "done"
+
+# Lua: caught_up(stream, group) is true when nothing waits: the group read up to the stream's
+# last id and holds no pending entry (or there is no stream). The scripts then set done to
+# appended, which heals any drift of the counters (an upgrade from a version without them, a
+# stream deleted by hand). Two O(1) XINFO calls; run when an append would be refused and
+# after each ack.
+CAUGHT_UP_LUA = """
+local function caught_up(stream, group)
+  if redis.call('EXISTS', stream) == 0 then return true end
+  local info = redis.call('XINFO', 'STREAM', stream)
+  local last = nil
+  for j = 1, #info, 2 do
+    if info[j] == 'last-generated-id' then last = info[j + 1] end
+  end
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+    local f = {}
+    for j = 1, #g, 2 do f[g[j]] = g[j + 1] end
+    if f['name'] == group then
+      return f['pending'] == 0 and f['last-delivered-id'] == last
+    end
+  end
+  return redis.call('XLEN', stream) == 0
+end
+"""
 
 
 @dataclass(frozen=True)
@@ -24,17 +61,30 @@ class Backlog:
 
 def stream_backlog(r: redis.Redis, key: str) -> tuple[int, int]:
     """(lag, pending) of one stream: entries never read, and read but unacknowledged."""
-    groups = cast(list[dict[str, object]], r.xinfo_groups(key)) if r.exists(key) else []
+    meta = meta_of(key)
+    with r.pipeline(transaction=False) as pipe:
+        pipe.exists(key)
+        pipe.hmget(meta, [APPENDED_FIELD, DONE_FIELD])
+        pipe.xlen(key)
+        exists, counts, length = pipe.execute()
+    if not exists:
+        return 0, 0
+    groups = cast(list[dict[str, object]], r.xinfo_groups(key))
     group = next((g for g in groups if g["name"] in (CONSUMER_GROUP, CONSUMER_GROUP.encode())),
                  None)
-    if group is None:
-        return int(r.xlen(key)), 0
-    lag = group.get("lag")
-    if lag is None:  # Redis cannot tell after trims/deletes: count from the last read id
-        last = group["last-delivered-id"]
-        start = last.decode() if isinstance(last, bytes) else str(last)
-        lag = len(cast(list[object], r.xrange(key, min=f"({start}")))
-    return int(cast(int, lag)), int(cast(int, group["pending"]))
+    if group is None:  # the pool never ran: every entry waits
+        return int(length), 0
+    pending = int(cast(int, group["pending"]))
+    last_read = _text(group["last-delivered-id"])
+    info = cast(dict[str, object], r.xinfo_stream(key))
+    if last_read == _text(info["last-generated-id"]):
+        return 0, pending  # read up to the newest entry: nothing unread, whatever counters say
+    appended, done = (int(c) if c is not None else None for c in counts)
+    if appended is None or done is None:  # written by a version without counters
+        lag = len(cast(list[object], r.xrange(key, min=f"({last_read}")))
+        return lag, pending
+    # Something is unread (ids after last_read), but never more than the stream holds.
+    return min(max(appended - done - pending, 1), int(length)), pending
 
 
 def backlogs(r: redis.Redis, keys: Keys) -> list[Backlog]:
@@ -44,3 +94,12 @@ def backlogs(r: redis.Redis, keys: Keys) -> list[Backlog]:
         lag, pending = stream_backlog(r, key)
         out.append(Backlog(key, lag, pending))
     return out
+
+
+def meta_of(stream_key: str) -> str:
+    """``{prefix}:{N}:meta`` of ``{prefix}:{N}:stream`` (same hash tag): the counters' hash."""
+    return stream_key[:-len("stream")] + "meta"
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,7 +1,10 @@
-"""Recent entries of one node, read back from its shard stream (for subscribers' catch-up).
+"""Recent entries of one node, for subscribers' catch-up (docs/protocol.md section 5).
 
-The shard stream is the history: it keeps the newest ``STREAM_MAXLEN`` entries of the shard,
-published or not. ejabberd keeps none (ops/ejabberd). A subscriber that saw a seq gap, or
+Each node has its own history, written by the append script with the shard stream entry:
+the stream ``{prefix}:{N}:h:<node>`` (same hash tag as its shard) holds the node's newest
+``HISTORY_MAXLEN`` entries under the ids ``<seq>-0``, so the entries after a seq are one XRANGE
+away whatever the rest of the shard does, and the key expires ``HISTORY_TTL_S`` after the
+node's newest entry. ejabberd keeps none (ops/ejabberd). A subscriber that saw a seq gap, or
 reconnected, asks for the entries after the last seq it has.
 """
 
@@ -15,8 +18,9 @@ import redis
 from scalepub.envelope import Envelope, EnvelopeError, decode
 from scalepub.sharding import ENTRY_FIELD, Keys, shard_for
 
-SCAN_CHUNK = 2000
-MAX_SCAN = 200_000  # entries of the shard looked at, at most, per request
+# Field of a history entry holding the entry's id in the shard stream (APPEND_LUA writes it).
+STREAM_ID_FIELD = b"i"
+_MAX_ID = 2**64 - 1
 
 
 @dataclass
@@ -44,42 +48,30 @@ class History:
 
 def read_history(client: redis.Redis, keys: Keys, shards: int, node: str, after: int,
                  limit: int) -> History:
-    """Up to ``limit`` entries of ``node`` with seq > ``after``, oldest first."""
+    """Up to ``limit`` entries of ``node`` with seq > ``after``, oldest first.
+
+    One round trip: the node's seq counter and XRANGE of its history from ``after + 1``.
+    ``lost`` is exact: the history holds a node's seqs without holes (the append script adds
+    every seq, trimming and expiry remove the oldest), so entries after ``after`` are gone
+    exactly when the first one kept is not ``after + 1``.
+    """
     shard = shard_for(node, shards)
-    last_seq = int(cast(bytes | None, client.hget(keys.seqs(shard), node)) or 0)
+    with client.pipeline(transaction=False) as pipe:
+        pipe.hget(keys.seqs(shard), node)
+        # (seq ids are below 2**64: a larger ``after`` has nothing after it anyway)
+        pipe.xrange(keys.history(shard, node), min=f"{min(after + 1, _MAX_ID)}-0", count=limit)
+        raw_last, kept = pipe.execute()
+    last_seq = int(cast(bytes | None, raw_last) or 0)
     found = History(node, last_seq=last_seq)
     if last_seq <= after:
         return found
-    newest_first = _scan_back(client, keys.stream(shard), node, after)
-    newest_first.reverse()
-    seqs = [env.seq for env, _ in newest_first]
-    found.lost = seqs != list(range(after + 1, after + 1 + len(seqs))) or not seqs
-    for env, sid in newest_first[:limit]:
+    for hid, fields in cast(list[tuple[bytes, dict[bytes, bytes]]], kept):
+        try:
+            env = decode(fields.get(ENTRY_FIELD, b""))
+        except EnvelopeError:  # only another writer puts such bytes here: a hole, said as lost
+            continue
         found.entries.append(env)
-        found.ids.append(sid)
+        found.ids.append(fields.get(STREAM_ID_FIELD, hid).decode())
+    seqs = [env.seq for env in found.entries]
+    found.lost = seqs[:1] != [after + 1] or seqs != list(range(after + 1, after + 1 + len(seqs)))
     return found
-
-
-def _scan_back(client: redis.Redis, key: str, node: str,
-               after: int) -> list[tuple[Envelope, str]]:
-    """Entries of ``node`` newer than ``after``, newest first, stopping at ``after``."""
-    out: list[tuple[Envelope, str]] = []
-    end, scanned = "+", 0
-    while scanned < MAX_SCAN:
-        chunk = cast(list[tuple[bytes, dict[bytes, bytes]]],
-                     client.xrevrange(key, max=end, min="-", count=SCAN_CHUNK))
-        for sid, fields in chunk:
-            try:
-                env = decode(fields.get(ENTRY_FIELD, b""))
-            except EnvelopeError:
-                continue
-            if env.node != node:
-                continue
-            if env.seq <= after:
-                return out
-            out.append((env, sid.decode()))
-        if len(chunk) < SCAN_CHUNK:
-            return out
-        scanned += len(chunk)
-        end = "(" + chunk[-1][0].decode()
-    return out

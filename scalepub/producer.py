@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
@@ -12,6 +13,7 @@ import msgpack
 import redis
 
 from scalepub import metrics
+from scalepub.backlog import APPENDED_FIELD, CAUGHT_UP_LUA, DONE_FIELD
 from scalepub.connections import sync_client
 from scalepub.envelope import split_encode
 from scalepub.settings import Settings
@@ -19,18 +21,21 @@ from scalepub.sharding import CONSUMER_GROUP, ENTRY_FIELD, Keys, shard_for
 
 log = logging.getLogger(__name__)
 
-# KEYS: stream, seq hash, meta hash[, the outbox's record of its last call to this shard].
-# ARGV: shards, maxlen, consumer group, msgpack list of 'outbox id:ts' (or ''), then
-# (node, head, tail) triples. In order:
+# KEYS: stream, seq hash, meta hash, the outbox's record of its last call to this shard (the
+# meta hash again when no outbox calls), then each entry's node history stream.
+# ARGV: shards, maxlen, consumer group, msgpack list of 'outbox id:ts' (or ''), history maxlen,
+# history TTL (s), then (node, head, tail) triples. In order:
 # 1. Refuse if the shard count differs from the one this stream was written for.
 # 2. Entries whose outbox id is in the record were appended by a call whose reply was lost
 #    (a timeout after Redis ran it): answer their recorded id and seq, append nothing.
-# 3. Backpressure: entries waiting for the pool (undelivered + unacknowledged) stay within
-#    MAXLEN, so trimming never drops an entry nobody published. Entries that do not fit
-#    are answered nil (the caller keeps them); the rest get the next per-node seq spliced
-#    into their envelope and an XADD.
+# 3. Backpressure: entries waiting for the pool (appended - done, the meta hash's counters,
+#    scalepub/backlog.py) stay within MAXLEN, so trimming never drops an entry nobody
+#    published. Entries that do not fit are answered nil (the caller keeps them); the rest get
+#    the next per-node seq spliced into their envelope, an XADD to the shard stream and one to
+#    the node's history (id <seq>-0, newest HISTORY_MAXLEN kept, expiring HISTORY_TTL_S after
+#    the node's newest entry).
 # 4. Record this call's (outbox id, stream id, seq) triples for step 2 of the next call.
-APPEND_LUA = """
+APPEND_LUA = CAUGHT_UP_LUA + """
 local recorded = redis.call('HGET', KEYS[3], 'shards')
 if recorded and recorded ~= ARGV[1] then
   return redis.error_reply('SHARDMISMATCH producer uses ' .. ARGV[1] ..
@@ -48,20 +53,23 @@ if ARGV[4] ~= '' then
   end
 end
 local maxlen = tonumber(ARGV[2])
-local waiting = 0
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  waiting = nil
-  for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-    local f = {}
-    for j = 1, #g, 2 do f[g[j]] = g[j + 1] end
-    if f['name'] == ARGV[3] and f['lag'] then waiting = f['pending'] + f['lag'] end
-  end
-  -- no group yet (the pool never ran) or an unknown lag: count every entry as waiting
-  if not waiting then waiting = redis.call('XLEN', KEYS[1]) end
+local counts = redis.call('HMGET', KEYS[3], 'appended', 'done')
+local appended = tonumber(counts[1])
+if not appended then
+  -- first append with counters: every entry the stream holds counts as waiting until the
+  -- pool is seen caught up
+  appended = redis.call('XLEN', KEYS[1])
+  counts[2] = 0
+  redis.call('HSET', KEYS[3], 'appended', appended, 'done', 0)
 end
-local room = maxlen - waiting
-local out, record, n = {}, {}, 0
-for i = 5, #ARGV, 3 do
+local room = maxlen - (appended - tonumber(counts[2]))
+if room < (#ARGV - 6) / 3 and caught_up(KEYS[1], ARGV[3]) then
+  redis.call('HSET', KEYS[3], 'done', appended)
+  room = maxlen
+end
+local hmax, httl = tonumber(ARGV[5]), tonumber(ARGV[6])
+local out, record, n, added, touched = {}, {}, 0, 0, {}
+for i = 7, #ARGV, 3 do
   n = n + 1
   local oid = oids and oids[n]
   local id, seq = false, false
@@ -69,9 +77,21 @@ for i = 5, #ARGV, 3 do
     id, seq = done[oid][1], done[oid][2]
   elseif room > 0 then
     room = room - 1
+    added = added + 1
     seq = redis.call('HINCRBY', KEYS[2], ARGV[i], 1)
-    id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*',
-      'e', ARGV[i + 1] .. cmsgpack.pack(seq) .. ARGV[i + 2])
+    local env = ARGV[i + 1] .. cmsgpack.pack(seq) .. ARGV[i + 2]
+    id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'e', env)
+    if hmax > 0 then
+      local h = KEYS[4 + n]
+      local add = {'XADD', h, 'MAXLEN', hmax, seq .. '-0', 'e', env, 'i', id}
+      local ok = redis.pcall(unpack(add))
+      if type(ok) == 'table' and ok.err then
+        -- ids not below this seq: a history left from before its seq counter was reset
+        redis.call('DEL', h)
+        redis.call(unpack(add))
+      end
+      touched[h] = true
+    end
   end
   out[#out + 1] = id
   out[#out + 1] = seq
@@ -80,10 +100,25 @@ for i = 5, #ARGV, 3 do
     record[k + 1], record[k + 2], record[k + 3] = oid, id, seq
   end
 end
+if added > 0 then redis.call('HINCRBY', KEYS[3], 'appended', added) end
+if httl > 0 then
+  for h in pairs(touched) do redis.call('EXPIRE', h, httl) end
+end
 if oids then redis.call('SET', KEYS[4], cmsgpack.pack(record), 'EX', 604800) end
 return out
 """
 assert ENTRY_FIELD == b"e", "APPEND_LUA writes the envelope under field 'e'"
+assert (APPENDED_FIELD, DONE_FIELD) == ("appended", "done"), "APPEND_LUA's counter fields"
+# The script's error reply when the shard count differs: recognised in one place (_refusal).
+_SHARD_MISMATCH = "SHARDMISMATCH"
+
+
+class Refusal(enum.Enum):
+    """Why entries were not appended; the value is the metric label."""
+
+    BACKPRESSURE = "backpressure"  # STREAM_MAXLEN entries of the shard wait for the pool
+    SHARD_MISMATCH = "shard_mismatch"  # the stream was written for another shard count
+    REDIS = "redis"  # Redis unreachable, timed out or answered an error
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,11 +145,12 @@ class Appended:
 
 @dataclass(frozen=True, slots=True)
 class ShardFailure:
-    """Entries of one shard that its script refused, and why."""
+    """Entries of one shard that were not appended, why, and what Redis said."""
 
     shard: int
     entries: list[PendingEntry]
-    error: redis.ResponseError
+    reason: Refusal
+    message: str
 
 
 @dataclass(slots=True)
@@ -128,28 +164,18 @@ class AppendResult:
 class Spill(Protocol):
     """Takes entries that could not be appended; a durable outbox plugs in here."""
 
-    def spill(self, entries: Sequence[PendingEntry], error: Exception) -> None:
+    def spill(self, entries: Sequence[PendingEntry], reason: Refusal, message: str) -> None:
         """Keep or report ``entries``; must not raise."""
 
 
 class LogSpill:
     """Default spill: log each lost entry with node and pk, and count it."""
 
-    def spill(self, entries: Sequence[PendingEntry], error: Exception) -> None:
+    def spill(self, entries: Sequence[PendingEntry], reason: Refusal, message: str) -> None:
         """Log each entry; the entries are not kept."""
         for entry in entries:
-            log.error("scalepub: entry not enqueued (node=%s model=%s pk=%s): %s",
-                      entry.node, entry.model, entry.pk, error)
-
-
-def failure_reason(error: Exception) -> str:
-    """A short label for why an append failed (a metric label value)."""
-    if isinstance(error, redis.ResponseError):
-        for marker, reason in (("SHARDMISMATCH", "shard_mismatch"),
-                               ("BACKPRESSURE", "backpressure")):
-            if marker in str(error):
-                return reason
-    return "redis"
+            log.error("scalepub: entry not enqueued (node=%s model=%s pk=%s): %s: %s",
+                      entry.node, entry.model, entry.pk, reason.value, message)
 
 
 class StreamProducer:
@@ -173,16 +199,16 @@ class StreamProducer:
         try:
             result = self.append(entries)
         except redis.RedisError as exc:
-            self._spill(spill, entries, exc)
+            self._spill(spill, entries, Refusal.REDIS, str(exc))
             return None
         for failure in result.failures:
-            self._spill(spill, failure.entries, failure.error)
+            self._spill(spill, failure.entries, failure.reason, failure.message)
         return None if result.failures else result.appended
 
-    def _spill(self, spill: Spill | None, entries: Sequence[PendingEntry],
-               error: Exception) -> None:
-        metrics.ENQUEUE_FAILURES.labels(reason=failure_reason(error)).inc(len(entries))
-        (spill or self.spill).spill(entries, error)
+    def _spill(self, spill: Spill | None, entries: Sequence[PendingEntry], reason: Refusal,
+               message: str) -> None:
+        metrics.ENQUEUE_FAILURES.labels(reason=reason.value).inc(len(entries))
+        (spill or self.spill).spill(entries, reason, message)
 
     def append(self, entries: Sequence[PendingEntry], source: str = "") -> AppendResult:
         """Append ``entries``, one script per shard, order kept per node.
@@ -200,16 +226,17 @@ class StreamProducer:
         for shard, reply in zip(by_shard, self._run(by_shard, source), strict=True):
             batch = by_shard[shard]
             if isinstance(reply, redis.ResponseError):
-                result.failures.append(ShardFailure(shard, batch, reply))
+                result.failures.append(ShardFailure(shard, batch, _refusal(reply), str(reply)))
                 continue
             pairs = list(zip(reply[::2], reply[1::2], strict=True))
             result.appended += [Appended(shard, _text(sid), int(str(seq)))
                                 for sid, seq in pairs if sid is not None]
             refused = [e for e, (sid, _) in zip(batch, pairs, strict=True) if sid is None]
             if refused:  # the stream took only what fit under MAXLEN
-                error = redis.ResponseError(f"BACKPRESSURE stream of shard {shard} full: "
-                                            f"{len(refused)} entries refused")
-                result.failures.append(ShardFailure(shard, refused, error))
+                result.failures.append(ShardFailure(
+                    shard, refused, Refusal.BACKPRESSURE,
+                    f"{self.settings.stream_maxlen} entries of shard {shard} wait for the "
+                    f"pool (STREAM_MAXLEN): {len(refused)} entries refused"))
         metrics.ENTRIES_ENQUEUED.inc(len(result.appended))
         return result
 
@@ -227,15 +254,18 @@ class StreamProducer:
 
     def _call(self, shard: int, batch: list[PendingEntry], source: str,
               client: redis.Redis) -> list[object]:
-        keys = [self.keys.stream(shard), self.keys.seqs(shard), self.keys.meta(shard)]
+        meta = self.keys.meta(shard)
+        keys = [self.keys.stream(shard), self.keys.seqs(shard), meta,
+                self.keys.relay_record(shard, source) if source else meta]
+        keys += [self.keys.history(shard, e.node) for e in batch]
         oids = b""
         if source:
-            keys.append(self.keys.relay_record(shard, source))
             # with the save time: a database that reuses the ids of deleted rows (MySQL before
             # 8.0 after a restart) must not make a new row look appended already
             oids = msgpack.packb([f"{e.oid}:{e.ts_ns}" for e in batch])
         args: list[bytes | str | int] = [self.settings.shards, self.settings.stream_maxlen,
-                                         CONSUMER_GROUP, oids]
+                                         CONSUMER_GROUP, oids, self.settings.history_maxlen,
+                                         self.settings.history_ttl_s]
         for e in batch:
             head, tail = split_encode(
                 e.node, ts_ns=e.ts_ns, model=e.model, pk=e.pk, fmt=e.fmt, payload=e.payload
@@ -247,6 +277,11 @@ class StreamProducer:
     def close(self) -> None:
         """Release the connection pool."""
         self.client.close()
+
+
+def _refusal(error: redis.ResponseError) -> Refusal:
+    """The reason behind an error reply of the append script."""
+    return Refusal.SHARD_MISMATCH if str(error).startswith(_SHARD_MISMATCH) else Refusal.REDIS
 
 
 def _text(value: object) -> str:

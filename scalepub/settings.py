@@ -39,6 +39,10 @@ def _positive(value: Any) -> str | None:
     return None if value > 0 else "must be greater than 0"
 
 
+def _at_least_zero(value: Any) -> str | None:
+    return None if value >= 0 else "must be 0 or more"
+
+
 def _port(value: Any) -> str | None:
     return None if 0 < value < 65536 else "must be a TCP port (1-65535)"
 
@@ -144,6 +148,11 @@ class Settings:
     outbox_batch: int = _setting(500, _positive)
     # How often an idle relay looks for rows other processes committed.
     outbox_poll_ms: float = _setting(10.0, _positive)
+    # Per-node history for subscribers' catch-up (docs/protocol.md section 5): the newest
+    # HISTORY_MAXLEN entries of each node (0: no history), dropped HISTORY_TTL_S seconds after
+    # the node's newest entry (0: kept while the count allows).
+    history_maxlen: int = _setting(1000, _at_least_zero)
+    history_ttl_s: int = _setting(86_400, _at_least_zero)
 
     xmpp_host: str = _setting("127.0.0.1", _nonempty)
     xmpp_port: int = _setting(5222, _port)

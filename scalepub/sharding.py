@@ -39,6 +39,10 @@ class Keys:
         """Hash with the shard count this shard's stream was written for."""
         return f"{self.prefix}:{{{shard}}}:meta"
 
+    def history(self, shard: int, node: str) -> str:
+        """Stream of one node's newest entries (ids ``<seq>-0``), for subscribers' catch-up."""
+        return f"{self.prefix}:{{{shard}}}:h:{node}"
+
     def dead(self, shard: int) -> str:
         """Dead-letter stream: entries the XMPP server refused, with the reason."""
         return f"{self.prefix}:{{{shard}}}:dead"

@@ -38,7 +38,7 @@ from redis.retry import Retry
 
 from scalepub.backlog import backlogs
 from scalepub.envelope import decode
-from scalepub.producer import PendingEntry, StreamProducer
+from scalepub.producer import PendingEntry, Refusal, StreamProducer
 from scalepub.settings import Settings, env_mapping
 from scalepub.sharding import CONSUMER_GROUP, ENTRY_FIELD, Keys, shard_for
 from tests.e2e import Collector, Got, PoolProcess, create_nodes, stored_entries, wait_until
@@ -132,7 +132,7 @@ def alive(pid: int) -> bool:
 class _QuietSpill:
     """Appends that failed (Redis down) are the producer thread's to retry: no log per entry."""
 
-    def spill(self, entries: Sequence[PendingEntry], error: Exception) -> None:
+    def spill(self, entries: Sequence[PendingEntry], reason: Refusal, message: str) -> None:
         pass
 
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import pytest
 import redis
 
-from scalepub.producer import PendingEntry, StreamProducer
+from scalepub.producer import PendingEntry, Refusal, StreamProducer
 from scalepub.settings import Settings
 from scalepub.sharding import CONSUMER_GROUP, Keys
 from tests.streams import read_all
@@ -20,10 +20,12 @@ class Recorder:
     """A spill that keeps what it was given."""
 
     def __init__(self) -> None:
-        self.spilled: list[tuple[PendingEntry, Exception]] = []
+        self.spilled: list[tuple[PendingEntry, Refusal]] = []
+        self.messages: list[str] = []
 
-    def spill(self, entries: Sequence[PendingEntry], error: Exception) -> None:
-        self.spilled += [(e, error) for e in entries]
+    def spill(self, entries: Sequence[PendingEntry], reason: Refusal, message: str) -> None:
+        self.spilled += [(e, reason) for e in entries]
+        self.messages.append(message)
 
 
 def entry(node: str, n: int) -> PendingEntry:
@@ -53,15 +55,16 @@ def test_shard_count_mismatch_is_refused_and_spilled(
     recorder = Recorder()
     other = StreamProducer(settings_for.replace(shards=settings_for.shards * 2), spill=recorder)
     assert other.enqueue([entry("/n/1", 1)]) is None
-    [(_, error)] = recorder.spilled
-    assert "SHARDMISMATCH" in str(error)
+    [(_, reason)] = recorder.spilled
+    assert reason is Refusal.SHARD_MISMATCH
+    assert f"{settings_for.shards * 2} shards" in recorder.messages[0]
 
 
 def test_redis_down_spills(settings_for: Settings) -> None:
     recorder = Recorder()
     down = settings_for.replace(redis_url="redis://127.0.0.1:1/0", redis_timeout=0.2)
     assert StreamProducer(down, spill=recorder).enqueue([entry("/n/x", 1)]) is None
-    assert isinstance(recorder.spilled[0][1], redis.ConnectionError)
+    assert recorder.spilled[0][1] is Refusal.REDIS
 
 
 def test_waiting_entries_are_bounded_by_maxlen(settings_for: Settings,
@@ -73,7 +76,7 @@ def test_waiting_entries_are_bounded_by_maxlen(settings_for: Settings,
     assert producer.enqueue([entry("/n/m", j) for j in range(60)]) is not None
     assert producer.enqueue([entry("/n/m", j) for j in range(60, 120)]) is None
     assert [e.pk for e, _ in recorder.spilled] == [str(j) for j in range(100, 120)]
-    assert all("BACKPRESSURE" in str(err) for _, err in recorder.spilled)
+    assert {reason for _, reason in recorder.spilled} == {Refusal.BACKPRESSURE}
     stream = Keys(small.key_prefix).stream(0)
     assert redis_client.xlen(stream) == 100  # no group yet: every entry counts as waiting
     # Once a pool has read and acknowledged them, they no longer count, and MAXLEN trims them.
@@ -85,11 +88,9 @@ def test_waiting_entries_are_bounded_by_maxlen(settings_for: Settings,
         for _, got in redis_client.xreadgroup(CONSUMER_GROUP, "t", {stream: ">"}):
             redis_client.xack(stream, CONSUMER_GROUP, *[sid for sid, _ in got])
     assert 100 <= redis_client.xlen(stream) < 400  # MAXLEN ~ trims whole macro nodes
-    with pytest.raises(redis.ResponseError, match="BACKPRESSURE"):  # 100 waiting again
-        for _ in range(3):
-            result = producer.append([entry("/n/m", j) for j in range(50)])
-            if result.failures:
-                raise result.failures[0].error
+    reasons = [f.reason for _ in range(3)  # 100 waiting again
+               for f in producer.append([entry("/n/m", j) for j in range(50)]).failures]
+    assert reasons == [Refusal.BACKPRESSURE]
 
 
 def test_entries_of_a_lost_read_reply_are_found_again(settings_for: Settings) -> None:

@@ -12,7 +12,7 @@ from typing import Any, cast
 import redis
 import redis.asyncio as aredis
 
-from scalepub.backlog import Backlog, backlogs
+from scalepub.backlog import CAUGHT_UP_LUA, DONE_FIELD, Backlog, backlogs, meta_of
 from scalepub.sharding import CONSUMER_GROUP, ENTRY_FIELD, Keys
 
 # Dead-letter streams keep the newest entries only; they are for inspection and replay.
@@ -23,6 +23,25 @@ DEAD_LETTER_MAXLEN = 100_000
 StreamEntries = list[tuple[bytes, list[bytes] | None]]
 
 ACK_CHUNK = 10_000
+
+# KEYS: stream, meta hash. ARGV: group, then ids. XACK, and count in the meta hash's 'done'
+# what XACK really removed (a repeated ack counts nothing), so appended - done stays the number
+# of waiting entries across Redis restarts (scalepub/backlog.py). When nothing is left waiting,
+# done is set to appended: drift (an upgrade, pending entries trimmed away) heals by itself.
+# Lua's unpack takes at most ~8000 values: XACK in slices.
+ACK_LUA = CAUGHT_UP_LUA + """
+local n = 0
+for i = 2, #ARGV, 1000 do
+  n = n + redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+if n > 0 then redis.call('HINCRBY', KEYS[2], 'done', n) end
+if caught_up(KEYS[1], ARGV[1]) then
+  local appended = redis.call('HGET', KEYS[2], 'appended')
+  if appended then redis.call('HSET', KEYS[2], 'done', appended) end
+end
+return n
+"""
+assert DONE_FIELD == "done", "ACK_LUA's counter field"
 
 
 class ShardCountMismatch(RuntimeError):
@@ -49,6 +68,8 @@ async def claim_pending(r: aredis.Redis, key: str, consumer: str, cursor: bytes,
                                start_id=cursor, count=count)
     next_cursor, entries = reply[0], reply[1]
     deleted = reply[2] if len(reply) > 2 else []
+    if deleted:  # XAUTOCLAIM dropped them from the pending list: no longer waiting
+        await r.hincrby(meta_of(key), DONE_FIELD, len(deleted))
     return next_cursor, cast(StreamEntries, entries), len(deleted)
 
 
@@ -78,9 +99,15 @@ async def _read_group(r: aredis.Redis, consumer: str, ids: Mapping[str, bytes | 
 
 
 def queue_acks(pipe: aredis.client.Pipeline, key: str, ids: Sequence[bytes]) -> None:
-    """Add XACKs of ``ids`` (entries the server confirmed) to a pipeline."""
+    """Add acks of ``ids`` (entries the server confirmed) to a pipeline (the ack script)."""
     for start in range(0, len(ids), ACK_CHUNK):
-        pipe.xack(key, CONSUMER_GROUP, *ids[start:start + ACK_CHUNK])
+        _queue_ack(pipe, key, ids[start:start + ACK_CHUNK])
+
+
+def _queue_ack(pipe: aredis.client.Pipeline, key: str, ids: Sequence[bytes]) -> None:
+    # EVAL rather than EVALSHA: a pipeline with scripts would first ask SCRIPT EXISTS, one more
+    # round trip per flush; Redis finds the cached script by its hash either way.
+    pipe.eval(ACK_LUA, 2, key, meta_of(key), CONSUMER_GROUP, *ids)
 
 
 async def dead_letter(r: aredis.Redis, keys: Keys, shard: int, *, stream_id: bytes,
@@ -91,7 +118,7 @@ async def dead_letter(r: aredis.Redis, keys: Keys, shard: int, *, stream_id: byt
             ENTRY_FIELD: envelope, b"reason": reason.encode("utf-8", "replace"),
             b"stream_id": stream_id, b"at_ns": str(time.time_ns()).encode(),
         }, maxlen=DEAD_LETTER_MAXLEN, approximate=True)
-        pipe.xack(keys.stream(shard), CONSUMER_GROUP, stream_id)
+        _queue_ack(pipe, keys.stream(shard), [stream_id])
         await pipe.execute()
 
 
