@@ -15,6 +15,7 @@ from prometheus_client import REGISTRY
 from twitter.models import Tweet
 
 import scalepub
+from scalepub.django.announce import NodeError
 from scalepub.django.models import OutboxEntry
 from scalepub.django.producer import get_producer
 from scalepub.settings import Settings
@@ -120,13 +121,19 @@ def test_publish_many_after_bulk_create(scalepub_django: Settings, redis_client:
         "/twitter/Explicit") == 1
 
 
-def test_bad_node_callable_does_not_fail_the_save(
-    scalepub_django: Settings, redis_client: redis.Redis
+@pytest.mark.parametrize("delivery", ["scalepub_django", "outbox_django"])
+def test_bad_node_rule_fails_the_save(
+    delivery: str, request: pytest.FixtureRequest, redis_client: redis.Redis
 ) -> None:
+    settings: Settings = request.getfixturevalue(delivery)
     before = failures("node")
-    Tweet.objects.create(author="has\ttab", text="invalid node name")
+    with pytest.raises(NodeError, match=r"twitter\.Tweet pk=\d+ to node '/twitter/Tweet/has\\ttab'"
+                                        r".*U\+0009"):
+        Tweet.objects.create(author="has\ttab", text="invalid node name")
     assert failures("node") == before + 1
-    assert read_all(redis_client, scalepub_django) == []
+    assert not Tweet.objects.exists()  # never a row without its entry
+    assert not OutboxEntry.objects.exists()
+    assert read_all(redis_client, settings) == []
 
 
 def test_json_format(scalepub_django: Settings, redis_client: redis.Redis) -> None:

@@ -31,6 +31,7 @@ from prometheus_client import REGISTRY
 
 import scalepub
 from scalepub.backlog import backlogs
+from scalepub.django.announce import NodeError
 from scalepub.django.serialize import (
     ENTRY_OVERHEAD_BYTES,
     NOT_XML_CHARS,
@@ -262,21 +263,27 @@ DELIVERIES = pytest.mark.parametrize("delivery", ["scalepub_django", "outbox_dja
 @pytest.mark.stack
 @pytest.mark.django_db(transaction=True)
 @DELIVERIES
-def test_node_rules_that_fail_never_fail_the_save(
+def test_node_rules_that_fail_fail_the_save(
     delivery: str, request: pytest.FixtureRequest, redis_client: redis.Redis
 ) -> None:
+    """A node rule that raises or names an invalid node fails the save: never a silent drop."""
     scalepub_django: Settings = request.getfixturevalue(delivery)
     chan = f"/kitchensink/Routed/{uuid.uuid4().hex[:8]}"
     before = failures("node")
-    routes = [chan, "raise", chan, "has space", chan, chan + "\n", chan, "/" + "x" * 300, chan]
-    with transaction.atomic():
-        rows = [Routed.objects.create(route=r, note=str(i)) for i, r in enumerate(routes)]
-    scalepub.publish_many([Routed(pk=rows[0].pk, route="raise"), rows[2]])  # mixed list
-    assert Routed.objects.count() == len(routes)
-    got = entries_of(redis_client, scalepub_django, chan, 6)
-    assert failures("node") == before + 5
-    assert [e.env.seq for e in got] == [1, 2, 3, 4, 5, 6]
-    assert [e.env.pk for e in got] == [str(rows[i].pk) for i in (0, 2, 4, 6, 8, 2)]
+    rows = [Routed.objects.create(route=chan, note=str(i)) for i in range(3)]
+    for route in ("raise", "has space", chan + "\n", "/" + "x" * 300):
+        with pytest.raises(NodeError, match=r"kitchensink\.Routed pk=\d+"):
+            Routed.objects.create(route=route)
+    with pytest.raises(NodeError, match="route_node raised RuntimeError"), transaction.atomic():
+        Routed.objects.create(route=chan, note="rolled back with its transaction")
+        Routed.objects.create(route="raise")
+    with pytest.raises(NodeError):  # a mixed list publishes none of its rows
+        scalepub.publish_many([rows[1], Routed(pk=rows[0].pk, route="raise")])
+    assert Routed.objects.count() == len(rows)
+    got = entries_of(redis_client, scalepub_django, chan, len(rows))
+    assert failures("node") == before + 6
+    assert [e.env.seq for e in got] == [1, 2, 3]
+    assert [e.env.pk for e in got] == [str(r.pk) for r in rows]
 
 
 @pytest.mark.stack
@@ -369,7 +376,8 @@ def _burst(scalepub_django: Settings, fmt: str, stack: Any, redis_client: redis.
                                   foreign(node, f"badutf{i}", b"<p>\xed\xa0\x80</p>"),
                                   foreign(node, f"big{i}", b"<p>" + b"x" * 200_000 + b"</p>")])
             if i % 40 == 7:
-                Routed.objects.create(route="raise")  # fails its node rule: never sent
+                with pytest.raises(NodeError):  # fails its node rule: the save fails
+                    Routed.objects.create(route="raise")
             row = Specimen.objects.create(channel=chan, body=body)
             hostile[str(row.pk)] = body
         stored = entries_of(redis_client, scalepub_django, node, len(bodies) + 17)

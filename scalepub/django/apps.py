@@ -1,4 +1,8 @@
-"""The Django app: validates settings at start, nothing else."""
+"""The Django app: registers the system checks and hooks the runtime into Django.
+
+``ready()`` raises nothing for a bad setting: ``manage.py check`` reports it (scalepub.E001),
+and a process that runs no checks gets the SettingsError at its first use.
+"""
 
 from __future__ import annotations
 
@@ -14,10 +18,11 @@ class ScalepubConfig(AppConfig):
     default = True
 
     def ready(self) -> None:
-        """Fail at start, naming the setting, if ``settings.SCALEPUB`` is wrong."""
-        from django.core.signals import setting_changed
+        """Checks, relay start hooks, and forgetting the outbox table after a migration."""
+        from django.db.models.signals import post_migrate
 
-        from scalepub.django import producer
+        from scalepub.django import checks, outbox, runtime
 
-        producer.get_settings()
-        setting_changed.connect(producer.on_setting_changed, dispatch_uid="scalepub.settings")
+        checks.install()
+        runtime.install()
+        post_migrate.connect(outbox.forget_tables, dispatch_uid="scalepub.outbox.tables")

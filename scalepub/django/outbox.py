@@ -1,44 +1,70 @@
-"""The outbox table: entries written in the save's transaction (or spilled after commit), read
-and deleted by the relay."""
+"""The outbox table: entries written in the save's transaction, read and deleted by the relay.
+
+This module only moves rows in and out of ``scalepub_outbox``; who wakes the relay after a
+commit is the caller's business (``announce``), so the relay can import this module freely.
+"""
 
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Sequence
-from functools import partial
+from dataclasses import dataclass
 from typing import Any
 
-from django.db import DatabaseError, connections, transaction
+from django.core.exceptions import ImproperlyConfigured
+from django.db import connections
 
 from scalepub import metrics
-from scalepub.producer import LogSpill, PendingEntry
+from scalepub.producer import PendingEntry
 
-log = logging.getLogger(__name__)
+# Plain SQL rather than the ORM: at one relay round per commit, the ORM's query building and
+# delete collector were most of the relay's CPU, and save() doubled the cost of a saved row.
+_FIELDS = ("node", "ts_ns", "model", "object_pk", "fmt", "payload")
+_DELETE_CHUNK = 500  # below every backend's limit of query parameters
+
+
+class OutboxTableMissing(ImproperlyConfigured):
+    """The ``scalepub_outbox`` table does not exist: the scalepub migration was not applied."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """One waiting entry, as the relay reads it."""
+
+    id: int
+    node: str
+    ts_ns: int
+    model: str
+    pk: str
+    fmt: str
+    payload: bytes
+
+    def entry(self) -> PendingEntry:
+        """The entry to append, carrying this row's id (the append script's retry record)."""
+        return PendingEntry(self.node, self.ts_ns, self.model, self.pk, self.fmt, self.payload,
+                            oid=self.id)
 
 
 def write(entries: Sequence[PendingEntry], using: str, path: str = "transaction") -> None:
-    """Insert ``entries`` (in the caller's transaction, if any) and wake the relay on commit.
+    """Insert ``entries`` in the caller's transaction (if any).
 
     A database error propagates: in ``outbox`` delivery the entry is part of the save, and a
     save whose announcement cannot be recorded must fail loudly rather than lose it.
     """
-    from scalepub.django.relay import wake
-
+    _require_table(using)
     rows = [(e.node, e.ts_ns, e.model, e.pk, e.fmt, e.payload) for e in entries]
     with connections[using].cursor() as cursor:
         cursor.executemany(_insert_sql(using), rows)
     metrics.OUTBOX_WRITTEN.labels(path=path).inc(len(rows))
-    transaction.on_commit(partial(wake, using), using=using)
 
 
-def oldest(using: str, limit: int) -> list[tuple[Any, ...]]:
-    """Up to ``limit`` rows, oldest first: (id, node, ts_ns, model, object_pk, fmt, payload)."""
+def oldest(using: str, limit: int) -> list[OutboxRow]:
+    """Up to ``limit`` rows, oldest (lowest id) first."""
     table, columns = _table(using, ("id", *_FIELDS))
     with connections[using].cursor() as cursor:
         cursor.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY {columns[0]} "
                        "LIMIT %s", [limit])
-        return list(cursor.fetchall())
+        return [_row(values) for values in cursor.fetchall()]
 
 
 def count(using: str) -> int:
@@ -59,10 +85,38 @@ def delete(using: str, ids: Sequence[int]) -> None:
                            f"({', '.join(['%s'] * len(chunk))})", chunk)
 
 
-# Plain SQL rather than the ORM: at one relay round per commit, the ORM's query building and
-# delete collector were most of the relay's CPU, and save() doubled the cost of a saved row.
-_FIELDS = ("node", "ts_ns", "model", "object_pk", "fmt", "payload")
-_DELETE_CHUNK = 500  # below every backend's limit of query parameters
+def table_exists(using: str) -> bool:
+    """Whether ``scalepub_outbox`` exists in database ``using`` (asks the database)."""
+    from scalepub.django.models import OutboxEntry
+
+    return OutboxEntry._meta.db_table in connections[using].introspection.table_names()
+
+
+def forget_tables(**kwargs: Any) -> None:
+    """``post_migrate`` receiver: look for the table again (a migration may have dropped it)."""
+    _checked.clear()
+
+
+# Databases whose outbox table this process has seen: one introspection query per database
+# and process, so a missing migration is named at the first save instead of a bare "no such
+# table" (which on PostgreSQL would also abort the transaction before we could ask).
+_checked: set[str] = set()
+
+
+def _require_table(using: str) -> None:
+    if using in _checked:
+        return
+    if not table_exists(using):
+        raise OutboxTableMissing(
+            f"scalepub: the outbox table does not exist in database {using!r}: run "
+            f"`manage.py migrate` (or `manage.py migrate scalepub --database {using}`); "
+            "the save was not committed")
+    _checked.add(using)
+
+
+def _row(values: Sequence[Any]) -> OutboxRow:
+    oid, node, ts_ns, model, pk, fmt, payload = values
+    return OutboxRow(int(oid), node, int(ts_ns), model, pk, fmt, bytes(payload))
 
 
 @functools.cache
@@ -78,26 +132,3 @@ def _table(using: str, fields: Sequence[str]) -> tuple[str, list[str]]:
 
     meta, quote = OutboxEntry._meta, connections[using].ops.quote_name
     return quote(meta.db_table), [quote(meta.get_field(name).column) for name in fields]
-
-
-class OutboxSpill:
-    """``direct`` delivery's spill: entries Redis refused are kept in the outbox for the relay.
-
-    This runs after the commit, in its own transaction: a process that dies between the two
-    loses the entry (the ``outbox`` delivery has no such window). If the database refuses
-    too, the entries are logged and counted like ``LogSpill`` does.
-    """
-
-    def __init__(self, using: str) -> None:
-        self.using = using
-        self._fallback = LogSpill()
-
-    def spill(self, entries: Sequence[PendingEntry], error: Exception) -> None:
-        """Keep ``entries`` in the outbox; never raises."""
-        log.warning("scalepub: %d entries kept in the outbox, Redis refused them: %s",
-                    len(entries), error)
-        try:
-            with transaction.atomic(using=self.using):
-                write(entries, self.using, path="spill")
-        except DatabaseError as exc:
-            self._fallback.spill(entries, exc)

@@ -1,17 +1,17 @@
 """The outbox relay: moves committed outbox rows to their shard streams, oldest first.
 
 One relay per database works at a time (a Redis lease), so rows leave the table in id order
-and per-node order survives. By default every Django process runs a relay thread that
-competes for the lease (``OUTBOX_RELAY = "thread"``); ``manage.py scalepub_relay`` runs one
-on its own. Rows are deleted only after Redis appended them. A relay that dies in between, or
-whose append timed out after Redis ran it, leaves rows that were appended: the append script
-keeps, per shard, the outbox ids of the last call from this database and answers those rows
-with where they landed instead of appending them twice.
+and per-node order survives. By default every serving Django process runs a relay thread that
+competes for the lease (``OUTBOX_RELAY = "thread"``, started by ``runtime``);
+``manage.py scalepub_relay`` runs one on its own. Rows are deleted only after Redis appended
+them. A relay that dies in between, or whose append timed out after Redis ran it, leaves rows
+that were appended: the append script keeps, per shard, the outbox ids of the last call from
+this database and answers those rows with where they landed instead of appending them twice.
 """
 
 from __future__ import annotations
 
-import atexit
+import contextlib
 import logging
 import os
 import socket
@@ -28,7 +28,7 @@ from django.db import DatabaseError, connections
 from scalepub import metrics
 from scalepub.connections import sync_client
 from scalepub.django import outbox
-from scalepub.producer import PendingEntry, StreamProducer, failure_reason
+from scalepub.producer import Refusal, StreamProducer
 from scalepub.settings import Settings
 from scalepub.sharding import Keys
 
@@ -40,7 +40,9 @@ STATE_EVERY_S = 1.0
 STATE_TTL_S = 15.0
 # How long a stopping relay keeps draining rows it can still move (e.g. a short command).
 DRAIN_ON_STOP_S = 5.0
-_BACKOFF_MAX_S = 2.0
+# Retries while Redis or the database fail are at most this far apart, so waiting rows move
+# within ~1 s of Redis coming back (docs/reliability.md §1 promises 2 s).
+_BACKOFF_MAX_S = 1.0
 _MIN_ROUND_GAP_S = 0.002
 
 # Renew only our own lease: a relay that stalled past its TTL must not extend a successor's.
@@ -102,62 +104,71 @@ class Relay:
         keys = Keys(settings.key_prefix)
         self.lease = Lease(sync_client(settings), keys.relay_lease(self.database))
         self.state_key = keys.relay_state(self.database)
-        self._refusing = False
+        self._refused_reason = ""  # failure_reason of the last refusal; empty while accepted
         self._reported = 0.0
 
     def relay_once(self) -> Round:
         """Append up to OUTBOX_BATCH of the oldest rows, delete those Redis took."""
         rows = outbox.oldest(self.using, self.settings.outbox_batch)
-        age = (time.time_ns() - rows[0][2]) / 1e9 if rows else 0.0
+        age = (time.time_ns() - rows[0].ts_ns) / 1e9 if rows else 0.0
         metrics.OUTBOX_OLDEST_AGE.set(age)
         self._report(age, len(rows))
         if not rows:
             return Round(0, 0)
-        entries = [PendingEntry(r[1], r[2], r[3], r[4], r[5], bytes(r[6]), oid=r[0])
-                   for r in rows]
+        entries = [row.entry() for row in rows]
         # With the database as source, rows appended by a call whose reply was lost (a
         # timeout) are recognised when this or the next relay appends them again.
         result = self.producer.append(entries, source=self.database)
         refused = {id(e) for f in result.failures for e in f.entries}
+        reason = ""
         for failure in result.failures:
-            self._refused(failure.error, len(failure.entries))
-        self._refusing = bool(result.failures)
-        done = [row[0] for row, e in zip(rows, entries, strict=True) if id(e) not in refused]
+            reason = self._refused(failure.reason, failure.message, len(failure.entries))
+        self._refused_reason = reason
+        done = [row.id for row, e in zip(rows, entries, strict=True) if id(e) not in refused]
         outbox.delete(self.using, done)
         metrics.OUTBOX_RELAYED.inc(len(done))
         return Round(len(done), len(rows) - len(done))
 
     def _report(self, oldest_age_s: float, seen: int) -> None:
-        """Once a second, the backlog for `scalepub status` (a hash with a TTL)."""
+        """Once a second, idle or not, the backlog for `scalepub status` (a hash with a TTL)."""
         now = time.monotonic()
         if now - self._reported < STATE_EVERY_S:
             return
         self._reported = now
         rows = seen if seen < self.settings.outbox_batch else outbox.count(self.using)
         state = {"rows": rows, "oldest_age_s": round(oldest_age_s, 3),
-                 "refusing": int(self._refusing), "pid": os.getpid(),
+                 "refusing": int(bool(self._refused_reason)),
+                 "refused_reason": self._refused_reason, "pid": os.getpid(),
                  "host": socket.gethostname(), "at": time.time()}
         pipe = self.lease.client.pipeline(transaction=False)
         pipe.hset(self.state_key, mapping=cast(Any, state))  # redis-py's Mapping is invariant
         pipe.expire(self.state_key, int(STATE_TTL_S))
         pipe.execute()
 
-    def _refused(self, error: Exception, count: int) -> None:
-        reason = failure_reason(error)
-        metrics.RELAY_ERRORS.labels(reason=reason).inc()
+    def _refused(self, reason: Refusal, message: str, count: int) -> str:
+        """Count and log a refusal; its reason's label."""
+        metrics.RELAY_ERRORS.labels(reason=reason.value).inc()
         # once per episode at WARNING (refusals repeat every backoff round until the pool
         # catches up), then DEBUG
-        level = logging.DEBUG if self._refusing else logging.WARNING
-        log.log(level, "scalepub relay: %d entries wait in the outbox, Redis refused them: %s",
-                count, error)
+        level = logging.DEBUG if self._refused_reason else logging.WARNING
+        log.log(level, "scalepub relay: %d entries wait in the outbox, Redis refused them "
+                "(%s): %s", count, reason.value, message)
+        return reason.value
 
-    def run(self, stop: threading.Event, wake: threading.Event | None = None) -> None:
-        """Relay until ``stop`` is set; then drain what can still move, briefly."""
+    def run(self, stop: threading.Event, wake: threading.Event | None = None,
+            round_lock: contextlib.AbstractContextManager[Any] | None = None) -> None:
+        """Relay until ``stop`` is set; then drain what can still move, briefly.
+
+        ``round_lock`` is held during each round (not while waiting): a process about to
+        fork takes it, so the child never inherits a lock taken in the middle of a round.
+        """
         wake = wake if wake is not None else threading.Event()
+        in_round = round_lock if round_lock is not None else contextlib.nullcontext()
         delay = 0.0
         while not stop.is_set():
             started = time.monotonic()
-            delay, idle = self._step(delay)
+            with in_round:
+                delay, idle = self._step(delay)
             if delay:
                 stop.wait(delay)
             elif idle:
@@ -231,50 +242,3 @@ def database_id(using: str) -> str:
     db = connections[using].settings_dict
     ident = f"{db.get('ENGINE')}|{db.get('HOST')}|{db.get('PORT')}|{db.get('NAME')}"
     return f"{using}:{zlib.crc32(ident.encode()):08x}"
-
-
-class _RelayThread:
-    """This process's relay thread for one database (started on first use, per pid)."""
-
-    def __init__(self, settings: Settings, using: str) -> None:
-        self.pid = os.getpid()
-        self.stop, self.wake = threading.Event(), threading.Event()
-        self.relay = Relay(settings, using)
-        self.thread = threading.Thread(target=self.relay.run, args=(self.stop, self.wake),
-                                       name=f"scalepub-relay-{using}", daemon=True)
-        self.thread.start()
-
-    def close(self, timeout: float = DRAIN_ON_STOP_S + 2) -> None:
-        self.stop.set()
-        self.thread.join(timeout)
-
-
-_lock = threading.Lock()
-_threads: dict[str, _RelayThread] = {}
-
-
-def wake(using: str = "default") -> None:
-    """After a commit that wrote outbox rows: make this process's relay look now."""
-    from scalepub.django.producer import get_settings
-
-    settings = get_settings()
-    if settings.outbox_relay != "thread":
-        return
-    with _lock:
-        current = _threads.get(using)
-        # none yet, inherited by a fork, or ended (e.g. a stop that timed out)
-        if current is None or current.pid != os.getpid() or not current.thread.is_alive():
-            current = _threads[using] = _RelayThread(settings, using)
-    current.wake.set()
-
-
-def stop_threads() -> None:
-    """Stop this process's relay threads, letting each drain briefly (at exit, on reset)."""
-    with _lock:
-        mine = [t for t in _threads.values() if t.pid == os.getpid()]
-        _threads.clear()
-    for t in mine:
-        t.close()
-
-
-atexit.register(stop_threads)

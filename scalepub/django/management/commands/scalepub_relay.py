@@ -11,8 +11,8 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DEFAULT_DB_ALIAS
 
 from scalepub.django import outbox
-from scalepub.django.producer import get_settings
 from scalepub.django.relay import Relay
+from scalepub.django.runtime import runtime
 
 
 class Command(BaseCommand):
@@ -29,7 +29,7 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, database: str, once: bool, **options: Any) -> None:
         """Relay until stopped (or once)."""
-        relay = Relay(get_settings(), database)
+        relay = Relay(runtime.settings(), database)
         if once:
             self._once(relay, database)
             return

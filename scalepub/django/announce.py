@@ -1,0 +1,142 @@
+"""Created rows → stream entries: an outbox row in the save's transaction (``outbox``
+delivery) or an append once it commits (``direct``); the save never waits on XMPP."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from functools import partial
+
+from django.db import DatabaseError, router, transaction
+from django.db.models import Model
+
+from scalepub import metrics
+from scalepub.django import outbox
+from scalepub.django.registry import Registration, registry
+from scalepub.django.runtime import runtime
+from scalepub.django.serialize import serialize
+from scalepub.nodes import InvalidNodeName, validate_node
+from scalepub.producer import Appended, LogSpill, PendingEntry, Refusal
+
+log = logging.getLogger(__name__)
+
+Item = tuple[Model, Registration]
+
+
+class NodeError(ValueError):
+    """A row to publish has no valid node: the save fails rather than drop its entry."""
+
+
+def announce(items: Sequence[Item], using: str) -> None:
+    """Serialize ``items`` now (raising NodeError for a bad node); deliver after commit."""
+    settings = runtime.settings()
+    entries = _entries(items, settings.payload_format, time.time_ns())
+    if not entries:
+        return
+    if settings.delivery == "outbox":
+        outbox.write(entries, using)  # a database error here fails the save: nothing is lost
+        transaction.on_commit(partial(runtime.wake, using), using=using)
+    else:
+        transaction.on_commit(partial(_append, entries, using), using=using)
+
+
+def publish(instance: Model, node: str | None = None) -> None:
+    """Publish one instance explicitly (after commit when inside a transaction)."""
+    publish_many([instance], node=node)
+
+
+def publish_many(instances: Iterable[Model], node: str | None = None,
+                 using: str | None = None) -> None:
+    """Publish instances explicitly, e.g. after ``bulk_create`` (which sends no signals).
+
+    Rows of registered models go to their registered node, others to ``/<app>/<Model>``,
+    unless ``node`` is given; ``using`` defaults to the router's database for the first row's
+    model. One outbox insert (or one Redis round trip per shard touched). Atomic with the
+    rows only inside the same ``transaction.atomic()`` (or with ``scalepub.bulk_create``):
+    outside one, the rows are committed before this is called.
+    """
+    items = [(obj, _registration(obj, node)) for obj in instances]
+    if items:
+        announce(items, using or router.db_for_write(type(items[0][0])))
+
+
+def _registration(instance: Model, node: str | None) -> Registration:
+    model = type(instance)
+    reg = registry.get(model) or Registration(model)
+    return reg if node is None else Registration(model, node)
+
+
+def _entries(items: Sequence[Item], fmt: str, ts_ns: int) -> list[PendingEntry]:
+    nodes = [node_of(obj, reg) for obj, reg in items]  # every node checked before any write
+    found = (_entry(obj, node, fmt, ts_ns) for (obj, _), node in zip(items, nodes, strict=True))
+    return [e for e in found if e is not None]
+
+
+def node_of(instance: Model, reg: Registration) -> str:
+    """The validated node of ``instance``; NodeError names the model, pk and node."""
+    where = f"{instance._meta.label} pk={instance.pk!r}"
+    try:
+        name = reg.node_for(instance)
+    except Exception as exc:
+        metrics.ENQUEUE_FAILURES.labels(reason="node").inc()
+        raise NodeError(f"scalepub: cannot publish {where}: its node rule {_rule(reg)} raised "
+                        f"{type(exc).__name__}: {exc}") from exc
+    try:
+        return validate_node(name)
+    except InvalidNodeName as exc:
+        metrics.ENQUEUE_FAILURES.labels(reason="node").inc()
+        raise NodeError(f"scalepub: cannot publish {where} to node {name!r} "
+                        f"(from {_rule(reg)}): {exc}") from exc
+
+
+def _rule(reg: Registration) -> str:
+    if reg.node is None or isinstance(reg.node, str):
+        return "the default node" if reg.node is None else "the fixed node"
+    return getattr(reg.node, "__qualname__", repr(reg.node))
+
+
+def _entry(instance: Model, node: str, fmt: str, ts_ns: int) -> PendingEntry | None:
+    try:
+        payload = serialize(instance, fmt)
+    except Exception as exc:  # e.g. EntryTooLarge: documented as logged and counted
+        log.error("scalepub: cannot serialize %s pk=%s for node %s: %s",
+                  instance._meta.label, instance.pk, node, exc)
+        metrics.ENQUEUE_FAILURES.labels(reason="serialize").inc()
+        return None
+    return PendingEntry(node, ts_ns, instance._meta.label_lower, str(instance.pk), fmt, payload)
+
+
+def _append(entries: list[PendingEntry], using: str) -> list[Appended] | None:
+    """``direct``: append on commit; failures are counted and kept in the outbox, never raised."""
+    try:
+        return runtime.producer().enqueue(entries, spill=OutboxSpill(using))
+    except Exception:  # the row is committed; a bug here must not surface as a failed save
+        log.exception("scalepub: unexpected error enqueueing %d entries", len(entries))
+        metrics.ENQUEUE_FAILURES.labels(reason="internal").inc(len(entries))
+        return None
+
+
+class OutboxSpill:
+    """``direct`` delivery's spill: entries Redis refused are kept in the outbox for the relay.
+
+    This runs after the commit, in its own transaction: a process that dies between the two
+    loses the entry (the ``outbox`` delivery has no such window). If the database refuses
+    too, the entries are logged and counted like ``LogSpill`` does.
+    """
+
+    def __init__(self, using: str) -> None:
+        self.using = using
+        self._fallback = LogSpill()
+
+    def spill(self, entries: Sequence[PendingEntry], reason: Refusal, message: str) -> None:
+        """Keep ``entries`` in the outbox; never raises."""
+        log.warning("scalepub: %d entries kept in the outbox, Redis refused them (%s): %s",
+                    len(entries), reason.value, message)
+        try:
+            with transaction.atomic(using=self.using):
+                outbox.write(entries, self.using, path="spill")
+        except (DatabaseError, outbox.OutboxTableMissing) as exc:
+            self._fallback.spill(entries, reason, f"{message}; the outbox refused too: {exc}")
+            return
+        runtime.wake(self.using)

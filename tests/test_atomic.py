@@ -1,0 +1,100 @@
+"""A registered create and its outbox entry are one unit, also under autocommit (issue 12.1).
+
+A SQLite trigger makes every insert into ``scalepub_outbox`` fail: each covered create path
+must then raise and leave no row behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from django.db import DatabaseError, connection, transaction
+from django.test.utils import CaptureQueriesContext
+from twitter.models import Tweet
+
+import scalepub
+from scalepub.django.atomic import unwrap_save, wrap_save
+from scalepub.django.models import OutboxEntry
+from scalepub.settings import Settings
+
+pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
+
+REFUSED = "outbox refused by the test trigger"
+
+
+@pytest.fixture
+def refusing_outbox(outbox_django: Settings) -> Iterator[Settings]:
+    """Every INSERT into scalepub_outbox aborts (a database error in the entry's write)."""
+    with connection.cursor() as cursor:
+        cursor.execute("CREATE TRIGGER scalepub_test_refuse BEFORE INSERT ON scalepub_outbox "
+                       f"BEGIN SELECT RAISE(ABORT, '{REFUSED}'); END")
+    try:
+        yield outbox_django
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("DROP TRIGGER IF EXISTS scalepub_test_refuse")
+
+
+def _in_atomic(make: Callable[[], Any]) -> Callable[[], Any]:
+    def run() -> Any:
+        with transaction.atomic():
+            return make()
+    return run
+
+
+COVERED: dict[str, Callable[[], Any]] = {
+    "save": lambda: Tweet(author="ann", text="save").save(),
+    "create": lambda: Tweet.objects.create(author="ann", text="create"),
+    "get_or_create": lambda: Tweet.objects.get_or_create(author="ann", text="get_or_create"),
+    "update_or_create": lambda: Tweet.objects.update_or_create(
+        author="ann", defaults={"text": "update_or_create"}),
+    "scalepub.bulk_create": lambda: scalepub.bulk_create(
+        [Tweet(author="ann", text="bulk 1"), Tweet(author="bob", text="bulk 2")]),
+    "publish_many in atomic": _in_atomic(lambda: scalepub.publish_many(
+        Tweet.objects.bulk_create([Tweet(author="ann", text="b1"), Tweet(author="c", text="b2")]))),
+    "create in atomic": _in_atomic(lambda: Tweet.objects.create(author="ann", text="in atomic")),
+}
+
+
+@pytest.mark.parametrize("path", list(COVERED))
+def test_a_failed_entry_write_fails_the_create_and_leaves_no_row(
+    refusing_outbox: Settings, path: str
+) -> None:
+    with pytest.raises(DatabaseError, match=REFUSED):
+        COVERED[path]()
+    assert not Tweet.objects.exists()
+    assert not OutboxEntry.objects.exists()
+
+
+def test_without_the_wrapper_autocommit_leaves_a_row_without_entry(
+    refusing_outbox: Settings,
+) -> None:
+    """The bug the wrapper fixes, shown: Django commits the INSERT before post_save."""
+    unwrap_save(Tweet)
+    try:
+        with pytest.raises(DatabaseError, match=REFUSED):
+            Tweet.objects.create(author="ann", text="orphan")
+    finally:
+        wrap_save(Tweet)
+    assert Tweet.objects.count() == 1 and not OutboxEntry.objects.exists()
+
+
+def test_inside_the_callers_atomic_no_extra_savepoint(outbox_django: Settings) -> None:
+    with CaptureQueriesContext(connection) as queries, transaction.atomic():
+        Tweet.objects.create(author="ann", text="one")
+        Tweet(author="bob", text="two").save()
+    sql = [q["sql"] for q in queries.captured_queries]
+    assert not [s for s in sql if "SAVEPOINT" in s.upper()], sql
+    assert sum("scalepub_outbox" in s for s in sql) == 2, sql
+    assert OutboxEntry.objects.count() == 2 or Tweet.objects.count() == 2  # relay may be quick
+
+
+def test_updates_are_not_wrapped(outbox_django: Settings) -> None:
+    tweet = Tweet.objects.create(author="ann", text="first")
+    tweet.text = "edited"
+    with CaptureQueriesContext(connection) as queries:
+        tweet.save()
+    assert [q["sql"] for q in queries.captured_queries if "scalepub_outbox" in q["sql"]] == []
+    assert Tweet.objects.get(pk=tweet.pk).text == "edited"
