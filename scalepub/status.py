@@ -15,6 +15,9 @@ from scalepub.sharding import Keys
 
 # A shard with work waiting and no confirmed publish for this long is stuck.
 STUCK_AFTER_S = 30.0
+# A relay's report older than this is stale (the relay may write its own ``ttl_s``): no relay
+# has looked at that outbox since, so its figures are not current.
+RELAY_REPORT_TTL_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class ShardStatus:
     host: str | None
     last_publish_age_s: float | None  # None: never published since it started
     rate: float  # entries/s over the last heartbeat interval
+    problem: str = ""  # what keeps the shard from publishing, as its process reports it
 
     @property
     def stuck(self) -> bool:
@@ -65,7 +69,7 @@ def _one(client: redis.Redis, keys: Keys, shard: int, now: float) -> ShardStatus
         dead_letters=int(client.xlen(keys.dead(shard))), alive=bool(beat),
         pid=int(beat["pid"]) if "pid" in beat else None, host=beat.get("host"),
         last_publish_age_s=round(now - last, 1) if last else None,
-        rate=float(beat.get("rate", 0.0)),
+        rate=float(beat.get("rate", 0.0)), problem=beat.get("problem", ""),
     )
 
 
@@ -80,15 +84,25 @@ class RelayStatus:
     pid: int | None
     host: str | None
     report_age_s: float
+    refused_reason: str = ""  # why Redis refused (a Refusal value), when the relay says
+    stale: bool = False  # the report is older than its TTL: not current
 
     @property
     def state(self) -> str:
-        """ok, or behind when the oldest waiting entry is older than STUCK_AFTER_S."""
+        """stale (no current report), behind (oldest waiting entry older than STUCK_AFTER_S)
+        or ok."""
+        if self.stale:
+            return "stale"
         return "behind" if self.oldest_age_s > STUCK_AFTER_S else "ok"
+
+    @property
+    def healthy(self) -> bool:
+        """Not behind, and not a stale report of rows that may still wait."""
+        return self.state == "ok" or (self.state == "stale" and not self.rows)
 
 
 def collect_relays(settings: Settings, client: redis.Redis) -> list[RelayStatus]:
-    """Every relay that reported in the last STATE_TTL (a Django-side outbox relay)."""
+    """Every outbox relay report still kept in Redis; one older than its TTL is ``stale``."""
     keys = Keys(settings.key_prefix)
     out = []
     now = time.time()
@@ -97,20 +111,25 @@ def collect_relays(settings: Settings, client: redis.Redis) -> list[RelayStatus]
         if not raw:
             continue
         state = {k.decode(): v.decode() for k, v in raw.items()}
-        name = key.decode()[len(keys.relay_lease("")):-len(":state")]
-        out.append(RelayStatus(
-            database=name, rows=int(state.get("rows", 0)),
-            oldest_age_s=float(state.get("oldest_age_s", 0)),
-            refusing=state.get("refusing") == "1",
-            pid=int(state["pid"]) if "pid" in state else None, host=state.get("host"),
-            report_age_s=round(now - float(state.get("at", now)), 1),
-        ))
+        out.append(_relay(key.decode()[len(keys.relay_lease("")):-len(":state")], state, now))
     return out
+
+
+def _relay(name: str, state: dict[str, str], now: float) -> RelayStatus:
+    age = round(now - float(state.get("at", now)), 1)
+    return RelayStatus(
+        database=name, rows=int(state.get("rows", 0)),
+        oldest_age_s=float(state.get("oldest_age_s", 0)),
+        refusing=state.get("refusing") == "1",
+        pid=int(state["pid"]) if "pid" in state else None, host=state.get("host"),
+        report_age_s=age, refused_reason=state.get("refused_reason", ""),
+        stale=age > float(state.get("ttl_s", RELAY_REPORT_TTL_S)),
+    )
 
 
 def healthy(statuses: Sequence[ShardStatus], relays: Sequence[RelayStatus] = ()) -> bool:
     """Every shard alive and none stuck; no outbox behind."""
-    return all(s.state == "ok" for s in statuses) and all(r.state == "ok" for r in relays)
+    return all(s.state == "ok" for s in statuses) and all(r.healthy for r in relays)
 
 
 def as_json(statuses: Sequence[ShardStatus],
@@ -128,8 +147,9 @@ def table(statuses: list[ShardStatus]) -> str:
     for s in statuses:
         age = "never" if s.last_publish_age_s is None else f"{s.last_publish_age_s:.1f} s ago"
         proc = f"{s.pid}@{s.host}" if s.alive else "-"
+        problem = f"  problem: {s.problem}" if s.problem else ""
         rows.append(f"{s.shard:>5} {s.state:>6} {s.length:>9} {s.lag:>8} {s.pending:>8} "
-                    f"{s.dead_letters:>6} {s.rate:>9.0f} {age:>13}  {proc}")
+                    f"{s.dead_letters:>6} {s.rate:>9.0f} {age:>13}  {proc}{problem}")
     return "\n".join(rows)
 
 
@@ -137,7 +157,13 @@ def relay_lines(relays: list[RelayStatus]) -> str:
     """One line per outbox relay, for the terminal."""
     return "\n".join(
         f"outbox {r.database}: {r.state}, {r.rows} entries waiting, oldest {r.oldest_age_s:.1f} s"
-        f"{', Redis refusing (backpressure?)' if r.refusing else ''}; relay {r.pid}@{r.host}, "
-        f"reported {r.report_age_s:.0f} s ago"
+        f"{_refusing(r)}; relay {r.pid}@{r.host}, reported {r.report_age_s:.0f} s ago"
+        f"{' (stale: no relay has reported since)' if r.stale else ''}"
         for r in relays
     )
+
+
+def _refusing(r: RelayStatus) -> str:
+    if not r.refusing:
+        return ""
+    return f", Redis refusing ({r.refused_reason})" if r.refused_reason else ", Redis refusing"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -16,9 +17,13 @@ import pytest
 import redis
 
 from scalepub import exitcodes
-from scalepub.producer import PendingEntry, StreamProducer
+from scalepub.backlog import stream_backlog
+from scalepub.connections import shard_client
+from scalepub.producer import PendingEntry, Refusal, StreamProducer
 from scalepub.settings import Settings, env_mapping
-from scalepub.status import ShardStatus
+from scalepub.shard import streams
+from scalepub.sharding import CONSUMER_GROUP, Keys
+from scalepub.status import RelayStatus, ShardStatus, healthy, relay_lines, table
 from tests.e2e import PoolProcess, create_nodes, settings_env, wait_until
 from tests.stack import Stack, new_stack
 from tests.test_pool_faults import produce
@@ -26,10 +31,15 @@ from tests.test_pool_faults import produce
 SCALEPUB = str(Path(sys.executable).parent / "scalepub")
 
 
-def status(settings: Settings) -> tuple[int, list[dict[str, object]]]:
+def status_document(settings: Settings) -> tuple[int, dict[str, list[dict[str, object]]]]:
     done = subprocess.run([SCALEPUB, "status", "--json"], capture_output=True, text=True,
                           env={**os.environ, **settings_env(settings)}, timeout=30, check=False)
-    return done.returncode, json.loads(done.stdout)["shards"]
+    return done.returncode, json.loads(done.stdout)
+
+
+def status(settings: Settings) -> tuple[int, list[dict[str, object]]]:
+    code, document = status_document(settings)
+    return code, document["shards"]
 
 
 def row(**kw: object) -> ShardStatus:
@@ -128,3 +138,86 @@ def test_lag_is_true_after_an_aof_rewrite_and_a_restart(restart_stack: Stack,
     finally:
         pool.kill()
         client.close()
+
+
+def relay(**kw: object) -> RelayStatus:
+    base: dict[str, object] = dict(database="default:1", rows=0, oldest_age_s=0.0,
+                                   refusing=False, pid=1, host="h", report_age_s=1.0)
+    return RelayStatus(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def test_relay_states_and_reasons() -> None:
+    assert relay().state == "ok" and healthy([row()], [relay()])
+    assert relay(oldest_age_s=60.0).state == "behind" and not healthy([], [relay(
+        oldest_age_s=60.0)])
+    assert relay(stale=True).state == "stale"
+    assert healthy([], [relay(stale=True)])  # an old report of an empty outbox
+    assert not healthy([], [relay(stale=True, rows=5)])  # rows may wait with no relay
+    line = relay_lines([relay(refusing=True, refused_reason="shard_mismatch", rows=3)])
+    assert "Redis refusing (shard_mismatch)" in line and "?" not in line
+    assert "stale" in relay_lines([relay(stale=True)])
+    assert "problem: XMPP server unreachable" in table([row(problem="XMPP server unreachable")])
+    assert "problem" not in table([row()])
+
+
+@pytest.mark.stack
+def test_status_shows_reported_problems_and_stale_reports(
+    settings_for: Settings, redis_client: redis.Redis
+) -> None:
+    """What the worker and the relay write is what `scalepub status --json` shows."""
+    keys = Keys(settings_for.key_prefix)
+    redis_client.hset(keys.heartbeat(0), mapping={
+        "pid": 42, "host": "h", "rate": 0, "problem": "shard count mismatch: 8 vs 4"})
+    now = time.time()
+    redis_client.hset(keys.relay_state("fresh"), mapping={
+        "rows": 7, "oldest_age_s": 1.5, "refusing": 1, "refused_reason": "backpressure",
+        "pid": 1, "host": "h", "at": now})
+    redis_client.hset(keys.relay_state("old"), mapping={
+        "rows": 9, "oldest_age_s": 1.0, "refusing": 0, "pid": 2, "host": "h",
+        "at": now - 60, "ttl_s": 30})
+    code, document = status_document(settings_for)
+    shard0 = document["shards"][0]
+    assert shard0["problem"] == "shard count mismatch: 8 vs 4" and shard0["alive"]
+    assert all(r["problem"] == "" for r in document["shards"][1:])
+    relays = {r["database"]: r for r in document["relays"]}
+    assert relays["fresh"]["refused_reason"] == "backpressure"
+    assert relays["fresh"]["state"] == "ok" and not relays["fresh"]["stale"]
+    assert relays["old"]["state"] == "stale" and relays["old"]["stale"]
+    assert code == exitcodes.UNHEALTHY  # 3 shards dead, and a stale report of 9 rows
+
+
+@pytest.mark.stack
+def test_backlog_ignores_the_group_lag_redis_reports(settings_for: Settings,
+                                                     redis_client: redis.Redis) -> None:
+    """A group whose entries-read is wrong (as after an AOF rewrite and restart) changes
+    nothing: lag and backpressure come from scalepub's own counters."""
+    settings = settings_for.replace(shards=1, stream_maxlen=100)
+    producer = StreamProducer(settings)
+    key = Keys(settings.key_prefix).stream(0)
+
+    async def deliver(count: int) -> None:
+        r = shard_client(settings)
+        await streams.ensure_group(r, key)
+        [(_, got)] = await streams.read_new(r, [key], "c", count, 100)
+        async with r.pipeline(transaction=False) as pipe:
+            streams.queue_acks(pipe, key, [sid for sid, _ in got])
+            await pipe.execute()
+        await r.aclose()
+
+    def entries(n: int) -> list[PendingEntry]:
+        return [PendingEntry("/n/lag", time.time_ns(), "t.row", str(i), "xml", b"<x/>")
+                for i in range(n)]
+
+    assert not producer.append(entries(60)).failures
+    asyncio.run(deliver(60))
+    last = redis_client.xinfo_groups(key)[0]["last-delivered-id"]
+    redis_client.execute_command("XGROUP", "SETID", key, CONSUMER_GROUP, last,
+                                 "ENTRIESREAD", 1)  # Redis now reports a lag of 59
+    assert redis_client.xinfo_groups(key)[0]["lag"] == 59
+    assert stream_backlog(redis_client, key) == (0, 0)
+    assert not producer.append(entries(90)).failures  # 90 of 100 waiting: admitted
+    assert stream_backlog(redis_client, key) == (90, 0)
+    asyncio.run(deliver(30))
+    assert stream_backlog(redis_client, key) == (60, 0)
+    assert [f.reason for f in producer.append(entries(50)).failures] == [Refusal.BACKPRESSURE]
+    producer.close()
