@@ -1,0 +1,153 @@
+"""Reading a shard's streams into the batcher: claimed entries first, then new ones.
+
+Entries are decoded through scalepub.envelope and built into their ``<entry>`` XML here,
+once; an entry that cannot be published goes to the dead-letter stream at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Callable, Mapping
+
+import redis.asyncio as aredis
+
+from scalepub.envelope import EnvelopeError, decode_fields
+from scalepub.nodes import InvalidNodeName, validate_node
+from scalepub.shard import streams
+from scalepub.shard.acks import Acks
+from scalepub.shard.batcher import Batcher
+from scalepub.shard.policy import Failure, History, decide
+from scalepub.shard.retry import Retrier
+from scalepub.shard.stats import Stats
+from scalepub.sharding import ENTRY_FIELD
+from scalepub.xmpp.batch import Entry, entry_part
+
+log = logging.getLogger(__name__)
+
+READ_COUNT = 5000
+READ_BLOCK_MS = 100
+# Validated node names kept (raw bytes → name); forgotten all at once beyond this many.
+NODE_CACHE_MAX = 100_000
+
+
+def build_entry(sid: bytes, raw: bytes, nodes: dict[bytes, str]) -> Entry:
+    """The entry of envelope ``raw``; raise EnvelopeError or InvalidNodeName if it has none.
+
+    The hot path (a few us an entry): the envelope's text goes into the XML as bytes, and
+    each node name is validated once (``nodes`` caches it).
+    """
+    node_bytes, seq, ts_ns, model, pk, fmt, payload = decode_fields(raw)
+    node = nodes.get(node_bytes)
+    if node is None:
+        node = validate_node(node_bytes.decode())  # decode_fields checked the UTF-8
+        if len(nodes) >= NODE_CACHE_MAX:
+            nodes.clear()
+        nodes[node_bytes] = node
+    part = entry_part(node=node_bytes, seq=seq, stream_id=sid, ts_ns=ts_ns, model=model, pk=pk,
+                      fmt=fmt, payload=payload)
+    return Entry(sid, node, seq, ts_ns, part, raw)
+
+
+class Reader:
+    """Feeds the batcher from the streams of a process's shards, within the buffer bound."""
+
+    def __init__(self, client: aredis.Redis, shard_of: Mapping[str, int], consumer: str,
+                 batcher: Batcher, acks: Acks, retrying: Retrier, stats: Stats, *,
+                 max_buffer: int, stop: asyncio.Event, space: asyncio.Event,
+                 on_taken: Callable[[], None]) -> None:
+        self.redis = client
+        self.shard_of = shard_of  # stream key → shard
+        self.consumer = consumer
+        self.batcher = batcher
+        self.acks = acks
+        self.retrying = retrying
+        self.stats = stats
+        self.max_buffer = max_buffer  # entries held in memory (read, not yet confirmed)
+        self.stop = stop
+        self.space = space  # set when the buffer has room again, and on stop
+        self.on_taken = on_taken  # the publisher's pump
+        self.byte_cap = batcher.caps.max_bytes
+        self._nodes: dict[bytes, str] = {}
+        self._last_taken: dict[str, bytes] = {}  # stream → newest id read from it
+        self._reread = False
+
+    async def loop(self) -> None:
+        """Claim what a predecessor left pending, then read new entries until stopped."""
+        # Ends by the stop flag, not by cancellation: a cancelled blocking XREADGROUP was
+        # seen to swallow the cancellation in redis-py and leave the loop retrying for ever.
+        for key, shard in self.shard_of.items():
+            await self.retrying(functools.partial(self._claim, key, shard))
+        while not self.stop.is_set():
+            await self._wait_for_space()
+            if self.stop.is_set():
+                return
+            replies = await self.retrying(self._read_new)
+            now = time.monotonic()
+            for stream, entries in replies or []:
+                self._take_all(stream.decode(), entries, now)
+            self.on_taken()
+
+    async def _read_new(self) -> list[tuple[bytes, streams.StreamEntries]]:
+        if self._reread:  # the last read failed: its reply may be lost, its entries pending
+            replies = await streams.read_own_pending(
+                self.redis, {k: self._last_taken.get(k, b"0-0") for k in self.shard_of},
+                self.consumer, READ_COUNT)
+            if any(entries for _, entries in replies):
+                return replies
+            self._reread = False
+        self._reread = True  # until the reply is in hand
+        replies = await streams.read_new(self.redis, list(self.shard_of), self.consumer,
+                                         READ_COUNT, READ_BLOCK_MS)
+        self._reread = False
+        return replies
+
+    async def _claim(self, key: str, shard: int) -> None:
+        """Entries a dead predecessor read but never got confirmed: they go first."""
+        cursor = b"0-0"
+        while not self.stop.is_set():
+            await self._wait_for_space()
+            cursor, entries, trimmed = await streams.claim_pending(
+                self.redis, key, self.consumer, cursor, READ_COUNT)
+            self.stats.trimmed += trimmed
+            self._take_all(key, entries, time.monotonic())
+            self.on_taken()
+            if cursor in (b"0-0", "0-0"):
+                break
+        if self.stats.trimmed:
+            log.error("shard %s: %d pending entries had been trimmed by MAXLEN before they "
+                      "were published (lost)", shard, self.stats.trimmed)
+
+    async def _wait_for_space(self) -> None:
+        while self.batcher.buffered >= self.max_buffer and not self.stop.is_set():
+            self.space.clear()
+            await self.space.wait()
+
+    def _take_all(self, key: str, entries: streams.StreamEntries, now: float) -> None:
+        shard = self.shard_of[key]
+        for sid, fields in entries:
+            self._take(shard, sid, fields, now)
+        if entries:  # ascending: the newest id this worker has seen of the stream
+            self._last_taken[key] = entries[-1][0]
+
+    def _take(self, shard: int, sid: bytes, fields: list[bytes] | None, now: float) -> None:
+        """Decode one raw stream entry (``[b"e", envelope]``) into the batcher."""
+        if fields is None:  # trimmed by MAXLEN after it was delivered: nothing to publish
+            self.stats.trimmed += 1
+            self.acks.add(shard, [sid])
+            return
+        raw = fields[1] if len(fields) == 2 and fields[0] == ENTRY_FIELD else b""
+        try:
+            entry = build_entry(sid, raw, self._nodes)
+        except (EnvelopeError, InvalidNodeName) as exc:
+            self._reject(shard, sid, raw, Failure.UNREADABLE_ENTRY, str(exc))
+            return
+        if not self.batcher.add(entry, shard, now):
+            self._reject(shard, sid, raw, Failure.TOO_LARGE, f"{self.byte_cap} B")
+
+    def _reject(self, shard: int, sid: bytes, raw: bytes, failure: Failure, detail: str) -> None:
+        # One entry alone: the policy dead-letters it (tests/test_policy.py).
+        decision = decide(failure, History(entries=1), detail)
+        self.acks.dead_letter(shard, sid, raw, decision.reason)
