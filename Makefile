@@ -25,6 +25,7 @@ lint: venv
 bench: venv stack-up
 	eval "$$(ops/stack env)" && $(BIN)/python loadtest/bench_ingest.py
 	eval "$$(ops/stack env)" && $(BIN)/python loadtest/bench_publish.py
+	eval "$$(ops/stack env)" && $(BIN)/python loadtest/bench_history.py
 
 ## loadtest: one load-test scenario, headless, on its own Redis + ejabberd (free ports);
 ##           SCENARIO=smoke|steady|fanout|ramp (loadtest/scenarios/), report in loadtest/reports/
