@@ -7,6 +7,8 @@ out of a subscriber's parse of it, exactly as it went in.
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -14,9 +16,13 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from scalepub.nodes import MAX_NODE_BYTES, InvalidNodeName, default_node, validate_node
+from scalepub.settings import Settings
 from scalepub.sharding import shard_for
 from scalepub.xmpp.batch import NS_BATCH, NS_PUBSUB, Batch, Entry, entry_part, publish_iq
+from scalepub.xmpp.link import Reply, XmppLink
 from scalepub.xmpp.subscriber import unpack
+from tests.e2e import Collector, create_nodes
+from tests.stack import Stack
 
 USER_DATA = [
     "/twitter/Tweet/José Ñ", "/twitter/Tweet/mary jane", "/twitter/Tweet/Jose\u0301",
@@ -100,3 +106,37 @@ def test_any_valid_name_gives_well_formed_xml_carrying_it_exactly(node: str) -> 
     entries = unpack(batch, 0)
     assert [(e.node, e.seq) for e in entries] == [(node, 1), (node, 2)]
 
+
+
+@pytest.mark.stack
+def test_ejabberd_takes_every_kind_of_valid_name(settings_for: Settings, stack: Stack) -> None:
+    """The shard's own publish IQs to real ejabberd; an independent subscriber gets each name."""
+    tag = uuid.uuid4().hex[:6]
+    names = [f"{name} {tag}" for name in USER_DATA[:-1]]
+    names.append(f"/{tag}" + "é" * ((MAX_NODE_BYTES - 7) // 2))  # 255 bytes with the tag
+    assert all(validate_node(n) for n in names)
+    create_nodes(stack.env, names)
+    collector = Collector(stack.env, names).start()
+    try:
+        replies = asyncio.run(_publish(settings_for, names))
+        assert [r.reason for r in replies if not r.ok] == []
+        assert collector.wait_for(lambda got: len(got) >= 2 * len(names), 30), collector.received
+        assert {n: [g.seq for g in got] for n, got in collector.by_node().items()} == {
+            n: [1, 2] for n in names}
+    finally:
+        collector.stop()
+
+
+async def _publish(settings: Settings, names: list[str]) -> list[Reply]:
+    pending: dict[str, asyncio.Future[Reply]] = {}
+    link = XmppLink(settings, "test-nodes", pending.__contains__,
+                    lambda reply: pending.pop(reply.iq_id).set_result(reply), lambda: None)
+    await link.connect()
+    try:
+        loop = asyncio.get_running_loop()
+        for i, name in enumerate(names):
+            pending[f"n{i}"] = loop.create_future()
+            link.send(_publish_iq(name).replace(b'id="iq1"', f'id="n{i}"'.encode(), 1))
+        return list(await asyncio.wait_for(asyncio.gather(*pending.values()), 30))
+    finally:
+        await link.close()
