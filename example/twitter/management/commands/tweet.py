@@ -24,7 +24,8 @@ class Command(BaseCommand):
         parser.add_argument("--authors", type=int, default=10, help="distinct authors (nodes)")
         parser.add_argument("--rate", type=float, default=5.0, help="tweets per second (0: max)")
         parser.add_argument("--bulk", type=int, default=0,
-                            help="use bulk_create + scalepub.publish_many in chunks of this size")
+                            help="use scalepub.bulk_create (rows and entries in one transaction) "
+                                 "in chunks of this size")
         parser.add_argument("--prefix", default="user", help="author name prefix")
 
     def handle(self, *args, count, authors, rate, bulk, prefix, **options):
@@ -50,7 +51,7 @@ class Command(BaseCommand):
             for i in range(size)
         ]
         if bulk:
-            scalepub.publish_many(Tweet.objects.bulk_create(tweets))
+            scalepub.bulk_create(tweets)
         else:
             tweets[0].save()
         return size
