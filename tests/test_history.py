@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
@@ -79,7 +80,7 @@ def test_quiet_node_behind_200000_entries_of_its_shard(scalepub_django: Settings
 def test_lost_is_exact_under_the_cap(settings_for: Settings, redis_client: redis.Redis) -> None:
     """With HISTORY_MAXLEN=5 and 12 entries, seqs 8..12 are kept: lost only before 7."""
     capped = settings_for.replace(delivery="direct", history_maxlen=5, history_ttl_s=600)
-    for _ in django_side(capped):
+    with contextlib.contextmanager(django_side)(capped):
         for i in range(12):
             Tweet.objects.create(author="capped", text=f"t{i}")
         client = Client()
@@ -106,7 +107,7 @@ def test_lost_is_exact_under_the_cap(settings_for: Settings, redis_client: redis
 def test_no_history_when_history_maxlen_is_0(settings_for: Settings,
                                              redis_client: redis.Redis) -> None:
     off = settings_for.replace(delivery="direct", history_maxlen=0)
-    for _ in django_side(off):
+    with contextlib.contextmanager(django_side)(off):
         Tweet.objects.create(author="nohistory", text="t")
         body = get(Client(), node="/twitter/Tweet/nohistory", after=0)
     assert body == {"node": "/twitter/Tweet/nohistory", "lost": True, "last_seq": 1,
