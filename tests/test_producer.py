@@ -117,3 +117,47 @@ def test_entries_of_a_lost_read_reply_are_found_again(settings_for: Settings) ->
     found, others = asyncio.run(scenario())
     assert len(found) == 15 and not set(found) & set(others)
     assert len(found) + len(others) == 30
+
+
+def test_counters_count_what_waits(settings_for: Settings, redis_client: redis.Redis) -> None:
+    """appended by the append script; done by the ack script for what XACK really removed
+    (a repeated ack counts nothing), dead letters included; lag and pending follow."""
+    import asyncio
+
+    from scalepub.backlog import stream_backlog
+    from scalepub.connections import shard_client
+    from scalepub.shard import streams
+
+    settings = settings_for.replace(shards=1)
+    keys = Keys(settings.key_prefix)
+    key = keys.stream(0)
+    StreamProducer(settings).enqueue([entry("/n/c", j) for j in range(10)])
+
+    async def scenario() -> None:
+        r = shard_client(settings)
+        await streams.ensure_group(r, key)
+        [(_, got)] = await streams.read_new(r, [key], "c", 8, 100)  # 2 stay unread
+        for _ in range(2):
+            async with r.pipeline(transaction=False) as pipe:
+                streams.queue_acks(pipe, key, [sid for sid, _ in got[:5]])
+                await pipe.execute()
+        await streams.dead_letter(r, keys, 0, stream_id=got[5][0], envelope=b"x", reason="t")
+        await r.aclose()
+
+    asyncio.run(scenario())
+    counts = redis_client.hmget(keys.meta(0), ["appended", "done"])
+    assert [int(c) for c in counts] == [10, 6]
+    assert stream_backlog(redis_client, key) == (2, 2)
+    assert redis_client.xlen(keys.dead(0)) == 1
+
+
+def test_history_is_written_with_the_entry(settings_for: Settings,
+                                           redis_client: redis.Redis) -> None:
+    capped = settings_for.replace(history_maxlen=3, history_ttl_s=100)
+    appended = StreamProducer(capped).enqueue([entry("/n/h", j) for j in range(5)])
+    assert appended is not None
+    key = Keys(capped.key_prefix).history(appended[0].shard, "/n/h")
+    kept = redis_client.xrange(key)
+    assert [sid for sid, _ in kept] == [b"3-0", b"4-0", b"5-0"]  # ids are the seqs
+    assert [f[b"i"].decode() for _, f in kept] == [a.stream_id for a in appended[2:]]
+    assert 0 < redis_client.ttl(key) <= 100
