@@ -1,4 +1,5 @@
-"""Append entries to the shard streams: one Redis round trip assigns the seq and appends."""
+"""Append entries to the shard streams and their nodes' histories: one Redis round trip per
+shard assigns the seq and appends; refusals come back as a ``Refusal`` with a message."""
 
 from __future__ import annotations
 
