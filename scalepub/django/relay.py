@@ -38,6 +38,9 @@ LEASE_TTL_S = 10.0
 # The relay's backlog report for `scalepub status`: how often, and how long it stays.
 STATE_EVERY_S = 1.0
 STATE_TTL_S = 15.0
+# The report outlives its TTL by this much, so `scalepub status` can show a relay that stopped
+# reporting as stale (rows may wait with nobody moving them) instead of forgetting it.
+STATE_KEEP_S = 86_400
 # How long a stopping relay keeps draining rows it can still move (e.g. a short command).
 DRAIN_ON_STOP_S = 5.0
 # Retries while Redis or the database fail are at most this far apart, so waiting rows move
@@ -139,10 +142,10 @@ class Relay:
         state = {"rows": rows, "oldest_age_s": round(oldest_age_s, 3),
                  "refusing": int(bool(self._refused_reason)),
                  "refused_reason": self._refused_reason, "pid": os.getpid(),
-                 "host": socket.gethostname(), "at": time.time()}
+                 "host": socket.gethostname(), "at": time.time(), "ttl_s": STATE_TTL_S}
         pipe = self.lease.client.pipeline(transaction=False)
         pipe.hset(self.state_key, mapping=cast(Any, state))  # redis-py's Mapping is invariant
-        pipe.expire(self.state_key, int(STATE_TTL_S))
+        pipe.expire(self.state_key, STATE_KEEP_S)
         pipe.execute()
 
     def _refused(self, reason: Refusal, message: str, count: int) -> str:
