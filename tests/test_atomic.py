@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from asgiref.sync import async_to_sync
 from django.db import DatabaseError, connection, transaction
 from django.test.utils import CaptureQueriesContext
 from twitter.models import Tweet
@@ -44,9 +45,14 @@ def _in_atomic(make: Callable[[], Any]) -> Callable[[], Any]:
     return run
 
 
+async def _acreate() -> Tweet:
+    return await Tweet.objects.acreate(author="ann", text="acreate")
+
+
 COVERED: dict[str, Callable[[], Any]] = {
     "save": lambda: Tweet(author="ann", text="save").save(),
     "create": lambda: Tweet.objects.create(author="ann", text="create"),
+    "acreate": async_to_sync(_acreate),
     "get_or_create": lambda: Tweet.objects.get_or_create(author="ann", text="get_or_create"),
     "update_or_create": lambda: Tweet.objects.update_or_create(
         author="ann", defaults={"text": "update_or_create"}),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import redis
+from django.db.models import Model
 from django.db.models.signals import post_save
 from twitter.models import Tweet
 
@@ -56,3 +57,13 @@ def test_register_rejects_bad_arguments() -> None:
         scalepub.register(Tweet, node="no leading slash")
     with pytest.raises(TypeError, match="node must be"):
         scalepub.register(Tweet, node=42)
+
+
+def test_register_wraps_save_once_and_unregister_restores_it(restore_tweet: None) -> None:
+    wrapped = Tweet.__dict__["save_base"]
+    scalepub.register(Tweet)
+    assert Tweet.__dict__["save_base"] is wrapped  # registering again: no second wrapper
+    scalepub.unregister(Tweet)
+    assert "save_base" not in Tweet.__dict__  # Django's own save_base again
+    assert Tweet.save_base is Model.save_base
+
