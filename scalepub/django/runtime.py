@@ -72,6 +72,9 @@ class _RelayThread:
         self.thread.join(timeout)
 
 
+_FORK_LOCK = threading.RLock()
+
+
 class Runtime:
     """Settings, producer and relay threads of this process (thread-safe, fork-aware)."""
 
@@ -129,6 +132,8 @@ class Runtime:
             mine = [t for t in self._relays.values() if t.pid == os.getpid()]
             self._relays.clear()
             self._all_started = False
+        for t in mine:  # all drain at once, then each is waited for
+            t.stop.set()
         for t in mine:
             t.close()
 
@@ -153,9 +158,12 @@ class Runtime:
 
     def _check_fork(self) -> None:
         # A server whose fork skips os.register_at_fork's hooks (uWSGI without
-        # py-call-osafterfork) is noticed here, at the first use in the child.
+        # py-call-osafterfork) is noticed here, at the first use in the child; the class lock
+        # keeps two threads of that child from both starting afresh (re-entered by serve()).
         if self._pid != os.getpid():
-            self._after_fork_in_child()
+            with _FORK_LOCK:
+                if self._pid != os.getpid():
+                    self._after_fork_in_child()
 
     def _before_fork(self) -> None:
         """Hold every relay between two rounds while the process forks."""
