@@ -88,9 +88,7 @@ def test_redis_down_at_commit_loses_nothing(
     collector = Collector(stack.env, nodes).start()
     pool = PoolProcess(outbox_django, tmp_path / "pool.log", "--shards", "4")
     try:
-        keys = Keys(outbox_django.key_prefix)
-        assert wait_until(lambda: all(redis_client.exists(keys.heartbeat(s)) for s in range(4)),
-                          timeout=60), pool.output()[-3000:]
+        pool.wait_serving(redis_client)
         redis_client.shutdown()  # SHUTDOWN: AOF fsynced, like a planned restart
         slowest = 0.0
         for i in range(1000):
@@ -139,6 +137,9 @@ def test_backpressure_keeps_entries_in_the_outbox(external_relay: Settings,
     with pytest.raises(CommandError, match="30 entries are still in the outbox"):
         call_command("scalepub_relay", "--once", stdout=open("/dev/null", "w"))  # noqa: SIM115
     assert len(read_all(redis_client, external_relay)) == 50  # nothing trimmed unpublished
+    state = relay_state(redis_client, external_relay)
+    assert (state["rows"], state["refusing"], state["refused_reason"]) == ("30", "1",
+                                                                          "backpressure")
     stream = Keys(external_relay.key_prefix).stream(0)
     redis_client.xgroup_create(stream, CONSUMER_GROUP, id="0")
     [[_, delivered]] = redis_client.xreadgroup(CONSUMER_GROUP, "test", {stream: ">"}, count=40)
@@ -151,6 +152,14 @@ def test_backpressure_keeps_entries_in_the_outbox(external_relay: Settings,
     assert not OutboxEntry.objects.exists()
     entries = read_all(redis_client, external_relay)
     assert [e.env.seq for e in entries][-30:] == list(range(51, 81))
+    state = relay_state(redis_client, external_relay)
+    assert (state["rows"], state["refusing"], state["refused_reason"]) == ("0", "0", "")
+
+
+def relay_state(client: redis.Redis, settings: Settings) -> dict[str, str]:
+    """The backlog report of the relay of this test's database."""
+    [key] = client.scan_iter(match=Keys(settings.key_prefix).relay_state_pattern)
+    return {k.decode(): v.decode() for k, v in client.hgetall(key).items()}
 
 
 def test_rows_appended_by_a_relay_that_died_are_not_appended_twice(

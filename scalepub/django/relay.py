@@ -115,8 +115,9 @@ class Relay:
         rows = outbox.oldest(self.using, self.settings.outbox_batch)
         age = (time.time_ns() - rows[0].ts_ns) / 1e9 if rows else 0.0
         metrics.OUTBOX_OLDEST_AGE.set(age)
-        self._report(age, len(rows))
         if not rows:
+            self._refused_reason = ""
+            self._report(0.0, 0)
             return Round(0, 0)
         entries = [row.entry() for row in rows]
         # With the database as source, rows appended by a call whose reply was lost (a
@@ -130,15 +131,23 @@ class Relay:
         done = [row.id for row, e in zip(rows, entries, strict=True) if id(e) not in refused]
         outbox.delete(self.using, done)
         metrics.OUTBOX_RELAYED.inc(len(done))
-        return Round(len(done), len(rows) - len(done))
+        left = len(rows) - len(done)
+        # After the round, so a refusal is reported with the round that met it; the age is
+        # the round's oldest row's (an upper bound when only later rows were refused).
+        self._report(age if left else 0.0, left, full=len(rows) == self.settings.outbox_batch)
+        return Round(len(done), left)
 
-    def _report(self, oldest_age_s: float, seen: int) -> None:
-        """Once a second, idle or not, the backlog for `scalepub status` (a hash with a TTL)."""
+    def _report(self, oldest_age_s: float, left: int, full: bool = False) -> None:
+        """Once a second, idle or not, the backlog for `scalepub status` (a hash with a TTL).
+
+        ``left``: rows this round left in the outbox; a ``full`` round (OUTBOX_BATCH rows)
+        may have left more behind it, so the table is counted.
+        """
         now = time.monotonic()
         if now - self._reported < STATE_EVERY_S:
             return
         self._reported = now
-        rows = seen if seen < self.settings.outbox_batch else outbox.count(self.using)
+        rows = outbox.count(self.using) if full else left
         state = {"rows": rows, "oldest_age_s": round(oldest_age_s, 3),
                  "refusing": int(bool(self._refused_reason)),
                  "refused_reason": self._refused_reason, "pid": os.getpid(),
