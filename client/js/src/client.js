@@ -4,6 +4,7 @@
 import { batchesOfMessage, parseBatch } from './batch.js';
 import { Orderer } from './order.js';
 import { fetchRange } from './history.js';
+import { invalidNodeReason } from './nodes.js';
 
 export const NS_PUBSUB = 'http://jabber.org/protocol/pubsub';
 export const NS_PUBSUB_EVENT = 'http://jabber.org/protocol/pubsub#event';
@@ -33,6 +34,10 @@ export class PubSubClient {
     const o = { ...options };
     this.nodes = o.nodes ? [...o.nodes] : (o.node ? [o.node] : []);
     if (!this.nodes.length) throw new Error('scalepub: node or nodes is required');
+    for (const node of this.nodes) {
+      const why = invalidNodeReason(node);
+      if (why) throw new Error(`scalepub: invalid node name ${JSON.stringify(node)}: ${why}`);
+    }
     this.options = o;
     this.Strophe = o.Strophe || PubSubClient.Strophe;
     if (!this.Strophe) throw new Error('scalepub: Strophe is not available');

@@ -7,3 +7,4 @@ export { PubSubClient, Strophe };
 export { parseBatch, parseEntries, entriesFromHistory, batchesOfMessage, NS_BATCH } from './batch.js';
 export { Orderer } from './order.js';
 export { fetchRange, fetchHistoryPage } from './history.js';
+export { invalidNodeReason, MAX_NODE_BYTES } from './nodes.js';

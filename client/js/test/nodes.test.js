@@ -47,3 +47,19 @@ test('readable node names: subscribe IQ, received entries, history URL', () => {
   }
   c.close();
 });
+
+test('names that cannot work are refused at construction, saying why (same rule as validate_node)', () => {
+  const make = (node) => () => new PubSubClient({ nodes: [node], Strophe, DOMParser, autoConnect: false });
+  for (const [node, why] of [
+    ['', 'must start with /'], ['/', 'must start with /'], ['twitter/Tweet', 'must start with /'],
+    ['/a/b\n', 'U+000A at position 4'], ['/a\tb', 'U+0009'], ['/a\x7f', 'U+007F'], ['/a\x85', 'U+0085'],
+    ['/a\u2028', 'U+2028'], ['/a\ud800', 'U+D800'], ['/a\ufffe', 'U+FFFE'], ['/a\u{10ffff}', 'U+10FFFF'],
+    ['/' + 'a'.repeat(255), '256 bytes of UTF-8, more than 255'], ['/' + 'é'.repeat(128), '257 bytes'],
+    [42, 'must be a string, got number'],
+  ]) {
+    assert.throws(make(node), (err) => err.message.startsWith('scalepub: invalid node name') && err.message.includes(why), JSON.stringify(node));
+  }
+  for (const node of [...NAMES, '/a/😀', '/' + 'é'.repeat(127), '/a//b/', '/a/x\u200dy\ufeff']) {
+    assert.doesNotThrow(make(node), node);
+  }
+});
