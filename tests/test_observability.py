@@ -30,6 +30,7 @@ import redis
 from prometheus_client import REGISTRY, make_wsgi_app
 from twitter.models import Tweet
 
+from scalepub.django.announce import NodeError
 from scalepub.producer import PendingEntry, StreamProducer
 from scalepub.settings import Settings
 from scalepub.sharding import ENTRY_FIELD, Keys, shard_for
@@ -414,7 +415,8 @@ def tweets(prefix: str, count: int) -> None:
     """Rows of the example project: enqueued by the Django side, one with an invalid node."""
     for i in range(count):
         Tweet.objects.create(author=f"{prefix}a{i % 4}", text=f"tweet {i}")
-    Tweet.objects.create(author="not a valid node segment", text="counted as a failure")
+    with pytest.raises(NodeError):  # an invalid node fails the save, counted reason="node"
+        Tweet.objects.create(author="tab\tin a node name", text="counted as a failure")
 
 
 def missing_data(prometheus: Prometheus, exprs: list[tuple[str, str]]) -> list[str]:
