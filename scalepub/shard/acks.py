@@ -11,7 +11,7 @@ import redis
 import redis.asyncio as aredis
 
 from scalepub.shard import streams
-from scalepub.shard.heartbeat import Health
+from scalepub.shard.heartbeat import Health, Retrying
 from scalepub.shard.stats import Meters, Stats
 from scalepub.sharding import Keys
 
@@ -19,7 +19,6 @@ log = logging.getLogger(__name__)
 
 _ACK_RETRY_S = 0.5
 
-Retrying = Callable[[Callable[[], Awaitable[None]]], Awaitable[None]]
 Spawn = Callable[[Awaitable[None]], None]
 
 

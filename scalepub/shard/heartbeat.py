@@ -19,6 +19,9 @@ import redis.asyncio as aredis
 from scalepub.shard.stats import Stats
 from scalepub.sharding import Keys
 
+# Runs a Redis call through outages (retry.Retrier).
+Retrying = Callable[[Callable[[], Awaitable[None]]], Awaitable[None]]
+
 HEARTBEAT_INTERVAL_S = 2.0  # the key lives 5 intervals: `scalepub status` calls it dead after
 XMPP_DOWN = "xmpp_down"
 REDIS = "redis"
@@ -54,22 +57,22 @@ class Heartbeat:
     """Keeps the heartbeat hash of each of the process's shards fresh."""
 
     def __init__(self, client: aredis.Redis, keys: Keys, shards: Sequence[int], stats: Stats,
-                 health: Health) -> None:
+                 health: Health, retrying: Retrying) -> None:
         self.redis = client
+        self.retrying = retrying
         self.keys = keys
         self.shards = list(shards)
         self.stats = stats
         self.health = health
 
-    async def loop(self, retrying: Callable[[Callable[[], Awaitable[None]]], Awaitable[None]],
-                   ) -> None:
+    async def loop(self) -> None:
         """Write the hash every interval, through Redis outages, until cancelled."""
         last_count, last_time = self.stats.published, time.monotonic()
         while True:
             now = time.monotonic()
             rate = (self.stats.published - last_count) / max(now - last_time, 1e-9)
             last_count, last_time = self.stats.published, now
-            await retrying(functools.partial(self.beat, rate))
+            await self.retrying(functools.partial(self.beat, rate))
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
 
     async def beat(self, rate: float) -> None:

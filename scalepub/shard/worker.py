@@ -69,8 +69,7 @@ class ShardWorker:
                              self.stats, max_buffer=max_buffer, stop=self._stop,
                              space=self._space, on_taken=self.publisher.pump)
         self.heartbeat = Heartbeat(self.redis, self.keys, list(shard_of.values()), self.stats,
-                                   self.health)
-        self._retrying = retrying
+                                   self.health, retrying)
 
     async def run(self) -> Stats:
         """Connect, publish until ``stop()``, then drain and return the counts."""
@@ -83,7 +82,7 @@ class ShardWorker:
             self._on_ready()
         tasks = [asyncio.create_task(c) for c in
                  (self.reader.loop(), self.publisher.linger_loop(), self.acks.loop(),
-                  self.heartbeat.loop(self._retrying))]
+                  self.heartbeat.loop())]
         for task in tasks:
             task.add_done_callback(self._loop_ended)
         await self._stop.wait()
