@@ -12,18 +12,13 @@ import redis
 from django.test import override_settings
 
 from scalepub.settings import Settings, env_mapping
-from tests.stack import Stack, new_stack
+from tests.stack import Stack, running
 
 
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack]:
     """A private Redis + ejabberd on free loopback ports, stopped after the session."""
-    s = new_stack()
-    try:
-        s.up()
-        yield s
-    finally:
-        s.down()
+    yield from running()
 
 
 @pytest.fixture

@@ -20,9 +20,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import redis
 import slixmpp
 
 from scalepub.settings import Settings
+from scalepub.sharding import Keys
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,6 +38,7 @@ class PoolProcess:
     """``scalepub run`` in a subprocess, its output in a log file."""
 
     def __init__(self, settings: Settings, log_path: Path, *args: str) -> None:
+        self.settings = settings
         self.log_path = log_path
         self._log = log_path.open("ab")
         self.proc = subprocess.Popen(
@@ -45,6 +48,14 @@ class PoolProcess:
             stdout=self._log, stderr=self._log,
             cwd=REPO,
         )
+
+    def wait_serving(self, client: redis.Redis, timeout: float = 60.0) -> None:
+        """Until the heartbeat of each of the settings' shards is in Redis: every shard process
+        has started and reads (asserts, with the pool's log)."""
+        keys = Keys(self.settings.key_prefix)
+        beats = [keys.heartbeat(s) for s in range(self.settings.shards)]
+        assert wait_until(lambda: client.exists(*beats) == len(beats), timeout), \
+            self.output()[-3000:]
 
     def signal(self, signum: int = signal.SIGTERM) -> None:
         """Send a signal to the supervisor."""
@@ -89,13 +100,15 @@ def _cmdline(pid: int) -> bytes:
 @dataclasses.dataclass(frozen=True)
 class Got:
     """An entry as received: its node, seq and stream id (and, not compared, its append time
-    and arrival time, both ``time.time_ns()``)."""
+    and arrival time, both ``time.time_ns()``, and the number of the pubsub item that carried
+    it, counted by the receiver from 1)."""
 
     node: str
     seq: int
     id: str
     ts: int = dataclasses.field(default=0, compare=False)
     at: int = dataclasses.field(default=0, compare=False)
+    item: int = dataclasses.field(default=0, compare=False)
 
 
 class Collector:
@@ -112,6 +125,7 @@ class Collector:
         self.sessions = 0  # sessions that subscribed (more than 1: it reconnected)
         self._closing = False
         self.received: list[Got] = []
+        self.items = 0  # pubsub items received
         self.subscribed = threading.Event()
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
@@ -206,15 +220,16 @@ class Collector:
         # The batch's text is an XML fragment of <entry> elements (docs/protocol.md).
         fragment = ET.fromstring(f"<entries>{payload.text or ''}</entries>")
         at = time.time_ns()
-        got = [Got(e.get("node", ""), int(e.get("seq", "0")), e.get("id", ""),
-                   int(e.get("ts", "0")), at)
-               for e in fragment.iter("entry")]
         with self._lock:
-            self.received.extend(got)
+            self.items += 1
+            self.received.extend(Got(e.get("node", ""), int(e.get("seq", "0")), e.get("id", ""),
+                                     int(e.get("ts", "0")), at, self.items)
+                                 for e in fragment.iter("entry"))
 
 
-async def _create_nodes(env: dict[str, str], nodes: list[str]) -> None:
-    client = slixmpp.ClientXMPP(env["SCALEPUB_XMPP_JID"] + "/nodes", env["SCALEPUB_XMPP_PASSWORD"])
+async def _session(env: dict[str, str], jid: str, password: str = "") -> Any:
+    """A plain-TCP slixmpp session with pubsub, once started (anonymous: the anon domain)."""
+    client = slixmpp.ClientXMPP(jid, password)
     client.enable_starttls = client.enable_direct_tls = False
     client.enable_plaintext = True
     client["feature_mechanisms"].unencrypted_plain = True
@@ -223,6 +238,12 @@ async def _create_nodes(env: dict[str, str], nodes: list[str]) -> None:
     client.add_event_handler("session_start", lambda _e: started.set_result(None))
     client.connect(env["SCALEPUB_XMPP_HOST"], int(env["SCALEPUB_XMPP_PORT"]))
     await asyncio.wait_for(started, 20)
+    return client
+
+
+async def _create_nodes(env: dict[str, str], nodes: list[str]) -> None:
+    client = await _session(env, env["SCALEPUB_XMPP_JID"] + "/nodes",
+                            env["SCALEPUB_XMPP_PASSWORD"])
     await asyncio.gather(*(client["xep_0060"].create_node(env["SCALEPUB_PUBSUB_SERVICE"], node)
                            for node in nodes))
     await client.disconnect()
@@ -266,14 +287,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.1)
 
 
 async def _stored(env: dict[str, str], nodes: list[str]) -> dict[str, list[Got]]:
-    client = slixmpp.ClientXMPP(env["SCALEPUB_ANON_DOMAIN"], "")
-    client.enable_starttls = client.enable_direct_tls = False
-    client.enable_plaintext = True
-    client.register_plugin("xep_0060")
-    started = asyncio.get_running_loop().create_future()
-    client.add_event_handler("session_start", lambda _e: started.set_result(None))
-    client.connect(env["SCALEPUB_XMPP_HOST"], int(env["SCALEPUB_XMPP_PORT"]))
-    await asyncio.wait_for(started, 20)
+    client = await _session(env, env["SCALEPUB_ANON_DOMAIN"])
     out: dict[str, list[Got]] = {}
     for node in nodes:
         reply = await client.plugin["xep_0060"].get_items(env["SCALEPUB_PUBSUB_SERVICE"], node,

@@ -7,6 +7,7 @@ import shlex
 import socket
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,3 +76,14 @@ def new_stack(**extra: str) -> Stack:
         **extra,
     }
     return Stack(state_dir, control)
+
+
+def running(**extra: str) -> Iterator[Stack]:
+    """A ``new_stack(**extra)``, up while the generator is suspended and down after: the
+    body of a stack fixture (``yield from running()``)."""
+    s = new_stack(**extra)
+    try:
+        s.up()
+        yield s
+    finally:
+        s.down()

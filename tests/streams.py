@@ -1,12 +1,15 @@
-"""Read back what producers appended, for assertions."""
+"""Streams for tests: append entries, read back what producers appended, wait for the pool."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import redis
 
+from scalepub.backlog import backlogs
 from scalepub.envelope import Envelope, decode
+from scalepub.producer import PendingEntry, StreamProducer
 from scalepub.settings import Settings
 from scalepub.sharding import ENTRY_FIELD, Keys
 
@@ -28,3 +31,44 @@ def read_all(client: redis.Redis, settings: Settings) -> list[StoredEntry]:
         for sid, fields in client.xrange(keys.stream(shard)):
             out.append(StoredEntry(shard, sid.decode(), decode(fields[ENTRY_FIELD])))
     return out
+
+
+def row(i: int, size: int = 300) -> bytes:
+    """A serialized row of about ``size`` bytes."""
+    text = (f"entry {i} " * (size // 8))[:size]
+    return f"<row><text>{text}</text></row>".encode()
+
+
+def produce(settings: Settings, nodes: list[str], per_node: int, size: int = 300,
+            chunk: int = 250, refused_ok: bool = False) -> int:
+    """Append ``per_node`` entries to each node (per-node order), ``chunk`` rounds a call.
+
+    Returns how many entries a shard refused (shard count, backpressure): none unless
+    ``refused_ok``.
+    """
+    producer = StreamProducer(settings)
+    refused = 0
+    try:
+        for start in range(0, per_node, chunk):
+            rows = [PendingEntry(n, time.time_ns(), "t.row", str(i), "xml", row(i, size))
+                    for i in range(start, min(start + chunk, per_node)) for n in nodes]
+            refused += sum(len(f.entries) for f in producer.append(rows).failures)
+    finally:
+        producer.close()
+    assert refused_ok or not refused, f"{refused} entries refused"
+    return refused
+
+
+def drained(settings: Settings, client: redis.Redis | None = None) -> bool:
+    """Every shard stream under the prefix exists, is read to its end and fully acknowledged;
+    False while Redis does not answer (e.g. during its restart)."""
+    own = client is None
+    client = client or redis.Redis.from_url(settings.redis_url)
+    try:
+        found = backlogs(client, Keys(settings.key_prefix))
+        return bool(found) and all(b.lag == 0 and b.pending == 0 for b in found)
+    except redis.RedisError:
+        return False
+    finally:
+        if own:
+            client.close()

@@ -79,8 +79,7 @@ def test_stalled_xmpp_bounds_redis_and_loses_nothing(
     beam = ejabberd_pid(stack)
     refusals = backpressure_refusals()
     try:
-        assert wait_until(lambda: all(redis_client.exists(keys.heartbeat(s)) for s in range(2)),
-                          timeout=60), pool.output()[-3000:]
+        pool.wait_serving(redis_client)
         shard_rss = {pid: rss_bytes(pid) for pid in pool.shard_pids()}
         os.kill(beam, signal.SIGSTOP)  # XMPP now infinitely slower than the producers
         stalled_at = time.monotonic()

@@ -24,7 +24,7 @@ from urllib.parse import urlencode
 import pytest
 
 from scalepub.settings import Settings
-from tests.e2e import PoolProcess, create_nodes
+from tests.e2e import PoolProcess, create_nodes, wait_until
 from tests.stack import Stack
 
 pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True),
@@ -132,12 +132,7 @@ class DemoPage:
             "() => window.scalepubDemo ? window.scalepubDemo.received.length : 0"))
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return True
-            time.sleep(0.2)
-        return predicate()
+        return wait_until(predicate, timeout, 0.2)
 
     def history_fetches(self) -> list[dict[str, Any]]:
         """The client's requests to the history endpoint: {url, status, entries}."""

@@ -14,9 +14,7 @@ import pytest
 import redis
 from django.core.management import call_command
 
-from scalepub.backlog import backlogs
 from scalepub.settings import Settings
-from scalepub.sharding import Keys
 from tests.e2e import (
     Collector,
     Got,
@@ -25,6 +23,7 @@ from tests.e2e import (
     create_nodes,
 )
 from tests.stack import Stack
+from tests.streams import drained
 
 pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
 
@@ -36,10 +35,6 @@ def nodes_for(prefix: str, authors: int) -> dict[str, str]:
 def make_tweets(prefix: str, count: int, authors: int) -> None:
     call_command("tweet", count=count, authors=authors, rate=0, bulk=0, prefix=prefix + "u",
                  stdout=open("/dev/null", "w"))  # noqa: SIM115
-
-
-def drained(client: redis.Redis, settings: Settings) -> bool:
-    return all(b.lag == 0 and b.pending == 0 for b in backlogs(client, Keys(settings.key_prefix)))
 
 
 @pytest.fixture
@@ -80,7 +75,7 @@ def test_twenty_thousand_tweets_arrive_complete_and_in_order(
         assert time.monotonic() - started < 10
     duplicates = assert_complete_and_ordered(collector.by_node(),
                                              dict.fromkeys(authors.values(), 100))
-    assert drained(redis_client, scalepub_django)
+    assert drained(scalepub_django, redis_client)
     print(f"20,000 entries over 200 nodes, {duplicates} duplicates")
 
 
@@ -98,8 +93,8 @@ def test_kill_minus_nine_of_a_shard_mid_stream_loses_nothing(
         os.kill(victims[0], signal.SIGKILL)
         assert not collector.wait_for(distinct(8_000), timeout=0.5), "killed too late"
         assert collector.wait_for(distinct(8_000), timeout=120), len(collector.received)
-        assert "died with exit code -9" in pool.output()
-        assert len(pool.shard_pids()) == 4
+        survivors = pool.shard_pids()  # the killed one restarted by the supervisor
+        assert len(survivors) == 4 and victims[0] not in survivors
         assert pool.stop() == 0
     assert_complete_and_ordered(collector.by_node(), dict.fromkeys(authors.values(), 40))
-    assert drained(redis_client, scalepub_django)
+    assert drained(scalepub_django, redis_client)

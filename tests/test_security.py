@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 import slixmpp
 from django.core.exceptions import ImproperlyConfigured
 from django.http import HttpRequest
@@ -29,15 +28,13 @@ from django.test import Client, override_settings
 from slixmpp.exceptions import IqError, IqTimeout
 
 from scalepub import exitcodes
-from scalepub.backlog import backlogs
-from scalepub.producer import PendingEntry, StreamProducer
 from scalepub.settings import Settings, SettingsError, env_mapping
-from scalepub.sharding import Keys
 from scalepub.xmpp.batch import Batch, Entry, entry_part, publish_iq
 from scalepub.xmpp.link import Reply, XmppLink, XmppTlsError
 from scalepub.xmpp.subscriber import ReceivedEntry, Subscriber
 from tests.e2e import PoolProcess, create_nodes, settings_env, wait_until
-from tests.stack import Stack, new_stack
+from tests.stack import Stack, running
+from tests.streams import drained, produce
 
 pytestmark = pytest.mark.stack
 
@@ -74,23 +71,6 @@ async def link_publish(settings: Settings, node: str, seq: int = 1) -> Reply:
         return await asyncio.wait_for(answer, CONNECT_S)
     finally:
         await link.close()
-
-
-def produce(settings: Settings, node: str, count: int) -> None:
-    producer = StreamProducer(settings)
-    producer.enqueue([PendingEntry(node, time.time_ns(), "t.row", str(i), "xml",
-                                   f"<row>{i}</row>".encode()) for i in range(count)])
-    producer.close()
-
-
-def drained(settings: Settings) -> bool:
-    client = redis.Redis.from_url(settings.redis_url)
-    try:
-        found = backlogs(client, Keys(settings.key_prefix))
-        return bool(found) and all(b.lag == 0 and b.pending == 0 for b in found)
-    finally:
-        client.close()
-
 
 
 def ejabberdctl(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
@@ -188,7 +168,7 @@ def test_debug_log_of_a_publisher_session_has_no_password(
 
 def test_debug_log_of_the_pool_has_no_password(stack: Stack, tmp_path: Path) -> None:
     settings = settings_of(stack)
-    produce(settings, f"/security/poollog/{settings.key_prefix}", 5)
+    produce(settings, [f"/security/poollog/{settings.key_prefix}"], 5)
     pool = PoolProcess(settings, tmp_path / "pool.log", "--shards", "1", "--log-level", "DEBUG")
     try:
         assert wait_until(lambda: drained(settings), 60), pool.output()[-3000:]
@@ -249,12 +229,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def tls_stack(certs: Path) -> Iterator[Stack]:
     """A stack whose ejabberd requires STARTTLS with the certificate above."""
-    s = new_stack(SCALEPUB_XMPP_CERTFILE=str(certs / "xmpp.pem"))
-    try:
-        s.up()
-        yield s
-    finally:
-        s.down()
+    yield from running(SCALEPUB_XMPP_CERTFILE=str(certs / "xmpp.pem"))
 
 
 def test_tls_stack_env_requires_tls(tls_stack: Stack) -> None:
@@ -435,7 +410,7 @@ def test_whitelist_nodes_admit_only_affiliated_subscribers(stack: Stack, tmp_pat
     node = f"/security/whitelist/{settings.key_prefix}"
     member, member_pw = register(stack, f"alice{uuid.uuid4().hex[:6]}")
     stranger, stranger_pw = register(stack, f"bob{uuid.uuid4().hex[:6]}")
-    produce(settings, node, 1)  # the pool creates the node, with publish-options
+    produce(settings, [node], 1)  # the pool creates the node, with publish-options
     pool = PoolProcess(settings, tmp_path / "pool.log", "--shards", "1")
     try:
         assert wait_until(lambda: drained(settings), 60), pool.output()[-3000:]
@@ -453,7 +428,7 @@ def test_whitelist_nodes_admit_only_affiliated_subscribers(stack: Stack, tmp_pat
                                                         subscribee=p.client.boundjid.full))
                              for p in (bob, anon, alice)]
                 answers = [await s for s in subscribe]
-                await asyncio.to_thread(produce, settings, node, 3)
+                await asyncio.to_thread(produce, settings, [node], 3)
                 for _ in range(100):
                     if "4" in [q for text in alice.received for q in _seqs(text)]:
                         break

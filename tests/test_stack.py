@@ -20,15 +20,23 @@ def processes_of(state_dir: str, node: str, redis_port: str) -> list[str]:
     return [line for line in out.splitlines() if any(m in line for m in marks)]
 
 
+def server_pids(state_dir: str, node: str, redis_port: str) -> list[int]:
+    """The pids of its ejabberd node (beam.smp) and its Redis."""
+    return sorted(int(line.split()[0]) for line in processes_of(state_dir, node, redis_port)
+                  if "beam.smp" in line or "redis-server" in line)
+
+
 def test_up_twice_then_down_leaves_nothing() -> None:
     s = new_stack()
     mine = (str(s.state_dir), s.control["SCALEPUB_EJABBERD_NODE"], s.control["SCALEPUB_REDIS_PORT"])
     try:
         s.up()
         first = dict(s.env)
+        servers = server_pids(*mine)
+        assert len(servers) >= 2, servers  # ejabberd and Redis
         again = s.run("up")
         assert again.returncode == 0, again.stderr
-        assert "already running" in again.stdout
+        assert server_pids(*mine) == servers  # nothing started twice, nothing restarted
         s.env = {}
         s.up()
         assert s.env == first  # same ports, same password

@@ -25,8 +25,8 @@ from scalepub.shard import streams
 from scalepub.sharding import CONSUMER_GROUP, Keys
 from scalepub.status import RelayStatus, ShardStatus, healthy, relay_lines, table
 from tests.e2e import PoolProcess, create_nodes, settings_env, wait_until
-from tests.stack import Stack, new_stack
-from tests.test_pool_faults import produce
+from tests.stack import Stack, running
+from tests.streams import produce
 
 SCALEPUB = str(Path(sys.executable).parent / "scalepub")
 
@@ -85,12 +85,7 @@ def test_status_follows_the_pool(settings_for: Settings, stack: Stack, tmp_path:
 @pytest.fixture(scope="module")
 def restart_stack() -> Iterator[Stack]:
     """A private Redis + ejabberd: this module restarts its Redis."""
-    s = new_stack()
-    try:
-        s.up()
-        yield s
-    finally:
-        s.down()
+    yield from running()
 
 
 def _rewrite_aof(client: redis.Redis) -> None:
