@@ -60,6 +60,20 @@ def test_a_malformed_redis_url_exits_2_naming_the_setting(command: str, url: str
     assert done.returncode == exitcodes.USAGE and "--redis-url: " in done.stderr, done.stderr
 
 
+def test_status_and_authorize_exit_with_the_code_of_what_is_unreachable() -> None:
+    env = {**os.environ, "SCALEPUB_REDIS_URL": f"redis://:sekret@127.0.0.1:{free_port()}/0",
+           "SCALEPUB_XMPP_PORT": str(free_port())}
+    done = subprocess.run([SCALEPUB, "status"], env=env, capture_output=True, text=True,
+                          timeout=30, check=False)
+    assert done.returncode == exitcodes.REDIS_UNREACHABLE, done.stderr
+    assert "scalepub: cannot reach Redis at redis://:***@127.0.0.1:" in done.stderr
+    assert "sekret" not in done.stderr and "Traceback" not in done.stderr
+    done = subprocess.run([SCALEPUB, "authorize", "/n", "alice@localhost"], env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == exitcodes.XMPP_UNREACHABLE, done.stderr
+    assert "Traceback" not in done.stderr
+
+
 @pytest.mark.stack
 def test_a_metrics_port_in_use_exits_2_naming_it(settings_for: Settings) -> None:
     with socket.socket() as taken:
