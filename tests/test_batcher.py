@@ -113,3 +113,38 @@ def test_publish_iq_carries_one_item_whose_cdata_parses_into_entries() -> None:
 def test_well_formed_flags_control_characters() -> None:
     assert well_formed(entry("/n", 1)) is None
     assert "not well-formed" in (well_formed(entry("/n", 2, b"<p>\x01</p>")) or "")
+
+
+@given(st.lists(st.sampled_from(["confirm", "split", "requeue", "drop_first"]), max_size=300),
+       st.integers(1, 40))
+def test_recovery_moves_keep_the_count_and_the_order(moves: list[str], count: int) -> None:
+    """What the publisher does with a failed batch (policy.py's decisions) keeps the batcher's
+    bookkeeping true: every entry ends published or dropped once, published ones in order."""
+    b = Batcher(Caps(max_entries=8, max_bytes=100_000, linger_s=0))
+    for seq in range(1, count + 1):
+        b.add(entry("/n", seq), 0, now=0.0)
+    published: list[int] = []
+    dropped: list[int] = []
+    moves_left = iter(moves)
+    while (batch := b.next_batch(now=1.0)) is not None:
+        move = next(moves_left, "confirm")
+        if move == "split" and len(batch.entries) > 1:  # SPLIT
+            b.retry(*batch.split())
+        elif move == "requeue":  # RETRY, or SEND after a lost connection
+            b.retry(batch)
+        elif move == "drop_first":  # DEAD_LETTER of a not well-formed entry, the rest re-sent
+            dropped.append(batch.entries[0].seq)
+            b.forget(1)
+            rest = Batch(batch.node, batch.shard)
+            for e in batch.entries[1:]:
+                rest.add(e)
+            if rest.entries:
+                b.retry(rest)
+            else:
+                b.release(batch.node)
+        else:
+            published += [e.seq for e in batch.entries]
+            b.done(batch)
+    assert b.idle and b.buffered == 0
+    assert published == sorted(published)
+    assert sorted(published + dropped) == list(range(1, count + 1))
