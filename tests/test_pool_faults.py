@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from scalepub import exitcodes
 from scalepub.backlog import backlogs
 from scalepub.producer import PendingEntry, StreamProducer
 from scalepub.settings import Settings, env_mapping
@@ -140,7 +141,7 @@ def test_shard_count_mismatch_refused_while_entries_wait(
     produce(settings, nodes_created, 10)
     pool = PoolProcess(settings.replace(shards=3), tmp_path / "pool.log", "--shards", "3")
     try:
-        assert pool.proc.wait(30) == 6  # exitcodes.SHARD_COUNT_MISMATCH
+        assert pool.proc.wait(30) == exitcodes.SHARD_COUNT_MISMATCH
     finally:
         pool.kill()
     assert "written for 2 shards" in pool.output() and "--shards 2" in pool.output()
