@@ -12,11 +12,16 @@ from hypothesis import strategies as st
 from scalepub.shard.policy import (
     AUTH_RETRY_S,
     MAX_TRANSIENT_RETRIES,
+    RECONNECT_FIRST_S,
+    RECONNECT_MAX_S,
+    REDIS_RETRY_FIRST_S,
+    REDIS_RETRY_MAX_S,
     TRANSIENT_RETRY_MAX_S,
     Action,
     Decision,
     Failure,
     History,
+    backoff,
     classify,
     decide,
 )
@@ -175,3 +180,15 @@ def test_transient_retries_of_one_batch_are_bounded_and_grow() -> None:
     assert delays == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0]
     assert len(delays) == MAX_TRANSIENT_RETRIES
     assert decision == Decision(DEAD, reason=f"refused by the XMPP server: {BUSY}")
+
+
+@pytest.mark.parametrize(("first", "cap", "expected"), [
+    (REDIS_RETRY_FIRST_S, REDIS_RETRY_MAX_S, [0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0]),
+    (RECONNECT_FIRST_S, RECONNECT_MAX_S, [0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0]),
+])
+def test_redis_retries_and_xmpp_reconnects_back_off_to_their_caps(
+        first: float, cap: float, expected: list[float]) -> None:
+    delays = [first]
+    while len(delays) < len(expected):
+        delays.append(backoff(delays[-1], cap))
+    assert delays == pytest.approx(expected)

@@ -1,7 +1,7 @@
 """What a shard does when publishing fails: send as is, retry later, split, or dead-letter.
 
 A pure function of the failure and the batch's history, so the rules can be read in one
-place and tested as a table (tests/test_policy.py); the worker only carries them out.
+place and tested as a table (tests/test_policy.py); publisher.py and reader.py carry them out.
 The guarantees it keeps: a batch of several entries is never dead-lettered (it is split
 until the entry at fault stands alone), and every failure but AUTH ends in a bounded number
 of steps. AUTH (the account may not publish there) is retried for ever: the operator fixes
