@@ -20,18 +20,21 @@ pytestmark = pytest.mark.django_db
 CHANGELIST = "/admin/scalepub/outboxentry/"
 
 
+@pytest.fixture(autouse=True)
+def no_relay() -> Iterator[Settings]:
+    """Outbox delivery and no relay thread (external): entries wait, no request starts one."""
+    yield from django_side(Settings(delivery="outbox", outbox_relay="external"))
+
+
 @pytest.fixture
-def waiting() -> Iterator[list[OutboxEntry]]:
-    """Three saved tweets whose outbox entries wait (no relay runs: external), the oldest
-    saved ten minutes ago."""
-    settings = Settings(delivery="outbox", outbox_relay="external")
-    for _ in django_side(settings):
-        for i in range(3):
-            Tweet.objects.create(author=f"adm{i}", text=f"hello {i}")
-        entries = list(OutboxEntry.objects.order_by("id"))
-        assert len(entries) == 3
-        OutboxEntry.objects.filter(id=entries[0].id).update(ts_ns=time.time_ns() - 600 * 10**9)
-        yield entries
+def waiting() -> list[OutboxEntry]:
+    """Three saved tweets whose outbox entries wait, the oldest saved ten minutes ago."""
+    for i in range(3):
+        Tweet.objects.create(author=f"adm{i}", text=f"hello {i}")
+    entries = list(OutboxEntry.objects.order_by("id"))
+    assert len(entries) == 3
+    OutboxEntry.objects.filter(id=entries[0].id).update(ts_ns=time.time_ns() - 600 * 10**9)
+    return entries
 
 
 def staff(username: str, *perms: str) -> Client:
