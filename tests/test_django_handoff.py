@@ -18,6 +18,7 @@ import scalepub
 from scalepub.django.announce import NodeError
 from scalepub.django.models import OutboxEntry
 from scalepub.django.producer import get_producer
+from scalepub.django.registry import registry
 from scalepub.settings import Settings
 from scalepub.sharding import shard_for
 from tests.streams import read_all
@@ -153,3 +154,24 @@ def _closed_port() -> int:
     from tests.stack import free_port
 
     return free_port()
+
+
+@pytest.mark.parametrize(("rule", "says"), [
+    (lambda t: 42, "must be a str, got int"),
+    (lambda t: "", "must start with /"),
+    (lambda t: "/" + "é" * 200, "401 bytes of UTF-8, more than 255"),
+    (lambda t: {}["missing"], "raised KeyError"),
+])
+def test_every_kind_of_bad_node_rule_fails_the_save(
+    outbox_django: Settings, rule: object, says: str
+) -> None:
+    original = registry.get(Tweet)
+    assert original is not None
+    scalepub.register(Tweet, node=rule)
+    try:
+        with pytest.raises(NodeError, match=r"twitter\.Tweet pk=\d+") as failed:
+            Tweet.objects.create(author="x", text="bad rule")
+    finally:
+        scalepub.register(Tweet, node=original.node)
+    assert says in str(failed.value)
+    assert not Tweet.objects.exists() and not OutboxEntry.objects.exists()
