@@ -74,6 +74,16 @@ def test_a_failed_entry_write_fails_the_create_and_leaves_no_row(
     assert not OutboxEntry.objects.exists()
 
 
+def test_saving_again_after_a_failed_create_is_atomic_too(refusing_outbox: Settings) -> None:
+    tweet = Tweet(author="ann", text="retried")
+    with pytest.raises(DatabaseError, match=REFUSED):
+        tweet.save()
+    assert tweet.pk is not None and not tweet._state.adding  # as Django leaves it
+    with pytest.raises(DatabaseError, match=REFUSED):
+        tweet.save()  # an UPDATE of nothing, then an INSERT: a create after all
+    assert not Tweet.objects.exists()
+
+
 def test_without_the_wrapper_autocommit_leaves_a_row_without_entry(
     refusing_outbox: Settings,
 ) -> None:
@@ -97,7 +107,7 @@ def test_inside_the_callers_atomic_no_extra_savepoint(outbox_django: Settings) -
     assert OutboxEntry.objects.count() == 2 or Tweet.objects.count() == 2  # relay may be quick
 
 
-def test_updates_are_not_wrapped(outbox_django: Settings) -> None:
+def test_updates_publish_nothing(outbox_django: Settings) -> None:
     tweet = Tweet.objects.create(author="ann", text="first")
     tweet.text = "edited"
     with CaptureQueriesContext(connection) as queries:

@@ -4,7 +4,8 @@ Under autocommit, Django's ``save_base`` commits the INSERT before it sends ``po
 an outbox row written from ``post_save`` would be a second transaction: a failure, or a
 process killed in between, would leave a row without its entry. ``wrap_save`` therefore
 runs a registered model's create outside any transaction in ``transaction.atomic()``, the
-INSERT and ``post_save`` (the outbox row) together. Inside the caller's own ``atomic()`` (or
+INSERT and ``post_save`` (the outbox row) together (an update, one statement in its own
+transaction under autocommit anyway, is wrapped too). Inside the caller's own ``atomic()`` (or
 with autocommit off) the save is left as it is: the entry joins that transaction, no extra
 savepoint. ``bulk_create`` does the same for ``bulk_create`` plus ``publish_many``.
 """
@@ -25,7 +26,7 @@ _MARK = "scalepub_atomic_create"
 
 
 def wrap_save(model: type[Model]) -> None:
-    """Make ``model``'s creates outside a transaction atomic with their ``post_save``."""
+    """Make ``model``'s saves outside a transaction atomic with their ``post_save``."""
     own = model.__dict__.get("save_base")
     if getattr(own, _MARK, False):
         return
@@ -33,7 +34,9 @@ def wrap_save(model: type[Model]) -> None:
 
     @functools.wraps(original)
     def save_base(self: Model, *args: Any, **kwargs: Any) -> Any:
-        if self._state.adding and not kwargs.get("raw", args[0] if args else False):
+        # Not only while _state.adding: a create that failed in post_save leaves the instance
+        # with a pk and adding=False, and saving it again is a create Django finds out late.
+        if not kwargs.get("raw", args[0] if args else False):
             using = kwargs.get("using") or (args[3] if len(args) > 3 else None)
             using = using or router.db_for_write(type(self), instance=self)
             if connections[using].get_autocommit():  # not inside any transaction
