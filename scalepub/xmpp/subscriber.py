@@ -30,6 +30,7 @@ from scalepub.xmpp.link import (
 log = logging.getLogger(__name__)
 
 NODE_RETRY_S = 2.0  # a node that does not exist yet is tried again (created on first publish)
+_WHY_GRACE_S = 0.2  # see Subscriber._disconnected
 
 
 @dataclass(frozen=True)
@@ -181,9 +182,12 @@ class Subscriber:
     def _disconnected(self, _event: Any) -> None:
         if self._closing:
             return
-        started = self._started is not None and self._started.done()
-        self._fail(XmppUnreachable(
-            f"lost the session with XMPP server {self._server}" if started else
+        if self._started is not None and self._started.done():
+            self._fail(XmppUnreachable(f"lost the session with XMPP server {self._server}"))
+            return
+        # A refused TLS handshake closes the connection before slixmpp reports why
+        # (ssl_invalid_chain): give that reason a moment to arrive and win.
+        asyncio.get_running_loop().call_later(_WHY_GRACE_S, self._fail, XmppUnreachable(
             f"the XMPP server {self._server} closed the connection before a session started"))
 
     async def _subscribe_missing(self) -> None:
