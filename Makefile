@@ -26,6 +26,7 @@ bench: venv stack-up
 	eval "$$(ops/stack env)" && $(BIN)/python loadtest/bench_ingest.py
 	eval "$$(ops/stack env)" && $(BIN)/python loadtest/bench_publish.py
 	eval "$$(ops/stack env)" && $(BIN)/python loadtest/bench_history.py
+	$(BIN)/python loadtest/bench_decode.py
 
 ## loadtest: one load-test scenario, headless, on its own Redis + ejabberd (free ports);
 ##           SCENARIO=smoke|steady|fanout|ramp (loadtest/scenarios/), report in loadtest/reports/
