@@ -169,9 +169,16 @@ class Settings:
     # pubsub#access_model of the nodes scalepub creates: open, or whitelist (subscribers
     # need a member affiliation; docs/security.md).
     node_access_model: str = _setting("open", _one_of(ACCESS_MODELS))
+    # Whether a disco#items on the pubsub service lists the nodes (to anyone, anonymous
+    # included): off (default) or on. ops/stack renders it into ejabberd's
+    # max_nodes_discoitems (docs/security.md, node enumeration).
+    node_listing: str = _setting("off", _one_of(("off", "on")))
     # Dotted path of a callable (request, node) -> bool guarding the history endpoint;
     # empty: open to all, like open nodes.
     history_access: str = _setting("", _matches(_DOTTED_RE, "empty or a dotted path"))
+    # Dotted path of a callable (request, node) -> bool asked before each history read: False
+    # (or raising scalepub.django.views.HistoryRateLimited) answers 429; empty: no limit.
+    history_rate_limit: str = _setting("", _matches(_DOTTED_RE, "empty or a dotted path"))
     anon_domain: str = _setting("anon.localhost", _nonempty)
     bosh_url: str = _setting("http://127.0.0.1:5280/bosh", _url("http", "https"))
     ws_url: str = _setting("ws://127.0.0.1:5280/ws", _url("ws", "wss"))

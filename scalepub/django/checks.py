@@ -3,6 +3,7 @@ before ``runserver`` and ``migrate``) with a hint, instead of a traceback later.
 
 - ``scalepub.E001``: a bad ``SCALEPUB`` setting (the message names it).
 - ``scalepub.E002``: ``HISTORY_ACCESS`` does not name an importable callable.
+- ``scalepub.E003``: ``HISTORY_RATE_LIMIT`` does not name an importable callable.
 - ``scalepub.W001``: the scalepub migration is not applied: registered saves would fail.
 - ``scalepub.W002``: ``SHARDS`` differs from the shard count the pool recorded in Redis.
 """
@@ -33,6 +34,7 @@ def install() -> None:
     """Register the checks (``AppConfig.ready``)."""
     register(check_settings)
     register(check_history_access)
+    register(check_history_rate_limit)
     register(check_migrations, Tags.database)
     register(check_shard_count)
 
@@ -60,6 +62,23 @@ def check_history_access(app_configs: Any = None, **kwargs: Any) -> list[CheckMe
             "Give the dotted path of a callable (request, node) -> bool, e.g. "
             "'myapp.access.can_read_history', or remove HISTORY_ACCESS to leave the history "
             "open."))]
+    return []
+
+
+def check_history_rate_limit(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """E003: ``HISTORY_RATE_LIMIT`` imports and is callable (not only at the first request)."""
+    settings = _settings()
+    if settings is None or not settings.history_rate_limit:
+        return []
+    from scalepub.django.views import rate_limit
+
+    try:
+        rate_limit(settings.history_rate_limit)
+    except ImproperlyConfigured as exc:
+        return [Error(str(exc), id="scalepub.E003", hint=(
+            "Give the dotted path of a callable (request, node) -> bool that returns False or "
+            "raises scalepub.django.views.HistoryRateLimited to refuse, e.g. "
+            "'myproject.limits.history', or remove HISTORY_RATE_LIMIT for no limit."))]
     return []
 
 
