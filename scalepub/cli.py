@@ -240,5 +240,32 @@ def authorize(node: str, jids: tuple[str, ...], affiliation: str, log_level: str
     click.echo(f"{node}: {affiliation} for {', '.join(jids)}")
 
 
+@main.command("configure-nodes")
+@click.argument("nodes", nargs=-1)
+@click.option("--xmpp-jid", help="publisher account (owner of the nodes) [env SCALEPUB_XMPP_JID]")
+@_common
+def configure_nodes(nodes: tuple[str, ...], log_level: str, **options: Any) -> None:
+    """Give existing nodes the options scalepub needs (no replay of the last item on subscribe).
+
+    ejabberd applies its force_node_config only when a node is created or configured: run
+    this once after upgrading ops/ejabberd. NODES default to every node the publisher
+    account owns. Exit code 0 when the server accepted every node.
+    """
+    from scalepub.xmpp.nodeconfig import NODE_OPTIONS
+    from scalepub.xmpp.nodeconfig import configure_nodes as configure
+
+    configure_logging(log_level)
+    settings = _settings(**options)
+    with _exit_codes(settings):
+        result = asyncio.run(configure(settings, nodes or None))
+    for node, condition in sorted(result.refused.items()):
+        click.echo(f"scalepub: {node}: the server refused: {condition}", err=True)
+    wanted = ", ".join(f"{k}={v}" for k, v in NODE_OPTIONS.items())
+    click.echo(f"{len(result.configured)} node(s) configured ({wanted}), "
+               f"{len(result.refused)} refused")
+    if result.refused:
+        sys.exit(exitcodes.FAILURE)
+
+
 if __name__ == "__main__":
     main()

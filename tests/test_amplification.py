@@ -12,6 +12,7 @@ import asyncio
 import os
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from scalepub.settings import Settings, env_mapping
 from scalepub.xmpp.batch import Batch, Entry, entry_part, publish_iq
 from scalepub.xmpp.link import Reply, XmppLink
 from scalepub.xmpp.nodeconfig import configure_nodes
+from tests.e2e import settings_env
 from tests.rawxmpp import RawClient
 from tests.stack import STACK, Stack, new_stack, parse_exports
 
@@ -131,10 +133,24 @@ def test_a_node_created_before_is_fixed_by_configure_nodes(upgraded_stack: Stack
     client.close()
     assert size > LAST_ITEM_BYTES, size
 
-    result = asyncio.run(configure_nodes(settings))  # every node the publisher owns
-    assert node in result.configured and not result.refused, result
+    # The operator's command, as a subprocess: every node the publisher owns.
+    done = subprocess.run([sys.executable, "-m", "scalepub.cli", "configure-nodes"],
+                          env={**os.environ, **settings_env(settings)}, text=True,
+                          capture_output=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "node(s) configured (pubsub#send_last_published_item=never), 0 refused" in done.stdout
 
     for _ in range(2):
         size, client = subscribe_bytes(stack.env, node)
         client.close()
         assert size <= MAX_PER_SUBSCRIBE, size
+
+
+def test_configure_nodes_names_the_nodes_it_configured_and_refused(stack: Stack) -> None:
+    settings = settings_of(stack)
+    node = f"/amplification/named/{settings.key_prefix}"
+    assert asyncio.run(publish(settings, node, 1)).ok
+    missing = f"/amplification/missing/{settings.key_prefix}"
+    result = asyncio.run(configure_nodes(settings, [node, missing]))
+    assert result.configured == [node]
+    assert result.refused == {missing: "item-not-found"}
