@@ -91,7 +91,8 @@ class RawClient:
         """Send an IQ and return the server's answer to it (result or error)."""
         iq_id = uuid.uuid4().hex
         self.send(f"<iq type='{kind}' id='{iq_id}' to={quoteattr(to)}>{body}</iq>")
-        return self.read_until(rb"<iq [^>]*id=['\"]" + iq_id.encode() + rb"['\"].*?(/>|</iq>)")
+        return self.read_until(rb"<iq [^>]*id=['\"]" + iq_id.encode()
+                               + rb"['\"][^>]*(/>|>.*?</iq>)")
 
     def subscribe(self, service: str, node: str) -> bytes:
         """Subscribe this full JID to ``node``; return the answer."""
