@@ -48,6 +48,13 @@ RESTARTS = Counter("scalepub_shard_restarts", "Shard processes restarted by the 
                    ["shard"])
 ERRORS = Counter("scalepub_errors", "Errors by kind: xmpp_refused, connection_lost, redis, "
                  "internal.", ["shard", "kind"])
+# kind: scalepub.xmpp.link.Ignored (forged_reply, unknown_id, unexpected); all three are
+# created at 0 with the shard's meters, so dashboards and alerts see the series before any.
+IGNORED_STANZAS = Counter(
+    "scalepub_ignored_stanzas",
+    "Stanzas sent to a shard's XMPP session and dropped: forged_reply (an answer to an IQ in "
+    "flight from someone other than the pubsub service), unknown_id (an answer to no IQ in "
+    "flight), unexpected (messages, presence, IQ requests from others).", ["shard", "kind"])
 
 
 def serve(host: str, port: int) -> None:

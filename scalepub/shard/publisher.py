@@ -8,9 +8,7 @@ flight so per-node order holds (batcher.py).
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import os
 import time
 
 from scalepub.settings import Settings
@@ -61,8 +59,7 @@ class Publisher:
         self.inflight: dict[str, Batch] = {}
         self.draining = False  # stopping: nothing more is sent
         self.link = XmppLink(settings, resource, self.inflight.__contains__, self._on_reply,
-                             self._on_down)
-        self._ids = (f"sp{os.getpid()}-{n}" for n in itertools.count())
+                             self._on_down, meters.ignored)
 
     async def linger_loop(self) -> None:
         """Publish open batches whose linger ran out while nothing else woke the pump."""
@@ -82,7 +79,7 @@ class Publisher:
                 return
             if batch.resends and not self._screen(batch):
                 continue
-            iq_id = next(self._ids)
+            iq_id = self.link.new_id()  # unguessable; the link also checks who answers
             self.inflight[iq_id] = batch
             batch.sent_at = time.monotonic()
             self.link.send(publish_iq(iq_id, self.settings.pubsub_service, batch,

@@ -9,6 +9,7 @@ from prometheus_client import Counter
 
 from scalepub.shard import metrics
 from scalepub.xmpp.batch import Batch
+from scalepub.xmpp.link import Ignored
 
 
 @dataclass
@@ -47,6 +48,12 @@ class Meters:
         self.inflight = metrics.INFLIGHT.labels(name)
         self.reconnects = metrics.RECONNECTS.labels(name)
         self.retries = metrics.RETRIES.labels(name)
+        self._ignored = {kind: metrics.IGNORED_STANZAS.labels(name, kind.value)
+                         for kind in Ignored}
+
+    def ignored(self, kind: Ignored) -> None:
+        """One stanza sent to the shard's session dropped (scalepub.xmpp.link)."""
+        self._ignored[kind].inc()
 
     def errors(self, kind: str) -> Counter:
         """The error counter of ``kind``."""

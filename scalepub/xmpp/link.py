@@ -3,21 +3,31 @@
 slixmpp handles the session (TCP, STARTTLS, SASL, bind). Publish IQs bypass its stanza
 objects: they are byte strings built from the batch, and replies are matched by id through a
 dict, because slixmpp's per-IQ future registers one handler each and scans them linearly.
+
+Anyone who can log in can send stanzas to a publisher session's full JID (it is predictable).
+So a reply counts only if its id is one this session sent and still waits for, and it comes
+from the pubsub service (errors also from the server itself); ids carry a random prefix per
+connection. Everything else a publisher never expects is dropped before slixmpp builds a
+stanza object for it, and counted (``Ignored``). docs/security.md, threat model.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
+import itertools
 import logging
 import re
+import secrets
 import ssl
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from xml.sax.saxutils import quoteattr
 
 import slixmpp
-from slixmpp.xmlstream.handler import Callback
-from slixmpp.xmlstream.matcher.base import MatcherBase
+from slixmpp.xmlstream import XMLStream
 
 from scalepub.settings import Settings
 from scalepub.xmpp.batch import publish_options
@@ -27,6 +37,19 @@ log = logging.getLogger(__name__)
 # SASL elements carry credentials (PLAIN: base64 of "\0user\0password"; SCRAM: proofs an
 # attacker could brute-force offline); slixmpp logs every sent and received stanza at DEBUG.
 _SASL_ELEMENT = re.compile(r"(<(auth|response|challenge|success)\b[^>]*>)[^<]*(</\2>)")
+
+_IQ = "{jabber:client}iq"
+_DROPPED = frozenset({"{jabber:client}message", "{jabber:client}presence"})
+_ERROR = "{jabber:client}error"
+_STANZA_ERRORS = "{urn:ietf:params:xml:ns:xmpp-stanzas}"
+_TEXT = _STANZA_ERRORS + "text"
+# RFC 6120 §8.2.3: an IQ request must be answered; §8.4: service-unavailable for a request
+# the entity does not handle. The request's payload is not echoed back.
+_REFUSAL = ("<iq type='error' id=%s to=%s><error type='cancel'><service-unavailable "
+            "xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>")
+
+if not callable(getattr(XMLStream, "_spawn_event", None)):  # what _Client hooks into
+    raise ImportError("scalepub needs a slixmpp whose XMLStream has _spawn_event (1.8.4+)")
 
 
 class XmppAuthError(RuntimeError):
@@ -58,49 +81,161 @@ class Reply:
         return f"{base}: {self.text}" if self.text else base
 
 
-class _OurIqReplies(MatcherBase):
-    """Matches result/error IQs whose id is one of ours (a dict lookup, O(1))."""
+class Ignored(enum.StrEnum):
+    """Why a stanza sent to a publisher session was dropped (the metric's ``kind``)."""
 
-    def __init__(self, pending: Callable[[str], bool]) -> None:
-        super().__init__(None)
-        self._pending = pending
+    FORGED_REPLY = "forged_reply"  # an answer to an IQ in flight, from someone else
+    UNKNOWN_ID = "unknown_id"  # an answer to no IQ this session waits for
+    UNEXPECTED = "unexpected"  # a message, a presence, an IQ request not from the server
 
-    def match(self, xml: Any) -> bool:
-        return bool(xml.name == "iq" and xml["type"] in ("result", "error")
-                    and self._pending(xml["id"]))
+
+class Verdict(enum.Enum):
+    """What the link does with an incoming stanza."""
+
+    REPLY = "reply"  # the answer to a publish IQ in flight
+    SLIXMPP = "slixmpp"  # session set-up, the server's own requests, stream-level elements
+    REFUSE = "refuse"  # an IQ request from someone else: answered service-unavailable, counted
+    DROP = "drop"  # counted as the Ignored kind given with it
+
+
+@dataclass(frozen=True, slots=True)
+class Peers:
+    """Who may answer a publisher session's IQs.
+
+    The pubsub service, exactly as the IQs address it: ejabberd 23.01 answers from the very
+    string in ``to`` (also for errors it makes itself when the service cannot be reached).
+    Errors also from the server on the account's behalf (RFC 6120 §8.1.2.1, §8.3): no
+    ``from``, the account's bare JID or its domain, which no other user can send from, since
+    the server stamps ``from`` on what its clients send. Other spellings of the same JIDs are
+    compared case-folded (domains and localparts are case-insensitive).
+    """
+
+    service: str
+    server: frozenset[str]  # case-folded bare JID and domain of the account
+
+    @classmethod
+    def of(cls, service: str, account: str) -> Peers:
+        """The peers of a session of ``account`` (a JID) publishing to ``service``."""
+        bare = account.partition("/")[0]
+        return cls(service, frozenset({bare.casefold(), bare.rpartition("@")[2].casefold()}))
+
+    def is_server(self, sender: str | None) -> bool:
+        """Whether ``sender`` is the server speaking for the account."""
+        return sender is None or sender.casefold() in self.server
+
+    def may_answer(self, sender: str | None, error: bool) -> bool:
+        """Whether an answer (an error if ``error``) from ``sender`` is genuine."""
+        if sender == self.service:
+            return True
+        if sender is not None and sender.casefold() == self.service.casefold():
+            return True
+        return error and self.is_server(sender)
+
+
+def judge(tag: str, iq_type: str | None, sender: str | None, pending: bool, live: bool,
+          peers: Peers) -> tuple[Verdict, Ignored | None]:
+    """What to do with a stanza: ``pending`` if its id is an IQ in flight, ``live`` once
+    the session started (before, slixmpp's own set-up IQs are answered)."""
+    if tag in _DROPPED:
+        return Verdict.DROP, Ignored.UNEXPECTED
+    if tag != _IQ:
+        return Verdict.SLIXMPP, None
+    if iq_type in ("result", "error"):
+        return _judge_answer(iq_type == "error", sender, pending, live, peers)
+    if iq_type in ("get", "set"):
+        if peers.is_server(sender):
+            return Verdict.SLIXMPP, None  # e.g. a roster push: slixmpp answers it
+        return Verdict.REFUSE, Ignored.UNEXPECTED
+    return Verdict.DROP, Ignored.UNEXPECTED  # no valid type: nothing to answer (RFC 6120 §8.2.3)
+
+
+def _judge_answer(error: bool, sender: str | None, pending: bool, live: bool,
+                  peers: Peers) -> tuple[Verdict, Ignored | None]:
+    if pending:
+        if peers.may_answer(sender, error):
+            return Verdict.REPLY, None
+        return Verdict.DROP, Ignored.FORGED_REPLY
+    if live:
+        return Verdict.DROP, Ignored.UNKNOWN_ID
+    return Verdict.SLIXMPP, None
+
+
+def reply_of(iq: ET.Element, iq_id: str) -> Reply:
+    """The Reply an IQ result or error element carries."""
+    if iq.get("type") == "result":
+        return Reply(iq_id, True)
+    error = iq.find(_ERROR)
+    if error is None:
+        return Reply(iq_id, False, "cancel", "undefined-condition")
+    condition, text = "", ""
+    for child in error:
+        if child.tag == _TEXT:
+            text = child.text or ""
+        elif not condition and child.tag.startswith(_STANZA_ERRORS):
+            condition = child.tag[len(_STANZA_ERRORS):]
+    return Reply(iq_id, False, error.get("type") or "cancel", condition or "undefined-condition",
+                 text)
+
+
+def _id_source() -> tuple[str, itertools.count[int]]:
+    """A fresh random id prefix (96 bits, URL-safe: no XML escaping) and a counter."""
+    return f"sp{secrets.token_urlsafe(12)}-", itertools.count()
+
+
+def _consumed_by_nobody(_xml: ET.Element) -> bool:
+    return False
 
 
 class _Client(slixmpp.ClientXMPP):
-    pass
+    """slixmpp's client with a first look at every stanza, before slixmpp builds objects."""
+
+    def __init__(self, jid: str, password: str) -> None:
+        super().__init__(jid, password)
+        self.first_look: Callable[[ET.Element], bool] = _consumed_by_nobody
+
+    def _spawn_event(self, xml: ET.Element) -> None:
+        # slixmpp's per-stanza entry point: replies skip its stanza objects and handler scan,
+        # and a flood of stanzas nobody asked for costs one look each.
+        if not self.first_look(xml):
+            super()._spawn_event(xml)
 
 
 class XmppLink:
     """A publisher session; ``on_reply`` gets each Reply, ``on_down`` a lost session."""
 
     def __init__(self, settings: Settings, resource: str, is_pending: Callable[[str], bool],
-                 on_reply: Callable[[Reply], None], on_down: Callable[[], None]) -> None:
+                 on_reply: Callable[[Reply], None], on_down: Callable[[], None],
+                 on_ignored: Callable[[Ignored], None] | None = None) -> None:
         self.settings = settings
+        self._is_pending = is_pending
         self._on_reply = on_reply
         self._on_down = on_down
+        self._on_ignored = on_ignored
+        self._peers = Peers.of(settings.pubsub_service, settings.xmpp_jid)
         # One resource per shard: two sessions with the same full JID evict each other.
         self._client = _make_client(settings, resource, self._fail)
+        self._client.first_look = self._first_look
         # Sent with every publish: ejabberd creates a missing node with these options and
         # refuses a publish to a node configured otherwise (precondition-not-met).
         self.publish_options = publish_options(settings.node_access_model)
-        self._client.register_handler(
-            Callback("scalepub publish replies", _OurIqReplies(is_pending), self._reply)
-        )
         self._session: asyncio.Future[None] | None = None
         self.up = False
+        self._live = False  # the session started: slixmpp has no IQ of its own in flight
         self._closing = False
+        self._prefix, self._count = _id_source()
         for event, handler in (
             ("session_start", self._started), ("failed_all_auth", self._auth_failed),
             ("connection_failed", self._connect_failed), ("disconnected", self._disconnected),
         ):
             self._client.add_event_handler(event, handler)
 
+    def new_id(self) -> str:
+        """An IQ id nobody can guess: a random prefix per connection, then a counter."""
+        return f"{self._prefix}{next(self._count)}"
+
     async def connect(self, timeout: float = 10.0) -> None:
         """Open a session; raise XmppAuthError or XmppUnreachable."""
+        self._prefix, self._count = _id_source()
         self._session = asyncio.get_running_loop().create_future()
         self._client.connect(self.settings.xmpp_host, self.settings.xmpp_port)
         try:
@@ -126,6 +261,7 @@ class XmppLink:
             await self._client.disconnect(wait=1.0)
 
     def _started(self, _event: Any) -> None:
+        self._live = True
         if self._session is not None and not self._session.done():
             self._session.set_result(None)
 
@@ -152,16 +288,38 @@ class XmppLink:
 
     def _disconnected(self, _event: Any) -> None:
         was_up, self.up = self.up, False
+        self._live = False
         if was_up and not self._closing:
             self._on_down()
 
-    def _reply(self, iq: Any) -> None:
-        if iq["type"] == "result":
-            self._on_reply(Reply(iq["id"], True))
-            return
-        err = iq["error"]
-        self._on_reply(Reply(iq["id"], False, err["type"] or "cancel",
-                             err["condition"] or "undefined-condition", err["text"] or ""))
+    def _first_look(self, xml: ET.Element) -> bool:
+        """Handle a publish reply or drop an unexpected stanza; False leaves it to slixmpp."""
+        tag = xml.tag
+        iq_id = xml.get("id", "")
+        verdict, ignored = judge(tag, xml.get("type"), xml.get("from"),
+                                 tag == _IQ and self._is_pending(iq_id), self._live, self._peers)
+        if verdict is Verdict.SLIXMPP:
+            return False
+        if verdict is Verdict.REPLY:
+            self._reply(reply_of(xml, iq_id))
+            return True
+        if verdict is Verdict.REFUSE:
+            self._client.send_raw(_REFUSAL % (quoteattr(iq_id), quoteattr(xml.get("from", ""))))
+        if ignored is not None:
+            self._ignored(ignored, tag, xml.get("from"))
+        return True
+
+    def _reply(self, reply: Reply) -> None:
+        try:
+            self._on_reply(reply)
+        except Exception:  # a bug in the caller must not take the stream down with it
+            log.exception("error handling the reply to IQ %s", reply.iq_id)
+
+    def _ignored(self, kind: Ignored, tag: str, sender: str | None) -> None:
+        # Never the content: it is the sender's, and a flood must not flood the log with it.
+        log.debug("ignored %s stanza (%s) from %s", kind.value, tag.rpartition("}")[2], sender)
+        if self._on_ignored is not None:
+            self._on_ignored(kind)
 
 
 def _make_client(settings: Settings, resource: str,
