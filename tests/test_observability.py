@@ -292,6 +292,8 @@ def synthetic_rule_tests(severity: dict[str, str | None]) -> dict[str, Any]:
         _series("scalepub_shard_restarts_total", "0 0 0 1x40", shard="3"),
         _series("scalepub_errors_total", "0+30x40", shard="1", kind="connection_lost"),
         _series("scalepub_errors_total", "0+1x40", shard="0", kind="redis"),
+        _series("scalepub_ignored_stanzas_total", "0x5 40x40", shard="3", kind="forged_reply"),
+        _series("scalepub_ignored_stanzas_total", "0+100x40", shard="0", kind="unexpected"),
         _series("scalepub_e2e_latency_seconds_bucket", "0+10x40", shard="1", le="1.0"),
         _series("scalepub_e2e_latency_seconds_bucket", "0+100x40", shard="1", le="10.0"),
         _series("scalepub_e2e_latency_seconds_bucket", "0+100x40", shard="1", le="+Inf"),
@@ -319,6 +321,9 @@ def synthetic_rule_tests(severity: dict[str, str | None]) -> dict[str, Any]:
         ("6m", "ScalepubEnqueueFailures",
          [alert("ScalepubEnqueueFailures", **WEB, reason="redis")]),
         ("30m", "ScalepubDeadLetters", []),  # nothing new for 10 min: resolved
+        ("4m", "ScalepubForgedReplies", []),  # other kinds never fire it
+        ("7m", "ScalepubForgedReplies", [alert("ScalepubForgedReplies", **pool, shard="3")]),
+        ("30m", "ScalepubForgedReplies", []),
     ]
     known = set(severity)
     return {
