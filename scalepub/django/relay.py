@@ -239,6 +239,9 @@ class Relay:
             self.drain(DRAIN_ON_STOP_S)
         except (redis.RedisError, DatabaseError) as exc:
             log.warning("scalepub relay: stopped with rows left in the outbox: %s", exc)
+        except Exception:  # stopping: a bug here must not end the thread with a traceback
+            log.exception("scalepub relay: unexpected error while draining; rows stay in "
+                          "the outbox")
         finally:
             metrics.RELAY_LEADER.set(0)
             connections[self.using].close()

@@ -10,7 +10,8 @@ One object owns the outbox relay's life, per process:
 - stopped, after a short drain, at exit and when the ``SCALEPUB`` setting changes.
 
 One-shot management commands (``migrate``, ``shell``, ``check``...) make no handler and start
-no relay unless they commit registered rows. ``OUTBOX_RELAY = "external"`` turns it all off.
+no relay unless they commit registered rows; nor do requests of Django's test client.
+``OUTBOX_RELAY = "external"`` turns it all off.
 """
 
 from __future__ import annotations
@@ -198,8 +199,19 @@ def install() -> None:
     _install_process_hooks()
 
 
-def _on_request_started(**kwargs: Any) -> None:
-    runtime.serve()
+def _on_request_started(sender: object = None, **kwargs: Any) -> None:
+    if not _is_test_client(sender):
+        runtime.serve()
+
+
+def _is_test_client(handler_class: object) -> bool:
+    """Django's test client runs requests in the test process, which serves nothing: a
+    relay per database there would compete for the lease with the site's real relays and
+    touch databases the test runner may not allow (saves still wake one, on commit)."""
+    from django.test.client import AsyncClientHandler, ClientHandler
+
+    return isinstance(handler_class, type) and issubclass(
+        handler_class, (ClientHandler, AsyncClientHandler))
 
 
 def _on_setting_changed(setting: str, **kwargs: Any) -> None:
@@ -217,7 +229,8 @@ def _hook_handlers() -> None:
     @functools.wraps(original)
     def load_middleware(self: BaseHandler, is_async: bool = False) -> None:
         original(self, is_async)
-        runtime.serve()
+        if not _is_test_client(type(self)):
+            runtime.serve()
 
     load_middleware.scalepub_hook = True  # type: ignore[attr-defined]
     BaseHandler.load_middleware = load_middleware
