@@ -6,6 +6,7 @@ Plain TCP only (the session stack on loopback).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import re
 import socket
@@ -78,14 +79,27 @@ class RawClient:
         self.read_until(rb"</stream:features>")
         self.send("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='ANONYMOUS'/>")
         self.read_until(rb"<success[^>]*(/>|</success>)")
+        jid = self._bind(domain)
+        self.send("<presence/>")
+        return jid
+
+    def _bind(self, domain: str) -> str:
         self.send(_STREAM.format(domain=quoteattr(domain)))
         self.read_until(rb"</stream:features>")
         self.send("<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>")
         bound = self.read_until(rb"<jid>[^<]+</jid>")
         self.jid = re.findall(rb"<jid>([^<]+)</jid>", bound)[-1].decode()
         self.read_until(rb"</iq>")
-        self.send("<presence/>")
         return self.jid
+
+    def login_plain(self, user: str, domain: str, password: str) -> str:
+        """SASL PLAIN (loopback, no TLS), bind; return the full JID."""
+        token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+        self.send(_STREAM.format(domain=quoteattr(domain)))
+        self.read_until(rb"</stream:features>")
+        self.send(f"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{token}</auth>")
+        self.read_until(rb"<success[^>]*(/>|</success>)")
+        return self._bind(domain)
 
     def iq(self, body: str, to: str, kind: str = "get") -> bytes:
         """Send an IQ and return the server's answer to it (result or error)."""
