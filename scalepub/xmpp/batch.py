@@ -107,6 +107,9 @@ def publish_options(access_model: str) -> bytes:
     """XEP-0060 §7.1.5 publish-options asking for ``access_model`` (none for open).
 
     Open is ejabberd's default, so open nodes get no options: nothing for it to check.
+    Other node options (send_last_published_item) cannot ride here: ejabberd 23.01 refuses a
+    publish-options field other than access_model and persist_items. ops/ejabberd forces
+    them instead, and ``scalepub configure-nodes`` fixes older nodes (xmpp/nodeconfig.py).
     """
     if access_model == "open":
         return b""
