@@ -48,8 +48,11 @@ _TEXT = _STANZA_ERRORS + "text"
 _REFUSAL = ("<iq type='error' id=%s to=%s><error type='cancel'><service-unavailable "
             "xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>")
 
-if not callable(getattr(XMLStream, "_spawn_event", None)):  # what _Client hooks into
-    raise ImportError("scalepub needs a slixmpp whose XMLStream has _spawn_event (1.8.4+)")
+# _Client hooks into it; older slixmpp releases named it __spawn_event (name-mangled), and
+# hooking nothing would leave every publish reply unmatched.
+if not callable(getattr(XMLStream, "_spawn_event", None)):
+    raise ImportError("scalepub needs a slixmpp whose XMLStream has _spawn_event "
+                      "(1.17 is tested): pip install -U slixmpp")
 
 
 class XmppAuthError(RuntimeError):
