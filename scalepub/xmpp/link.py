@@ -223,7 +223,7 @@ class XmppLink:
         self.publish_options = publish_options(settings.node_access_model)
         self._session: asyncio.Future[None] | None = None
         self.up = False
-        self._live = False  # the session started: slixmpp has no IQ of its own in flight
+        self._live = False  # True once the session started: slixmpp then has no IQ in flight
         self._closing = False
         self._prefix, self._count = _id_source()
         for event, handler in (
