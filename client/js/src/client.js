@@ -11,6 +11,21 @@ export const NS_PUBSUB_EVENT = 'http://jabber.org/protocol/pubsub#event';
 export const NS_STANZAS = 'urn:ietf:params:xml:ns:xmpp-stanzas';
 
 const SUBSCRIBE_RETRY_MS = 2000;
+
+/** A JID without its resource, lower-cased: domains and localparts compare case-insensitively. */
+export function bareJid(jid) {
+  return String(jid || '').split('/')[0].toLowerCase();
+}
+
+/**
+ * Whether a pubsub event message comes from the pubsub service. Anyone who can log in may
+ * send a <message> with a pubsub event to a subscriber's full JID; the server stamps `from` on
+ * what its users send, so only the service itself can send from its address.
+ */
+export function fromService(msg, pubsub) {
+  const from = msg && msg.getAttribute && msg.getAttribute('from');
+  return Boolean(from) && bareJid(from) === bareJid(pubsub);
+}
 const HISTORY_RETRIES = 3;
 
 function errorCondition(stanza) {
@@ -50,6 +65,7 @@ export class PubSubClient {
     this._subscribeRetryMs = o.subscribeRetryMs ?? SUBSCRIBE_RETRY_MS;
     this._service = o.service || 'http://127.0.0.1:5280/bosh';
     this._pubsub = o.pubsub || 'pubsub.localhost';
+    this.ignoredEvents = 0; // pubsub event messages not from the pubsub service, dropped
     this._closed = false;
     this._conn = null;
     this._attempt = 0;
@@ -206,6 +222,11 @@ export class PubSubClient {
   }
 
   _onMessage(msg) {
+    if (!fromService(msg, this._pubsub)) {
+      // Forged: its entries would be shown, and its seqs would hide the real ones as duplicates.
+      this.ignoredEvents++;
+      return;
+    }
     for (const { batch } of batchesOfMessage(msg)) {
       let entries;
       try {

@@ -24,7 +24,8 @@ class FakeConn {
 }
 
 const errorIq = (cond) => xml(`<iq type="error" xmlns="jabber:client"><error type="cancel"><${cond} xmlns="urn:ietf:params:xml:ns:xmpp-stanzas"/></error></iq>`);
-const batchMsg = (seqs) => xml(`<message xmlns="jabber:client"><event xmlns="http://jabber.org/protocol/pubsub#event"><items node="${NODE}"><item id="x"><batch xmlns="urn:scalepub:1" node="${NODE}"><![CDATA[${
+const batchMsg = (seqs, from = 'pubsub.localhost') => xml(`<message xmlns="jabber:client"${
+  from === null ? '' : ` from="${from}"`}><event xmlns="http://jabber.org/protocol/pubsub#event"><items node="${NODE}"><item id="x"><batch xmlns="urn:scalepub:1" node="${NODE}"><![CDATA[${
   seqs.map((s) => `<entry node="${NODE}" seq="${s}" id="${s}-0" ts="1" model="m.m" pk="${s}" fmt="json">{"n": ${s}}</entry>`).join('')}]]></batch></item></items></event></message>`);
 
 test('anonymous login, presence, subscribe, retry on item-not-found, events, reconnect + tail catch-up', async () => {
@@ -113,4 +114,36 @@ test('username/password login and websocket transport option', () => {
   made.iqs[0].ok(xml('<iq type="result"/>'));
   c.close();
   assert.equal(made.sent.filter((s) => /<unsubscribe [^>]*node="\/a"/.test(Strophe.serialize(s))).length, 1);
+});
+
+test('pubsub events are taken only from the pubsub service (bare JID, any case)', () => {
+  let made;
+  const events = [];
+  const c = new PubSubClient({
+    node: NODE, pubsub: 'PubSub.LocalHost', Strophe, DOMParser,
+    connectionFactory: (s, o) => (made = new FakeConn(s, o)), event_cb: (e) => events.push(e.seq),
+  });
+  made.up();
+  made.iqs[0].ok(xml('<iq type="result"/>'));
+  // Forged: another user, the service's domain with a user part, a look-alike, no sender.
+  for (const from of ['evil@anon.localhost/x', 'x@pubsub.localhost', 'pubsub.localhost.evil',
+    'evil.pubsub.localhost', 'localhost', '', null]) made.deliver(batchMsg([1, 2, 1000], from));
+  assert.deepEqual(events, []);
+  assert.equal(c.ignoredEvents, 7);
+  // The real ones: none taken for a duplicate of the forged seqs, none held back by seq 1000.
+  made.deliver(batchMsg([1, 2]));
+  made.deliver(batchMsg([3], 'PUBSUB.localhost'));
+  made.deliver(batchMsg([4], 'pubsub.localhost/res'));
+  assert.deepEqual(events, [1, 2, 3, 4]);
+  assert.equal(c.ignoredEvents, 7);
+  c.close();
+});
+
+test('bareJid and fromService', async () => {
+  const { bareJid, fromService } = await import('../src/client.js');
+  assert.equal(bareJid('A@B.C/Res/x'), 'a@b.c');
+  assert.equal(bareJid(null), '');
+  assert.ok(fromService(xml('<message from="pubsub.example.com"/>'), 'pubsub.example.com'));
+  assert.ok(!fromService(xml('<message/>'), 'pubsub.example.com'));
+  assert.ok(!fromService(xml('<message from="pubsub.example.com"/>'), ''));
 });

@@ -12,7 +12,7 @@ const NAMES = ['/twitter/Tweet/José Ñ', '/twitter/Tweet/mary jane', '/a/b&c <d
 const xml = (s) => new DOMParser().parseFromString(s, 'text/xml').documentElement;
 // What the shard writes (scalepub/xmpp/batch.py): &, < and " escaped in attributes.
 const attr = (s) => s.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/"/g, '&quot;');
-const batchMsg = (node, seq) => xml(`<message xmlns="jabber:client"><event xmlns="http://jabber.org/protocol/pubsub#event"><items node="${attr(node)}"><item id="${seq}"><batch xmlns="urn:scalepub:1" node="${attr(node)}" first="${seq}" last="${seq}" count="1"><![CDATA[<entry node="${attr(node)}" seq="${seq}" id="${seq}-0" ts="1" model="m.m" pk="1" fmt="json">{"n": ${seq}}</entry>]]></batch></item></items></event></message>`);
+const batchMsg = (node, seq) => xml(`<message xmlns="jabber:client" from="pubsub.localhost"><event xmlns="http://jabber.org/protocol/pubsub#event"><items node="${attr(node)}"><item id="${seq}"><batch xmlns="urn:scalepub:1" node="${attr(node)}" first="${seq}" last="${seq}" count="1"><![CDATA[<entry node="${attr(node)}" seq="${seq}" id="${seq}-0" ts="1" model="m.m" pk="1" fmt="json">{"n": ${seq}}</entry>]]></batch></item></items></event></message>`);
 
 class FakeConn {
   constructor() { this.iqs = []; this.handlers = []; this.jid = ''; }
