@@ -1,0 +1,466 @@
+"""Benchmark: a reconnect storm of anonymous BOSH clients with catch-up, publisher at a steady rate.
+
+    .venv/bin/python loadtest/bench_storm.py [--clients 500] [--rate 200] [--phase-s 20]
+
+Issue 13 part 5: "500 anonymous BOSH clients reconnecting at once with catch-up while the
+publisher runs at a steady rate; publish throughput and latency stay within 20% of the quiet
+figure". On loopback only, one run, everything it starts is stopped at the end:
+
+- a private Redis + ejabberd on free ports (``tests/stack.py``), ``--nodes`` nodes created;
+- ``scalepub run`` (``--shards``), and the example project's history view served by a threaded
+  WSGI server in its own process (``--serve``; DEBUG off, no rate limit configured);
+- in this process: a producer thread appending one entry at a time at ``--rate`` entries/s
+  (round robin over the nodes, ``StreamProducer`` as a save does), and an independent anonymous
+  BOSH subscriber following every node, which times commit (the entry's ``ts``) -> delivery;
+- phases of ``--phase-s`` each: quiet, storm (a ``--storm`` process starts ``--clients``
+  threads behind a barrier; each opens an anonymous BOSH session, subscribes to one node,
+  asks ``/scalepub/history`` for what followed a seq 100 entries back, checks the answer,
+  then keeps long-polling until the end of the run), after (the storm's clients still
+  connected and receiving).
+
+Per phase: entries/s confirmed by ejabberd (appended minus the shard streams' lag + pending,
+``scalepub.backlog``), the subscriber's latency p50/p99, CPU seconds per process group; then
+the ratios storm/quiet and after/quiet, and the storm clients' connect and catch-up times.
+The load generator shares the machine's cores with what it measures: read the CPU table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from loadtest.bosh import BoshClient, BoshError, HTTPTransport, TransportError  # noqa: E402
+from loadtest.entries import entries_of_batch, scan_body  # noqa: E402
+
+PREFIX = "storm"
+MODEL = "twitter.tweet"
+CATCH_UP = 100  # entries each storm client missed while it was away
+PAYLOAD = ('<django-objects version="1.0"><object model="twitter.tweet" pk="{pk}"><field '
+           'name="text" type="TextField">a benchmark tweet of a realistic size, some words, '
+           'a link https://example.com/x/y</field></object></django-objects>')
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--clients", type=int, default=500, help="storm clients")
+    p.add_argument("--rate", type=float, default=200.0, help="entries/s appended")
+    p.add_argument("--phase-s", type=float, default=20.0, help="seconds per phase")
+    p.add_argument("--nodes", type=int, default=20, help="nodes the entries go to")
+    p.add_argument("--shards", type=int, default=2, help="shards of the pool")
+    p.add_argument("--serve", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--storm", default="", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    for name in ("clients", "nodes", "shards"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.rate <= 0 or args.phase_s <= 0:
+        p.error("--rate and --phase-s must be positive")
+    return args
+
+
+# -- the web process: the example project's history view, threaded ---------------------------
+
+
+def serve(port: int) -> None:
+    """Serve the example project on 127.0.0.1:``port`` until killed (one thread a request)."""
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    for path in (REPO / "example", REPO):
+        sys.path.insert(0, str(path))
+    os.environ["DJANGO_SETTINGS_MODULE"] = "exampleproject.settings"
+    from django.core.wsgi import get_wsgi_application
+
+    class Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+        request_queue_size = 1024  # the storm's connections arrive at once
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    make_server("127.0.0.1", port, get_wsgi_application(), Server, Quiet).serve_forever()
+
+
+# -- the storm process: clients reconnect at once, catch up, keep polling --------------------
+
+
+def storm(config_path: str) -> None:
+    """Run the storm described by the JSON file; write per-client results next to it."""
+    config = json.loads(Path(config_path).read_text())
+    threading.stack_size(512 * 1024)
+    barrier = threading.Barrier(len(config["clients"]))
+    stop = threading.Event()
+    results: list[dict[str, Any]] = []
+    threads = [threading.Thread(target=_storm_client, args=(config, c, barrier, stop, results))
+               for c in config["clients"]]
+    for t in threads:
+        t.start()
+    time.sleep(config["stay_s"])
+    stop.set()
+    for t in threads:
+        t.join(config["wait_s"] + 10)
+    Path(config_path + ".out").write_text(json.dumps(results))
+
+
+def _storm_client(config: dict[str, Any], client: dict[str, Any], barrier: threading.Barrier,
+                  stop: threading.Event, results: list[dict[str, Any]]) -> None:
+    out: dict[str, Any] = {"node": client["node"]}
+    barrier.wait()
+    started = time.monotonic()
+    transport = HTTPTransport(config["bosh_url"])
+    try:
+        bosh = BoshClient(transport, config["anon_domain"], wait=config["wait_s"])
+        bosh.connect()
+        bosh.subscribe(config["service"], [client["node"]])
+        out["connect_s"] = time.monotonic() - started
+        out["history"] = _catch_up(config["web_port"], client["node"], client["after"])
+        out["done_s"] = time.monotonic() - started
+        while not stop.is_set():
+            bosh.poll_raw()
+        bosh.close()
+    except (BoshError, TransportError, OSError) as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        transport.close()
+        results.append(out)
+
+
+def _catch_up(port: int, node: str, after: int) -> dict[str, Any]:
+    """One history request; its status, seqs returned and whether they follow ``after``."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("GET", "/scalepub/history?" + urlencode({"node": node, "after": after}))
+        response = conn.getresponse()
+        body = response.read()
+    finally:
+        conn.close()
+    if response.status != 200:
+        return {"status": response.status, "ok": False}
+    seqs = [e["seq"] for e in json.loads(body)["entries"]]
+    ok = bool(seqs) and seqs == list(range(after + 1, after + 1 + len(seqs)))
+    return {"status": 200, "ok": ok, "entries": len(seqs)}
+
+
+# -- this process: producer and subscriber ---------------------------------------------------
+
+
+@dataclass
+class Probe:
+    """What the producer appended and what the independent subscriber received."""
+
+    appended: int = 0
+    per_node: dict[str, int] = field(default_factory=dict)
+    deliveries: list[tuple[float, float]] = field(default_factory=list)  # (monotonic, ms)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+def produce(settings: Any, nodes: list[str], rate: float, probe: Probe) -> None:
+    """One entry per append call at ``rate``/s, round robin over ``nodes`` (catching up late)."""
+    from scalepub.producer import PendingEntry, StreamProducer
+
+    producer = StreamProducer(settings)
+    started, i = time.monotonic(), 0
+    try:
+        while not probe.stop.is_set():
+            delay = started + i / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            node = nodes[i % len(nodes)]
+            entry = PendingEntry(node, time.time_ns(), MODEL, str(i), "xml",
+                                 PAYLOAD.format(pk=i).encode())
+            result = producer.append([entry])
+            if result.failures:
+                raise SystemExit(f"append refused: {result.failures[0].message}")
+            with probe.lock:
+                probe.appended += 1
+                probe.per_node[node] = probe.per_node.get(node, 0) + 1
+            i += 1
+    finally:
+        producer.close()
+
+
+def subscribe(env: dict[str, str], nodes: list[str], probe: Probe,
+              ready: threading.Event) -> None:
+    """An anonymous BOSH subscriber of every node; records each entry's commit -> delivery."""
+    transport = HTTPTransport(env["SCALEPUB_BOSH_URL"])
+    bosh = BoshClient(transport, env["SCALEPUB_ANON_DOMAIN"], wait=5)
+    bosh.connect(resource="probe")
+    bosh.subscribe(env["SCALEPUB_PUBSUB_SERVICE"], nodes)
+    ready.set()
+    try:
+        while not probe.stop.is_set():
+            raw = bosh.poll_raw()
+            now_ns, now = time.time_ns(), time.monotonic()
+            found = scan_body(raw)
+            if found is None:
+                found = [e for s in bosh.parse(raw) for b in s.iter() for e in entries_of_batch(b)]
+            with probe.lock:
+                probe.deliveries.extend((now, (now_ns - int(ts)) / 1e6) for _n, _s, ts in found)
+    finally:
+        with contextlib.suppress(BoshError, TransportError, OSError):
+            bosh.close()
+        transport.close()
+
+
+# -- measuring -------------------------------------------------------------------------------
+
+
+def confirmed(client: Any, shards: int, probe: Probe) -> int:
+    """Entries appended so far minus those the pool has not had acknowledged yet."""
+    from scalepub.backlog import stream_backlog
+    from scalepub.sharding import Keys
+
+    keys = Keys(PREFIX)
+    with probe.lock:
+        appended = probe.appended
+    return appended - sum(sum(stream_backlog(client, keys.stream(s))) for s in range(shards))
+
+
+def cpu_seconds(groups: dict[str, list[int]]) -> dict[str, float]:
+    """CPU seconds (user + system) so far of each group's processes and their children."""
+    import psutil
+
+    out: dict[str, float] = {}
+    for name, pids in groups.items():
+        total = 0.0
+        for pid in pids:
+            with contextlib.suppress(psutil.Error):
+                proc = psutil.Process(pid)
+                for p in [proc, *proc.children(recursive=True)]:
+                    with contextlib.suppress(psutil.Error):
+                        t = p.cpu_times()
+                        total += t.user + t.system
+        out[name] = total
+    return out
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+@dataclass
+class Mark:
+    """The state at a phase boundary."""
+
+    at: float
+    confirmed: int
+    cpu: dict[str, float]
+
+
+def mark(client: Any, shards: int, probe: Probe, groups: dict[str, list[int]]) -> Mark:
+    return Mark(time.monotonic(), confirmed(client, shards, probe), cpu_seconds(groups))
+
+
+def phase(name: str, start: Mark, end: Mark, probe: Probe) -> dict[str, Any]:
+    """Figures of one phase: confirmed entries/s, latency of entries delivered in it, CPU."""
+    with probe.lock:
+        ms = [lat for at, lat in probe.deliveries if start.at <= at < end.at]
+    span = end.at - start.at
+    cpu = {k: (end.cpu[k] - start.cpu[k]) / span for k in end.cpu}
+    return {"phase": name, "seconds": span, "rate": (end.confirmed - start.confirmed) / span,
+            "delivered": len(ms), "p50": pct(ms, 0.5), "p99": pct(ms, 0.99), "cpu": cpu}
+
+
+# -- orchestration ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("ab") as out:
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+                                start_new_session=True)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL of the process group after 20 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def wait_until(check: Any, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{what} not ready after {timeout:g} s")
+        time.sleep(0.2)
+
+
+def wait_web(port: int) -> bool:
+    with contextlib.suppress(OSError):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        conn.request("GET", "/scalepub/history?node=/x&after=0")
+        conn.getresponse().read()
+        conn.close()
+        return True
+    return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.serve:
+        serve(args.serve)
+        return 0
+    if args.storm:
+        storm(args.storm)
+        return 0
+    with contextlib.ExitStack() as cleanup:
+        work = Path(tempfile.mkdtemp(prefix="bench-storm-"))
+        cleanup.callback(shutil.rmtree, work, True)
+        return run(args, work, cleanup)
+
+
+def run(args: argparse.Namespace, work: Path, cleanup: contextlib.ExitStack) -> int:
+    from loadtest.run import _create_nodes, ejabberd_pids, redis_pids
+    from tests.stack import new_stack
+
+    stack = new_stack()
+    cleanup.callback(shutil.rmtree, stack.state_dir, True)
+    cleanup.callback(stack.down)
+    log("starting a private Redis + ejabberd")
+    stack.up()
+    env = {**os.environ, **stack.env, "SCALEPUB_SHARDS": str(args.shards),
+           "SCALEPUB_KEY_PREFIX": PREFIX, "SCALEPUB_METRICS_PORT": "0", "DJANGO_DEBUG": "0",
+           "SCALEPUB_OUTBOX_RELAY": "external", "EXAMPLE_DB": str(work / "example.sqlite3"),
+           "PYTHONPATH": str(REPO)}
+    nodes = [f"/bench/Tweet/storm{i}" for i in range(args.nodes)]
+    _create_nodes(stack.env, nodes)
+    web_port = free_port()
+    me = [sys.executable, str(Path(__file__).resolve())]
+    pool = start([str(Path(sys.executable).parent / "scalepub"), "run", "--shards",
+                  str(args.shards), "--metrics-port", "0"], env, work / "pool.log")
+    cleanup.callback(stop, pool)
+    web = start([*me, "--serve", str(web_port)], env, work / "web.log")
+    cleanup.callback(stop, web)
+    wait_until(lambda: wait_web(web_port), "the web process")
+    groups = {"ejabberd": ejabberd_pids(stack), "redis": redis_pids(stack), "pool": [pool.pid],
+              "web": [web.pid], "bench (producer+probe)": [os.getpid()]}
+    return measure(args, env, nodes, groups, me, web_port, work, cleanup)
+
+
+def measure(args: argparse.Namespace, env: dict[str, str], nodes: list[str],
+            groups: dict[str, list[int]], me: list[str], web_port: int, work: Path,
+            cleanup: contextlib.ExitStack) -> int:
+    from scalepub.connections import sync_client
+    from scalepub.settings import Settings
+
+    settings = Settings.from_env(env)
+    client = sync_client(settings)
+    probe = Probe()
+    ready = threading.Event()
+    threads = [threading.Thread(target=subscribe, args=(env, nodes, probe, ready), daemon=True),
+               threading.Thread(target=produce, args=(settings, nodes, args.rate, probe),
+                                daemon=True)]
+    threads[0].start()
+    ready.wait(30)
+    threads[1].start()
+    cleanup.callback(probe.stop.set)
+    log(f"warming up {args.phase_s / 2:g} s at {args.rate:g} entries/s over {len(nodes)} nodes")
+    time.sleep(args.phase_s / 2)
+    marks = [mark(client, args.shards, probe, groups)]
+    time.sleep(args.phase_s)
+    marks.append(mark(client, args.shards, probe, groups))
+    config = storm_config(args, env, nodes, probe, web_port, work)
+    stormer = start([*me, "--storm", str(config)], env, work / "storm.log")
+    cleanup.callback(stop, stormer)
+    groups["storm clients"] = [stormer.pid]
+    marks[-1].cpu["storm clients"] = 0.0
+    log(f"storm: {args.clients} anonymous BOSH clients reconnect at once, each catching up")
+    time.sleep(args.phase_s)
+    marks.append(mark(client, args.shards, probe, groups))
+    time.sleep(args.phase_s)
+    marks.append(mark(client, args.shards, probe, groups))
+    marks[0].cpu["storm clients"] = 0.0
+    stormer.wait(args.phase_s * 3 + 60)
+    probe.stop.set()
+    phases = [phase(n, a, b, probe) for n, a, b in
+              zip(("quiet", "storm", "after"), marks, marks[1:], strict=False)]
+    return report(args, phases, json.loads(Path(str(config) + ".out").read_text()))
+
+
+def storm_config(args: argparse.Namespace, env: dict[str, str], nodes: list[str], probe: Probe,
+                 web_port: int, work: Path) -> Path:
+    """The storm's clients: node i % nodes, each catching up from CATCH_UP entries back."""
+    with probe.lock:
+        seqs = dict(probe.per_node)
+    clients = [{"node": n, "after": max(0, seqs.get(n, 0) - CATCH_UP)}
+               for n in (nodes[i % len(nodes)] for i in range(args.clients))]
+    path = work / "storm.json"
+    path.write_text(json.dumps({
+        "bosh_url": env["SCALEPUB_BOSH_URL"], "anon_domain": env["SCALEPUB_ANON_DOMAIN"],
+        "service": env["SCALEPUB_PUBSUB_SERVICE"], "web_port": web_port, "wait_s": 5,
+        "stay_s": args.phase_s * 2, "clients": clients}))
+    return path
+
+
+def report(args: argparse.Namespace, phases: list[dict[str, Any]],
+           clients: list[dict[str, Any]]) -> int:
+    log(f"\n{args.rate:g} entries/s offered, {args.nodes} nodes, {args.shards} shards, "
+        f"{args.clients} storm clients, phases of {args.phase_s:g} s, {os.cpu_count()} CPUs")
+    names = list(phases[-1]["cpu"])
+    log("| phase | confirmed entries/s | delivered | p50 ms | p99 ms | "
+        + " | ".join(f"CPU {n}" for n in names) + " |")
+    log("|---|---:|---:|---:|---:|" + "---:|" * len(names))
+    for p in phases:
+        log(f"| {p['phase']} | {p['rate']:.1f} | {p['delivered']} | {p['p50']:.1f} | "
+            f"{p['p99']:.1f} | " + " | ".join(f"{p['cpu'].get(n, 0.0):.0%}" for n in names)
+            + " |")
+    quiet = phases[0]
+    for p in phases[1:]:
+        log(f"{p['phase']}/quiet: throughput {p['rate'] / quiet['rate']:.2f}, "
+            f"p50 {p['p50'] / quiet['p50']:.2f}, p99 {p['p99'] / quiet['p99']:.2f}")
+    return report_clients(clients, args.clients)
+
+
+def report_clients(clients: list[dict[str, Any]], wanted: int) -> int:
+    errors = [c["error"] for c in clients if "error" in c]
+    caught = [c for c in clients if c.get("history", {}).get("ok")]
+    statuses = sorted({c["history"]["status"] for c in clients if "history" in c})
+    connect = [c["connect_s"] * 1000 for c in clients if "connect_s" in c]
+    done = [c["done_s"] * 1000 for c in clients if "done_s" in c]
+    log(f"storm clients: {len(clients)}/{wanted} reported, {len(caught)} caught up with the "
+        f"right entries (HTTP statuses {statuses}), {len(errors)} errors"
+        + (f" (e.g. {errors[0]})" if errors else ""))
+    log(f"  session + subscribe: p50 {pct(connect, 0.5):.0f} ms, p99 {pct(connect, 0.99):.0f} ms;"
+        f" caught up (from the barrier): p50 {pct(done, 0.5):.0f} ms, p99 "
+        f"{pct(done, 0.99):.0f} ms, last {max(done, default=float('nan')):.0f} ms")
+    return 0 if len(caught) == wanted else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
