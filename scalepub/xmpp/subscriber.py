@@ -2,7 +2,9 @@
 
 Used by ``scalepub tail`` (the demo's live feed and a debugging tool). It does what a browser
 client does: log in (anonymously by default), subscribe with its full JID, unpack each
-``<batch xmlns="urn:scalepub:1">`` into entries.
+``<batch xmlns="urn:scalepub:1">`` into entries. Like the browser client, it takes pubsub
+events only from the pubsub service: anyone who can log in may send a ``<message>`` with an
+event to a subscriber's full JID (docs/security.md, threat model).
 """
 
 from __future__ import annotations
@@ -60,6 +62,15 @@ class ReceivedEntry:
         return " ".join(f"{f.get('name')}={(f.text or '').strip()!r}" for f in fields)
 
 
+def from_service(sender: str, service: str) -> bool:
+    """Whether ``sender`` is the pubsub service ``service`` (bare JIDs, compared case-folded).
+
+    The server stamps ``from`` on what its users send, so no one else can send from it.
+    """
+    bare = sender.partition("/")[0]
+    return bool(bare) and bare.casefold() == service.partition("/")[0].casefold()
+
+
 def unpack(batch: ET.Element, received_ns: int) -> list[ReceivedEntry]:
     """The entries of a batch element (its text, a CDATA section, is an XML fragment)."""
     fragment = ET.fromstring(f"<entries>{batch.text or ''}</entries>")
@@ -96,6 +107,7 @@ class Subscriber:
         self._started: asyncio.Future[None] | None = None
         self._failed: asyncio.Future[None] | None = None
         self._closing = False
+        self.ignored = 0  # pubsub event messages not from the pubsub service, dropped
         self.client = _client(settings, jid, password, self._fail)
         self.client.add_event_handler("pubsub_publish", self._on_publish)
         for event, handler in (
@@ -232,6 +244,11 @@ class Subscriber:
 
     def _on_publish(self, msg: Any) -> None:
         now = time.time_ns()
+        sender = str(msg["from"])
+        if not from_service(sender, self.settings.pubsub_service):
+            self.ignored += 1  # a forgery: never shown; its content is the sender's, not logged
+            log.debug("ignored a pubsub event from %s", sender)
+            return
         payload = msg["pubsub_event"]["items"]["item"]["payload"]
         if payload is None or payload.tag != f"{{{NS_BATCH}}}batch":
             return
