@@ -315,9 +315,13 @@ class BoshClient:
         return body
 
 
-def pubsub_items(stanza: ET.Element) -> Iterator[tuple[str, ET.Element]]:
-    """``(node, item)`` for each item of a pubsub event message; nothing for other stanzas."""
+def pubsub_items(stanza: ET.Element, service: str) -> Iterator[tuple[str, ET.Element]]:
+    """``(node, item)`` for each item of a pubsub event message from ``service`` (bare JIDs,
+    case-insensitive); nothing for other stanzas. Anyone may send a subscriber a forged one."""
     if stanza.tag != MESSAGE:
+        return
+    sender = stanza.get("from", "").partition("/")[0].casefold()
+    if not sender or sender != service.partition("/")[0].casefold():
         return
     for items in stanza.iterfind(EVENT_ITEMS):
         node = items.get("node", "")

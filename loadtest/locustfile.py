@@ -139,7 +139,7 @@ class BoshSubscriber(FastHttpUser):
     def _received_stanzas(self, stanzas: list[Any], now: int | None = None) -> None:
         now = now or time.time_ns()
         for stanza in stanzas:
-            for _node, item in pubsub_items(stanza):
+            for _node, item in pubsub_items(stanza, CONFIG["pubsub_service"]):
                 for payload in item:
                     self._report(entries_of_batch(payload), now)
 

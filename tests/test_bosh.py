@@ -264,7 +264,7 @@ def entry(node: str, seq: int, ts: int, text: str = "x") -> str:
 def body_with(fragment: str, cdata: bool) -> bytes:
     text = f"<![CDATA[{fragment}]]>" if cdata else fragment.replace("&", "&amp;").replace(
         "<", "&lt;").replace(">", "&gt;")
-    return (f"<body {B}><message xmlns='jabber:client'><event "
+    return (f"<body {B}><message xmlns='jabber:client' from='pubsub.x'><event "
             "xmlns='http://jabber.org/protocol/pubsub#event'><items node='/n'><item id='1-2'>"
             f"<batch xmlns='urn:scalepub:1'>{text}</batch></item></items></event></message>"
             "</body>").encode()
@@ -281,7 +281,8 @@ def test_scan_gives_up_when_a_row_holds_entry_markup_and_the_tree_path_is_exact(
     raw = body_with(fragment, cdata=True)
     assert scan_body(raw) is None
     stanza = BoshClient(Scripted(), "x").parse(raw)[0]
-    [(node, item)] = list(pubsub_items(stanza))
+    [(node, item)] = list(pubsub_items(stanza, "pubsub.x"))
+    assert list(pubsub_items(stanza, "pubsub.y")) == []  # not from the service: a forgery
     assert node == "/n" and entries_of_batch(item[0]) == [(b"/n", b"1", b"10")]
 
 
@@ -348,7 +349,7 @@ def test_against_ejabberd_subscribe_receive_terminate_and_reconnect(stack) -> No
         while len(found) < count and time.monotonic() < deadline:
             if sub.inbox:
                 for stanza in sub.poll():
-                    for _node, item in pubsub_items(stanza):
+                    for _node, item in pubsub_items(stanza, service):
                         found += entries_of_batch(item[0])
             else:
                 found += scan_body(sub.poll_raw()) or []

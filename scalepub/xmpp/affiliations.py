@@ -33,16 +33,18 @@ async def set_affiliations(settings: Settings, node: str, affiliations: Mapping[
     bad = sorted(set(affiliations.values()) - set(AFFILIATIONS))
     if bad:
         raise ValueError(f"affiliation must be one of {', '.join(AFFILIATIONS)} (got {bad})")
-    iq_id = "scalepub-affiliations"
+    waiting: set[str] = set()  # the IQ's id once sent: a fixed id could be answered by anyone
     answer: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
 
     def on_reply(reply: Reply) -> None:
         if not answer.done():
             answer.set_result(reply)
 
-    link = XmppLink(settings, "access", lambda i: i == iq_id, on_reply, lambda: None)
+    link = XmppLink(settings, "access", waiting.__contains__, on_reply, lambda: None)
     await link.connect(timeout)
     try:
+        iq_id = link.new_id()  # after connect(): each connection draws a new random prefix
+        waiting.add(iq_id)
         link.send(affiliations_iq(iq_id, settings.pubsub_service, node, affiliations))
         return await asyncio.wait_for(answer, timeout)
     finally:
