@@ -263,10 +263,21 @@ def cpu_seconds(groups: dict[str, list[int]]) -> dict[str, float]:
                         t = p.cpu_times()
                         total += t.user + t.system
         out[name] = total
-    busy = psutil.cpu_times()
-    # Every process of the machine (other test suites too), to show what else took the cores.
-    out["machine"] = sum(busy) - busy.idle - getattr(busy, "iowait", 0.0)
+    t = psutil.cpu_times()
+    # Every process of the machine (other test suites too), to show what else took the cores;
+    # guest time is already in user, steal is the hypervisor's.
+    out["machine"] = t.user + t.nice + t.system + t.irq + t.softirq
     return out
+
+
+def listen_overflows() -> dict[str, int]:
+    """The kernel's counters of connections a full accept queue refused (all listeners)."""
+    lines = Path("/proc/net/netstat").read_text().splitlines()
+    for head, values in zip(lines[::2], lines[1::2], strict=False):
+        if head.startswith("TcpExt:"):
+            table = dict(zip(head.split()[1:], values.split()[1:], strict=True))
+            return {k: int(table.get(k, 0)) for k in ("ListenOverflows", "ListenDrops")}
+    return {}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -408,6 +419,7 @@ def measure(args: argparse.Namespace, env: dict[str, str], nodes: list[str],
     time.sleep(args.phase_s)
     marks.append(mark(client, args.shards, probe, groups))
     config = storm_config(args, env, nodes, probe, web_port, work)
+    overflows = listen_overflows()
     stormer = start([*me, "--storm", str(config)], env, work / "storm.log")
     cleanup.callback(stop, stormer)
     groups["storm clients"] = [stormer.pid]
@@ -417,6 +429,9 @@ def measure(args: argparse.Namespace, env: dict[str, str], nodes: list[str],
     time.sleep(args.phase_s)
     marks.append(mark(client, args.shards, probe, groups))
     stormer.wait(args.phase_s * 3 + 60)
+    after = listen_overflows()
+    log("kernel accept-queue overflows during the storm (whole machine): "
+        + ", ".join(f"{k} {after[k] - overflows.get(k, 0)}" for k in after))
     probe.stop.set()
     phases = [phase(n, a, b, probe) for n, a, b in
               zip(("quiet", "storm", "after"), marks, marks[1:], strict=False)]
