@@ -22,6 +22,7 @@ Per phase: entries/s confirmed by ejabberd (appended minus the shard streams' la
 ``scalepub.backlog``), the subscriber's latency p50/p99, CPU seconds per process group; then
 the ratios storm/quiet and after/quiet, and the storm clients' connect and catch-up times.
 The load generator shares the machine's cores with what it measures: read the CPU table.
+Exits 1 if a storm client failed or did not get the right entries; 0 otherwise, goal met or not.
 """
 
 from __future__ import annotations
