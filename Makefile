@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench loadtest venv packages client stack-up stack-down clean
+.PHONY: demo test lint bench bench-storm loadtest venv packages client stack-up stack-down clean
 
 ## demo: local Redis + ejabberd, the example project, `scalepub run --shards 8`, a tweet
 ##       producer and a live terminal feed (Ctrl-C stops everything it started)
@@ -27,6 +27,11 @@ bench: venv stack-up
 	eval "$$(ops/stack env)" && $(BIN)/python loadtest/bench_publish.py
 	eval "$$(ops/stack env)" && $(BIN)/python loadtest/bench_history.py
 	$(BIN)/python loadtest/bench_decode.py
+
+## bench-storm: 500 anonymous BOSH clients reconnect at once with catch-up while publishing
+##              (its own Redis + ejabberd on free ports, ~85 s; loads the whole box)
+bench-storm: venv packages
+	$(BIN)/python loadtest/bench_storm.py
 
 ## loadtest: one load-test scenario, headless, on its own Redis + ejabberd (free ports);
 ##           SCENARIO=smoke|steady|fanout|ramp (loadtest/scenarios/), report in loadtest/reports/
