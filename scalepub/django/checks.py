@@ -50,35 +50,32 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
 
 def check_history_access(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
     """E002: ``HISTORY_ACCESS`` imports and is callable (not only at the first request)."""
-    settings = _settings()
-    if settings is None or not settings.history_access:
-        return []
-    from scalepub.django.views import history_access
-
-    try:
-        history_access(settings.history_access)
-    except ImproperlyConfigured as exc:
-        return [Error(str(exc), id="scalepub.E002", hint=(
-            "Give the dotted path of a callable (request, node) -> bool, e.g. "
-            "'myapp.access.can_read_history', or remove HISTORY_ACCESS to leave the history "
-            "open."))]
-    return []
+    return _hook_check("history_access", "scalepub.E002", (
+        "Give the dotted path of a callable (request, node) -> bool, e.g. "
+        "'myapp.access.can_read_history', or remove HISTORY_ACCESS to leave the history "
+        "open."))
 
 
 def check_history_rate_limit(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
     """E003: ``HISTORY_RATE_LIMIT`` imports and is callable (not only at the first request)."""
+    return _hook_check("history_rate_limit", "scalepub.E003", (
+        "Give the dotted path of a callable (request, node) -> bool that returns False or "
+        "raises scalepub.django.views.HistoryRateLimited to refuse, e.g. "
+        "'myproject.limits.history', or remove HISTORY_RATE_LIMIT for no limit."))
+
+
+def _hook_check(name: str, check_id: str, hint: str) -> list[CheckMessage]:
+    """The setting ``name`` (a dotted path of a history view hook) loads as a callable."""
     settings = _settings()
-    if settings is None or not settings.history_rate_limit:
+    path = getattr(settings, name, "") if settings is not None else ""
+    if not path:
         return []
-    from scalepub.django.views import rate_limit
+    from scalepub.django.views import load_hook
 
     try:
-        rate_limit(settings.history_rate_limit)
+        load_hook(name.upper(), path)
     except ImproperlyConfigured as exc:
-        return [Error(str(exc), id="scalepub.E003", hint=(
-            "Give the dotted path of a callable (request, node) -> bool that returns False or "
-            "raises scalepub.django.views.HistoryRateLimited to refuse, e.g. "
-            "'myproject.limits.history', or remove HISTORY_RATE_LIMIT for no limit."))]
+        return [Error(str(exc), id=check_id, hint=hint)]
     return []
 
 

@@ -175,17 +175,19 @@ def _open(_request: HttpRequest, _node: str) -> bool:
 @functools.cache
 def history_access(path: str) -> AccessCheck:
     """The ``HISTORY_ACCESS`` callable: ``(request, node) -> bool``; open when empty."""
-    return _callable("HISTORY_ACCESS", path)
+    return load_hook("HISTORY_ACCESS", path)
 
 
 @functools.cache
 def rate_limit(path: str) -> AccessCheck:
     """The ``HISTORY_RATE_LIMIT`` callable: ``(request, node) -> bool`` (False or
     HistoryRateLimited: 429); no limit when empty."""
-    return _callable("HISTORY_RATE_LIMIT", path)
+    return load_hook("HISTORY_RATE_LIMIT", path)
 
 
-def _callable(setting: str, path: str) -> AccessCheck:
+def load_hook(setting: str, path: str) -> AccessCheck:
+    """The callable at dotted ``path`` (open when empty); ImproperlyConfigured naming
+    ``setting`` when it does not import or is not callable."""
     if not path:
         return _open
     try:
