@@ -26,7 +26,6 @@ not.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -65,17 +64,11 @@ def parse_args() -> argparse.Namespace:
 
 def setup_django(db_path: Path, prefix: str) -> None:
     """The example project on ``prefix``, DEBUG off (the view needs no database)."""
-    for path in (REPO / "example", REPO):
-        sys.path.insert(0, str(path))
-    os.environ["DJANGO_SETTINGS_MODULE"] = "exampleproject.settings"
-    os.environ["EXAMPLE_DB"] = str(db_path)
-    os.environ["DJANGO_DEBUG"] = "0"
-    os.environ["SCALEPUB_KEY_PREFIX"] = prefix
-    os.environ["SCALEPUB_SHARDS"] = str(SHARDS)
-    os.environ["SCALEPUB_OUTBOX_RELAY"] = "external"  # no relay thread in this process
-    import django
+    sys.path.insert(0, str(REPO))
+    from loadtest.example_project import use_example_project
 
-    django.setup()
+    use_example_project(db_path, SCALEPUB_KEY_PREFIX=prefix, SCALEPUB_SHARDS=str(SHARDS),
+                        SCALEPUB_OUTBOX_RELAY="external")  # no relay thread in this process
 
 
 # -- the data --------------------------------------------------------------------------------

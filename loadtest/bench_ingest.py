@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import statistics
 import sys
 import tempfile
@@ -75,16 +74,12 @@ def log(msg: str) -> None:
 
 def setup_django(db_path: Path, prefix: str) -> None:
     """Point the example project at ``db_path`` and ``prefix``, set it up and migrate."""
-    for path in (REPO / "example", REPO):
-        sys.path.insert(0, str(path))
-    os.environ["DJANGO_SETTINGS_MODULE"] = "exampleproject.settings"
-    os.environ["EXAMPLE_DB"] = str(db_path)
-    os.environ["DJANGO_DEBUG"] = "0"
-    os.environ["SCALEPUB_KEY_PREFIX"] = prefix
-    import django
+    sys.path.insert(0, str(REPO))
     from django.core.management import call_command
 
-    django.setup()
+    from loadtest.example_project import use_example_project
+
+    use_example_project(db_path, SCALEPUB_KEY_PREFIX=prefix)
     call_command("migrate", verbosity=0)
 
 

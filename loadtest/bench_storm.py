@@ -92,10 +92,11 @@ def serve(port: int) -> None:
     from socketserver import ThreadingMixIn
     from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-    for path in (REPO / "example", REPO):
-        sys.path.insert(0, str(path))
-    os.environ["DJANGO_SETTINGS_MODULE"] = "exampleproject.settings"
     from django.core.wsgi import get_wsgi_application
+
+    from loadtest.example_project import use_example_project
+
+    use_example_project()  # its database and SCALEPUB_* come from the parent's environment
 
     class Server(ThreadingMixIn, WSGIServer):
         daemon_threads = True
