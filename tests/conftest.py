@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import hypothesis  # noqa: F401  (imported before any test thread: CPython 3.11.7's gh-106905)
 import pytest
@@ -48,6 +49,23 @@ def scalepub_django(settings_for: Settings) -> Iterator[Settings]:
 def outbox_django(settings_for: Settings) -> Iterator[Settings]:
     """The Django side pointed at the session's stack, ``outbox`` delivery (the default)."""
     yield from django_side(settings_for.replace(delivery="outbox"))
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Headless Chromium (tests/test_browser.py's Browser), shared by the browser tests."""
+    from tests.test_browser import BUNDLE, CHROMIUM, REPO, Browser
+
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: run `ops/stack install` (as root)")
+    if not BUNDLE.exists():
+        pytest.fail(f"{BUNDLE.relative_to(REPO)} is missing: "
+                    "cd client/js && npm ci && npm run build")
+    b = Browser()
+    try:
+        yield b
+    finally:
+        b.close()
 
 
 def django_side(settings: Settings) -> Iterator[Settings]:

@@ -161,18 +161,6 @@ class DemoPage:
         self.browser.call(self.page.context.close)
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: run `ops/stack install` (as root)")
-    if not BUNDLE.exists():
-        pytest.fail(f"{BUNDLE.relative_to(REPO)} is missing: "
-                    "cd client/js && npm ci && npm run build")
-    b = Browser()
-    try:
-        yield b
-    finally:
-        b.close()
 
 
 def unique_prefix() -> str:

@@ -11,7 +11,6 @@ must show exactly the real tweets, per node in seq order, none lost, and count e
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,31 +18,13 @@ import pytest
 
 from scalepub.settings import Settings
 from tests.stack import Stack
-from tests.test_browser import (
-    BUNDLE,
-    CHROMIUM,
-    Browser,
-    Demo,
-    DemoPage,
-    assert_exactly_once_in_order,
-)
+from tests.test_browser import Browser, Demo, DemoPage, assert_exactly_once_in_order
 from tests.test_forged_events import forged_event, forger
 
 pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True),
               pytest.mark.timeout(240)]
 
 ROUNDS = 10  # each: forgeries for both nodes, then one real tweet per node
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not CHROMIUM.exists() or not BUNDLE.exists():
-        pytest.fail(f"needs {CHROMIUM} (ops/stack install) and {BUNDLE} (make client)")
-    b = Browser()
-    try:
-        yield b
-    finally:
-        b.close()
 
 
 def ignored(page: DemoPage) -> int:

@@ -14,7 +14,7 @@ import pytest
 
 from scalepub.settings import Settings
 from tests.stack import Stack
-from tests.test_browser import Demo, browser, demo  # noqa: F401  (fixtures)
+from tests.test_browser import Demo, demo  # noqa: F401  (fixture)
 from tests.test_history import bury
 
 pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True),

@@ -10,7 +10,6 @@ the script: the errors were text/html echoing the parameters (issue 13 part 2).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
@@ -19,7 +18,7 @@ import pytest
 
 from scalepub.producer import PendingEntry, StreamProducer
 from scalepub.settings import Settings
-from tests.test_browser import CHROMIUM, Browser
+from tests.test_browser import Browser
 
 pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True),
               pytest.mark.timeout(240)]
@@ -80,17 +79,6 @@ def visit(browser: Browser, url: str) -> Visit:
             context.close()
 
     return browser.call(run)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: run `ops/stack install` (as root)")
-    b = Browser()
-    try:
-        yield b
-    finally:
-        b.close()
 
 
 def test_the_browser_reports_a_script_that_runs(browser: Browser) -> None:

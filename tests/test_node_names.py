@@ -14,7 +14,6 @@ import time
 import urllib.request
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -24,7 +23,7 @@ import pytest
 from scalepub.settings import Settings
 from tests.e2e import Collector, PoolProcess, create_nodes
 from tests.stack import Stack
-from tests.test_browser import BUNDLE, CHROMIUM, Browser
+from tests.test_browser import Browser
 
 pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True),
               pytest.mark.timeout(240)]
@@ -46,17 +45,6 @@ PAGE = """<!doctype html><meta charset="utf-8"><title>node names</title>
     },
   }));
 </script>"""
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not CHROMIUM.exists() or not BUNDLE.exists():
-        pytest.fail(f"needs {CHROMIUM} (ops/stack install) and {BUNDLE} (make client)")
-    b = Browser()
-    try:
-        yield b
-    finally:
-        b.close()
 
 
 class Page:
