@@ -7,9 +7,6 @@ not publish to a node reports the server's refusal; a healthy one reports nothin
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -21,7 +18,7 @@ from scalepub.producer import PendingEntry, StreamProducer
 from scalepub.settings import Settings
 from scalepub.shard.heartbeat import Health
 from scalepub.sharding import CONSUMER_GROUP, Keys
-from tests.e2e import PoolProcess, create_nodes, wait_until
+from tests.e2e import CuttableRelay, PoolProcess, create_nodes, wait_until
 from tests.stack import Stack
 from tests.test_security import register
 
@@ -42,62 +39,6 @@ def test_problem_names_each_cause_until_it_passes() -> None:
     assert health.problem == "refused: wait/resource-constraint"
     health.passed("/b")
     assert health.problem == ""
-
-
-class CuttableRelay:
-    """A TCP relay to ejabberd's c2s port that the test can cut and restore."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = 0
-        self._server: socket.socket | None = None
-        self._conns: list[socket.socket] = []
-        self._lock = threading.Lock()
-
-    def open(self) -> None:
-        """Listen (again, on the same port) and relay every connection."""
-        self._server = socket.create_server(("127.0.0.1", self.port))
-        self.port = self._server.getsockname()[1]
-        self._server.settimeout(0.1)
-        threading.Thread(target=self._accept, args=(self._server,), daemon=True).start()
-
-    def cut(self) -> None:
-        """Close every relayed connection and refuse new ones."""
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        with self._lock:
-            conns, self._conns = self._conns, []
-        for conn in conns:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-            conn.close()
-
-    def _accept(self, server: socket.socket) -> None:
-        while server.fileno() != -1:
-            try:
-                client, _ = server.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            with self._lock:
-                self._conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
 
 
 def problem(client: redis.Redis, settings: Settings) -> bytes | None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 from scalepub import exitcodes
 from scalepub.producer import PendingEntry, StreamProducer
 from scalepub.settings import Settings
-from tests.e2e import PoolProcess, settings_env
+from tests.e2e import CuttableRelay, PoolProcess, settings_env
 from tests.stack import Stack, free_port
 from tests.test_cli import SCALEPUB
 
@@ -128,45 +127,10 @@ def entry(node: str, i: int) -> PendingEntry:
     return PendingEntry(node, time.time_ns(), "t.row", str(i), "json", b'[{"pk": 1}]')
 
 
-class Proxy:
-    """A TCP forwarder to ``port`` whose connections ``cut()`` closes, as a network fault."""
-
-    def __init__(self, port: int) -> None:
-        self.upstream = port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(("127.0.0.1", self.upstream))
-            self.sockets += [client, server]
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(a: socket.socket, b: socket.socket) -> None:
-        try:
-            while data := a.recv(65536):
-                b.sendall(data)
-        except OSError:
-            pass
-
-    def cut(self) -> None:
-        self.listener.close()
-        for s in self.sockets:
-            s.shutdown(socket.SHUT_RDWR)
-            s.close()
-
-
 @pytest.mark.stack
 def test_a_lost_session_exits_3_saying_so(settings_for: Settings, stack: Stack) -> None:
-    proxy = Proxy(int(stack.env["SCALEPUB_XMPP_PORT"]))
+    proxy = CuttableRelay(int(stack.env["SCALEPUB_XMPP_PORT"]))
+    proxy.open()
     settings = settings_for.replace(xmpp_port=proxy.port)
     proc = subprocess.Popen([SCALEPUB, "tail", "/tail/never"],
                             env={**os.environ, **settings_env(settings)},
