@@ -1,11 +1,14 @@
-"""Settings of the example project: SQLite, scalepub configured from the environment.
+"""Settings of the example project: scalepub and the database configured from the environment.
 
-``eval "$(ops/stack env)"`` gives it the local stack; ``EXAMPLE_DB`` moves the database file.
+``eval "$(ops/stack env)"`` gives it the local stack, PostgreSQL included (``DATABASE_URL``);
+without ``DATABASE_URL`` it uses SQLite, whose file ``EXAMPLE_DB`` moves.
 """
 
 import os
 import tempfile
 from pathlib import Path
+
+import dj_database_url
 
 from scalepub.settings import env_mapping
 
@@ -49,21 +52,33 @@ TEMPLATES = [
 ]
 WSGI_APPLICATION = "exampleproject.wsgi.application"
 
+SQLITE = {
+    "ENGINE": "django.db.backends.sqlite3",
+    "NAME": os.environ.get("EXAMPLE_DB", str(BASE_DIR / "db.sqlite3")),
+    "OPTIONS": {
+        # WAL lets the outbox relay read while requests write; IMMEDIATE takes the write
+        # lock at BEGIN, so concurrent writers wait (timeout) instead of failing to upgrade.
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL",
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 20,
+    },
+    # A file, not shared-cache memory: there a reader's table lock fails a writer at once
+    # (no busy wait), and the relay thread reads while tests write. One file per process.
+    "TEST": {"NAME": str(Path(tempfile.gettempdir()) / f"scalepub-test-{os.getpid()}.db")},
+}
+
+
+def postgres(url: str) -> dict[str, object]:
+    """DATABASES entry of a ``postgres://user:password@host:port/name`` URL (psycopg 3)."""
+    db = dict(dj_database_url.parse(url, conn_max_age=60, conn_health_checks=True))
+    # One test database per process, like SQLite's file: parallel test runs do not collide.
+    db["TEST"] = {"NAME": f"test_{db['NAME']}_{os.getpid()}"}
+    return db
+
+
 DATABASES = {
-    "default": {
-        "ENGINE": "django.db.backends.sqlite3",
-        "NAME": os.environ.get("EXAMPLE_DB", str(BASE_DIR / "db.sqlite3")),
-        "OPTIONS": {
-            # WAL lets the outbox relay read while requests write; IMMEDIATE takes the write
-            # lock at BEGIN, so concurrent writers wait (timeout) instead of failing to upgrade.
-            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL",
-            "transaction_mode": "IMMEDIATE",
-            "timeout": 20,
-        },
-        # A file, not shared-cache memory: there a reader's table lock fails a writer at once
-        # (no busy wait), and the relay thread reads while tests write. One file per process.
-        "TEST": {"NAME": str(Path(tempfile.gettempdir()) / f"scalepub-test-{os.getpid()}.db")},
-    }
+    "default": postgres(os.environ["DATABASE_URL"]) if os.environ.get("DATABASE_URL")
+    else SQLITE,
 }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 USE_TZ = True
