@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import logging
 import re
+from collections.abc import Iterable
 from typing import Any
 
 from django.core import serializers
@@ -28,6 +29,7 @@ from django.db.models import Model
 from django.utils.xmlutils import SimplerXMLGenerator
 
 from scalepub import metrics
+from scalepub.django.rowformat import row_format
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +91,33 @@ def wire_size(data: bytes, fmt: str) -> int:
 
 def _render(instance: Model, fmt: str) -> tuple[bytes, int]:
     """The payload bytes and how many characters were replaced by U+FFFD."""
+    return _clean(instance, fmt, _text(instance, fmt))
+
+
+def _text(instance: Model, fmt: str) -> str:
+    """Django's serialization of the row: the model's prepared serializer, or Django's own."""
+    prepared = row_format(type(instance))
+    if prepared is None:
+        return django_text(instance, fmt)
+    return prepared.xml(instance) if fmt == "xml" else prepared.json(instance)
+
+
+def django_text(instance: Model, fmt: str) -> str:
+    """What Django's serializers write for the row (XML: no declaration, and characters XML
+    cannot carry written as they are, for ``_clean``)."""
     if fmt == "xml":
         serializer = _XmlSerializer()
         serializer.serialize([instance])
-        text, replaced = NOT_XML_CHARS.subn(REPLACEMENT, serializer.getvalue())
+        return str(serializer.getvalue())
+    return str(serializers.serialize(fmt, [instance]))
+
+
+def _clean(instance: Model, fmt: str, text: str) -> tuple[bytes, int]:
+    """The payload bytes of Django's ``text``, safe for a batch (the module docstring)."""
+    if fmt == "xml":
+        text, replaced = NOT_XML_CHARS.subn(REPLACEMENT, text)
         # Attribute values come quoted with &#13; already; a raw CR can only be field text.
         return text.replace("\r", "&#13;").encode("utf-8"), replaced
-    text = serializers.serialize(fmt, [instance])
     return _NOT_XML_IN_JSON.sub(_json_escape, text).encode("utf-8"), 0
 
 
@@ -104,7 +126,7 @@ def _json_escape(match: re.Match[str]) -> str:
 
 
 class _PermissiveXMLGenerator(SimplerXMLGenerator):
-    """Writes every character; ``_render`` replaces what XML cannot carry afterwards."""
+    """Writes every character; ``_clean`` replaces what XML cannot carry afterwards."""
 
     def characters(self, content: Any) -> None:
         # Django's generator raises on control characters; the whole output is cleaned
@@ -151,13 +173,15 @@ def _cut_to_fit(instance: Model, fmt: str, limit: int,
 
 def _text_fields(instance: Model) -> list[tuple[str, str]]:
     """Plain text columns that may be cut: not the pk, not a relation, not JSON."""
-    out = []
-    for f in instance._meta.concrete_fields:
-        value = getattr(instance, f.attname)
-        if (isinstance(value, str) and f.serialize and not f.is_relation
-                and not f.primary_key and f.get_internal_type() != "JSONField"):
-            out.append((f.attname, value))
-    return out
+    prepared = row_format(type(instance))
+    if prepared is not None:
+        names: Iterable[str] = prepared.cuttable
+    else:
+        names = [f.attname for f in instance._meta.concrete_fields
+                 if f.serialize and not f.is_relation and not f.primary_key
+                 and f.get_internal_type() != "JSONField"]
+    values = [(name, getattr(instance, name)) for name in names]
+    return [(name, value) for name, value in values if isinstance(value, str)]
 
 
 def _longest(kept: dict[str, int]) -> str | None:
