@@ -73,7 +73,7 @@ def main() -> None:
 @click.option("--xmpp-password", help="prefer env SCALEPUB_XMPP_PASSWORD (not in ps output)")
 @click.option("--batch-max-entries", type=int, help="entries per pubsub item [default 250]")
 @click.option("--batch-max-bytes", type=int, help="bytes per pubsub item [default 128000]")
-@click.option("--linger-ms", type=float, help="wait this long for a batch to fill [default 5]")
+@click.option("--linger-ms", type=float, help="least age of a batch before it goes [default 0]")
 @click.option("--window", type=int, help="publish IQs in flight per connection [default 32]")
 @click.option("--metrics-port", type=int, help="Prometheus endpoint port, 0 = none "
               "[env SCALEPUB_METRICS_PORT, default 9464]")

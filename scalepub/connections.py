@@ -1,39 +1,91 @@
 """Every Redis client scalepub makes: the URL, the timeouts, retries and health checks, once.
 
 The producer, the outbox relay, ``scalepub status`` and the history endpoint use the
-synchronous client; the shard pool's processes use the asyncio one. Redis Cluster plugs in
-here (``scalepub.settings`` validates the URL before anything connects).
+synchronous client; the shard pool's processes use the asyncio one. A ``redis+cluster://``
+(or ``rediss+cluster://``) URL makes both a Redis Cluster client (redis-py's RedisCluster),
+which follows MOVED/ASK and failovers; every key of a shard shares the hash tag ``{N}``
+(scalepub.sharding), so each script and pipeline of one shard goes to one master.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, cast
+from urllib.parse import urlsplit
 
 import hiredis
 import redis
 import redis.asyncio as aredis
-from redis.backoff import NoBackoff
+import redis.asyncio.cluster as acluster
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.cluster import ClusterPipeline, RedisCluster
+from redis.commands.core import Script
+from redis.connection import parse_url
+from redis.exceptions import (
+    ClusterDownError,
+    NoScriptError,
+    RedisClusterException,
+    TryAgainError,
+)
 from redis.retry import Retry
 
-from scalepub.settings import Settings
+from scalepub.settings import Settings, SettingsError
 
 # A shard's blocking XREADGROUP waits up to this long: its socket timeout must be longer.
 SHARD_SOCKET_TIMEOUT_S = 5.0
 SHARD_CONNECT_TIMEOUT_S = 2.0
 HEALTH_CHECK_INTERVAL_S = 30
+# URL schemes that mean a Redis Cluster, and the plain scheme redis-py is given instead.
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+# How often a cluster client retries a command through a failover before giving up (it
+# re-reads the slot map in between); a shard's Retrier and the relay go on after that.
+CLUSTER_RETRIES = 3
+
+# Errors that pass by themselves (a master failing over, a slot being migrated, the cluster
+# momentarily without a master for some slots): callers wait and retry, as for a Redis outage.
+# RedisClusterException covers "no reachable node" and SlotNotCoveredError.
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
+    redis.ConnectionError, redis.TimeoutError, ClusterDownError, TryAgainError,
+    RedisClusterException,
+)
+
+
+class RedisModeError(SettingsError):
+    """REDIS_URL says single Redis but the server is a cluster node, or the reverse."""
+
+
+def is_cluster(settings: Settings) -> bool:
+    """Whether ``redis_url`` names a Redis Cluster (``redis+cluster://``)."""
+    return urlsplit(settings.redis_url).scheme in CLUSTER_SCHEMES
+
+
+def wait_replicas(settings: Settings) -> int:
+    """REDIS_WAIT_REPLICAS, its default resolved: 1 on a cluster, 0 on a single Redis."""
+    if settings.redis_wait_replicas >= 0:
+        return settings.redis_wait_replicas
+    return 1 if is_cluster(settings) else 0
+
+
+def plain_url(url: str) -> str:
+    """``url`` with a cluster scheme replaced by the scheme redis-py parses."""
+    scheme, sep, rest = url.partition("://")
+    return CLUSTER_SCHEMES.get(scheme, scheme) + sep + rest
 
 
 def sync_client(settings: Settings, *, timeout: float | None = None) -> redis.Redis:
     """A client whose every call is bounded by ``redis_timeout`` (one quick retry, no backoff).
 
     ``timeout`` overrides ``redis_timeout`` (e.g. the pool's start-up check, which may wait
-    longer than a Django save should).
+    longer than a Django save should). On a cluster URL it is a RedisCluster, typed as
+    ``redis.Redis``: it answers the same commands, SCAN goes to every master.
     """
     seconds = settings.redis_timeout if timeout is None else timeout
+    options: dict[str, Any] = {"socket_timeout": seconds, "socket_connect_timeout": seconds}
+    if is_cluster(settings):
+        return cast(redis.Redis, LazyCluster(settings, options))
     return redis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=seconds,
-        socket_connect_timeout=seconds,
+        settings.redis_url, **options,
         # Once more on a broken connection (e.g. a pooled one Redis closed), never on a
         # timeout: the command may have run, and appending twice would duplicate entries.
         retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
@@ -42,13 +94,166 @@ def sync_client(settings: Settings, *, timeout: float | None = None) -> redis.Re
 
 
 def shard_client(settings: Settings) -> aredis.Redis:
-    """The asyncio client of one shard process: hiredis packing, raw stream replies."""
+    """The asyncio client of one shard process: hiredis packing, raw stream replies.
+
+    On a cluster URL an asyncio RedisCluster (typed as ``aredis.Redis``); it connects at its
+    first command (``await client.initialize()``).
+    """
+    timeouts: dict[str, Any] = {
+        "socket_timeout": max(SHARD_SOCKET_TIMEOUT_S, settings.redis_timeout),
+        "socket_connect_timeout": max(SHARD_CONNECT_TIMEOUT_S, settings.redis_timeout)}
+    if is_cluster(settings):
+        return raw_replies(cast(aredis.Redis, _async_cluster(settings, timeouts)))
     return raw_replies(aredis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=max(SHARD_SOCKET_TIMEOUT_S, settings.redis_timeout),
-        socket_connect_timeout=max(SHARD_CONNECT_TIMEOUT_S, settings.redis_timeout),
-        connection_class=HiredisPackedConnection,
-    ))
+        settings.redis_url, **timeouts, connection_class=HiredisPackedConnection))
+
+
+class LazyCluster:
+    """A RedisCluster made at its first use, and made again at the next use if that failed.
+
+    redis-py's RedisCluster reads the slot map when it is made: made eagerly, a Django process
+    or relay that starts while the cluster is unreachable would fail instead of waiting with
+    its rows kept. Not reachable at first use: ``redis.ConnectionError`` with the URL.
+    """
+
+    def __init__(self, settings: Settings, options: dict[str, Any]) -> None:
+        self._settings = settings
+        self._options = options
+        self._client: RedisCluster | None = None
+
+    @property
+    def cluster(self) -> RedisCluster:
+        """The RedisCluster, made now if needed."""
+        if self._client is None:
+            try:
+                # A node that fails is retried after re-reading the slot map: that is how a
+                # failover or a moved slot is followed. Connection errors only: a timeout may
+                # mean the command ran, and appending twice would duplicate entries.
+                self._client = RedisCluster.from_url(
+                    plain_url(self._settings.redis_url), **self._options,
+                    retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), CLUSTER_RETRIES,
+                                supported_errors=(redis.ConnectionError,)),
+                    require_full_coverage=False)
+            except RedisClusterException as exc:
+                raise _cluster_error(self._settings, exc) from exc
+        return self._client
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.cluster, name)
+
+    def register_script(self, script: str) -> Script:
+        """A Script bound to this client, made without connecting (bytes: no encoder asked)."""
+        return Script(cast(redis.Redis, self), script.encode())
+
+    def close(self) -> None:
+        """Close the cluster's connections, if it was ever made."""
+        if self._client is not None:
+            self._client.close()
+
+
+def run_script(script: Script, keys: Sequence[Any], args: Sequence[Any], client: Any) -> Any:
+    """``script(keys, args, client)``, also queued in a cluster pipeline.
+
+    redis-py's ClusterPipeline refuses ``evalsha`` by name (it cannot load a missing script
+    there); EVALSHA as a plain command goes to the keys' slot. A node without the script
+    answers NoScriptError for that command: ``script_missing`` tells, the caller runs it again
+    outside the pipeline (Script loads it then).
+    """
+    if isinstance(client, ClusterPipeline):
+        return client.execute_command(  # type: ignore[no-untyped-call]
+            "EVALSHA", script.sha, len(keys), *keys, *args)
+    return script(keys=keys, args=args, client=client)
+
+
+def script_missing(reply: object) -> bool:
+    """Whether a pipeline's reply says the node lacked the script (it did not run)."""
+    return isinstance(reply, NoScriptError)
+
+
+def cluster_of(client: object) -> RedisCluster | None:
+    """The RedisCluster behind a client of ``sync_client``, or None for a single Redis."""
+    if isinstance(client, LazyCluster):
+        return client.cluster
+    return client if isinstance(client, RedisCluster) else None
+
+
+def _async_cluster(settings: Settings, options: dict[str, Any]) -> acluster.RedisCluster:
+    kwargs: dict[str, Any] = parse_url(  # type: ignore[no-untyped-call]
+        plain_url(settings.redis_url))
+    tls = kwargs.pop("connection_class", None) is not None  # rediss://
+    client = acluster.RedisCluster(
+        **kwargs, **options, ssl=tls, require_full_coverage=False,
+        retry=AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), CLUSTER_RETRIES))
+    if not tls:
+        # The asyncio RedisCluster takes no connection_class: its nodes (made when it reads
+        # the slot map) get theirs from these connection kwargs.
+        client.nodes_manager.connection_kwargs["connection_class"] = HiredisPackedConnection
+        for node in client.nodes_manager.startup_nodes.values():
+            node.connection_class = HiredisPackedConnection
+    return client
+
+
+def check_mode(settings: Settings, client: redis.Redis) -> None:
+    """Raise RedisModeError when the server's cluster mode and REDIS_URL's scheme disagree.
+
+    A single-node URL pointed at a cluster node would fail at the first key of another
+    node's slot (MOVED); the reverse fails to start. Both name the setting here instead.
+    """
+    if is_cluster(settings):
+        return  # RedisCluster refused a non-cluster node already (sync_client)
+    try:
+        enabled = client.info("cluster").get("cluster_enabled")
+    except redis.ResponseError:  # INFO refused (ACL): nothing to tell
+        return
+    if enabled in (1, "1"):
+        url = settings.redis_url_redacted
+        raise RedisModeError(
+            f"SCALEPUB_REDIS_URL / SCALEPUB['REDIS_URL']: {url} is a node of a Redis Cluster; "
+            f"use {url.replace('://', '+cluster://', 1)} (scheme redis+cluster://)")
+
+
+def _cluster_error(settings: Settings, exc: RedisClusterException) -> Exception:
+    """What a refused cluster start means for the user."""
+    url = settings.redis_url_redacted
+    if "cluster mode is not enabled" in str(exc).lower():
+        single = url.replace("+cluster://", "://", 1)
+        return RedisModeError(
+            f"SCALEPUB_REDIS_URL / SCALEPUB['REDIS_URL']: {url} is not a Redis Cluster node "
+            f"(cluster mode is not enabled); for a single Redis use {single}")
+    return redis.ConnectionError(f"no node of the Redis Cluster answered: {exc}")
+
+
+def unreplicated(client: redis.Redis, probes: dict[int, str], replicas: int,
+                 timeout_ms: int) -> set[int]:
+    """The shards (``probes``: shard → a key in its slot) whose master could not confirm,
+    within ``timeout_ms``, that ``replicas`` replicas have every write made to it so far.
+
+    WAIT counts the replicas that acknowledged the writes *of its own connection*; a pooled
+    connection may not be the one that appended. So each master gets a probe write and then
+    WAIT, in one pipeline (one connection per node, in order): a master replicates in order,
+    so a replica that has the probe has every earlier append. One round trip per master.
+    """
+    cluster: Any = cluster_of(client)  # redis-py's cluster methods are untyped
+    nodes: dict[str, tuple[Any, list[int]]] = {}
+    for shard, key in probes.items():
+        node = cluster.get_node_from_key(key) if cluster else None
+        nodes.setdefault(node.name if node else "", (node, []))[1].append(shard)
+    pipe = (cluster or client).pipeline(transaction=False)
+    for node, shards in nodes.values():
+        for shard in shards:
+            pipe.set(probes[shard], 1, px=60_000)
+        options = {"target_nodes": node} if cluster else {}
+        pipe.execute_command("WAIT", replicas, timeout_ms, **options)
+    replies = list(pipe.execute(raise_on_error=False))
+    failed: set[int] = set()
+    for node, shards in nodes.values():
+        acked = replies[len(shards)]
+        replies = replies[len(shards) + 1:]
+        moved = cluster and any(cluster.get_node_from_key(probes[s]).name != node.name
+                                for s in shards)
+        if moved or not isinstance(acked, int) or acked < replicas:
+            failed.update(shards)  # a slot moved meanwhile: not known, so not confirmed
+    return failed
 
 
 class HiredisPackedConnection(aredis.Connection):

@@ -15,7 +15,7 @@ import redis
 
 from scalepub import metrics
 from scalepub.backlog import APPENDED_FIELD, CAUGHT_UP_LUA, DONE_FIELD
-from scalepub.connections import sync_client
+from scalepub.connections import run_script, script_missing, sync_client
 from scalepub.envelope import split_encode
 from scalepub.settings import Settings
 from scalepub.sharding import CONSUMER_GROUP, ENTRY_FIELD, Keys, shard_for
@@ -251,7 +251,11 @@ class StreamProducer:
         pipe = self.client.pipeline(transaction=False)
         for shard, batch in by_shard.items():
             self._call(shard, batch, source, pipe)
-        return list(pipe.execute(raise_on_error=False))
+        replies = list(pipe.execute(raise_on_error=False))
+        for i, (shard, batch) in enumerate(by_shard.items()):
+            if script_missing(replies[i]):  # a cluster node without the script: it did not run
+                replies[i] = self._run({shard: batch}, source)[0]
+        return replies
 
     def _call(self, shard: int, batch: list[PendingEntry], source: str,
               client: redis.Redis) -> list[object]:
@@ -272,7 +276,7 @@ class StreamProducer:
                 e.node, ts_ns=e.ts_ns, model=e.model, pk=e.pk, fmt=e.fmt, payload=e.payload
             )
             args += [e.node, head, tail]
-        reply: list[object] = self._append(keys=keys, args=args, client=client)
+        reply: list[object] = run_script(self._append, keys, args, client)
         return reply
 
     def close(self) -> None:

@@ -188,7 +188,9 @@ class Settings:
     # The batch is one text node, so ejabberd's max_payload_size (256 KiB in ops/, checked on
     # its in-memory form) and max_stanza_size (1 MiB) are both far above this.
     batch_max_bytes: int = _setting(128_000, _positive)
-    linger_ms: float = _setting(5.0, lambda v: None if v >= 0 else "must be 0 or more")
+    # 0: an open batch goes at once when nothing is in flight, else with the next reply
+    # (scalepub/shard/batcher.py); more: also at least this old.
+    linger_ms: float = _setting(0.0, lambda v: None if v >= 0 else "must be 0 or more")
     window: int = _setting(32, _positive)
 
     metrics_host: str = _setting("127.0.0.1", _nonempty)

@@ -134,7 +134,7 @@ def test_recovery_moves_keep_the_count_and_the_order(moves: list[str], count: in
             b.retry(batch)
         elif move == "drop_first":  # DEAD_LETTER of a not well-formed entry, the rest re-sent
             dropped.append(batch.entries[0].seq)
-            b.forget(1)
+            b.forget(batch.entries[:1])
             rest = Batch(batch.node, batch.shard)
             for e in batch.entries[1:]:
                 rest.add(e)
@@ -148,3 +148,21 @@ def test_recovery_moves_keep_the_count_and_the_order(moves: list[str], count: in
     assert b.idle and b.buffered == 0
     assert published == sorted(published)
     assert sorted(published + dropped) == list(range(1, count + 1))
+
+
+def test_open_batches_wait_for_a_reply_when_not_allowed() -> None:
+    """The publisher's reply-driven rule: with IQs in flight an open batch keeps filling."""
+    b = Batcher(Caps(max_entries=100, max_bytes=100_000, linger_s=0))
+    b.add(entry("/a", 1), 0, now=0.0)
+    assert b.next_batch(now=0.0, open_ok=False) is None  # something else in flight
+    b.add(entry("/a", 2), 0, now=0.0)
+    got = b.next_batch(now=0.0, open_ok=True)  # a reply came, or nothing in flight
+    assert got is not None and [e.seq for e in got.entries] == [1, 2]
+    assert got.read_at == 0.0 and b.held_bytes == sum(e.held for e in got.entries)
+    full = Batcher(Caps(max_entries=2, max_bytes=100_000, linger_s=0))
+    for seq in (1, 2, 3):
+        full.add(entry("/a", seq), 0, now=1.0)
+    first = full.next_batch(now=1.0, open_ok=False)  # a full batch goes regardless
+    assert first is not None and [e.seq for e in first.entries] == [1, 2]
+    full.done(first)
+    assert full.held_bytes == entry("/a", 3).held

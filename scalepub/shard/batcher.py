@@ -3,6 +3,12 @@
 Pure bookkeeping, no I/O. Per-node order is kept by allowing at most one batch of a node in
 flight: a batch that must be retried or split is always published before anything later of
 its node. Different nodes are pipelined freely.
+
+When an open (not full) batch goes is the publisher's call, driven by the server's replies
+rather than a timer (the TCP_CORK / Nagle idea): with nothing in flight it goes at once, so
+a quiet site pays no linger; with IQs in flight it keeps filling until a reply frees the
+window, so batches grow exactly when the server is the bottleneck. ``linger_s`` (default 0)
+can add a minimum age on top.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from scalepub.xmpp.batch import Batch, Entry
 
 @dataclass(frozen=True)
 class Caps:
-    """When an open batch is closed: entry count, byte size, or age (linger)."""
+    """When an open batch is closed: entry count, byte size, or age (linger, may be 0)."""
 
     max_entries: int
     max_bytes: int
@@ -23,12 +29,11 @@ class Caps:
 
 
 class _NodeQueue:
-    __slots__ = ("busy", "open", "opened_at", "ready")
+    __slots__ = ("busy", "open", "ready")
 
     def __init__(self) -> None:
         self.ready: deque[Batch] = deque()
         self.open: Batch | None = None
-        self.opened_at = 0.0
         self.busy = False  # a batch of this node is in flight
 
 
@@ -42,6 +47,7 @@ class Batcher:
         self._sendable: OrderedDict[str, None] = OrderedDict()
         self._open_nodes: OrderedDict[str, None] = OrderedDict()
         self.buffered = 0  # entries held (open, ready or in flight)
+        self.held_bytes = 0  # their memory, roughly (Entry.held): the reader's bound
 
     def add(self, entry: Entry, shard: int, now: float) -> bool:
         """Add an entry; False if it alone exceeds the byte cap (the caller dead-letters it)."""
@@ -55,11 +61,11 @@ class Batcher:
             self._close(entry.node, q)
             batch = None
         if batch is None:
-            batch = q.open = Batch(entry.node, shard)
-            q.opened_at = now
+            batch = q.open = Batch(entry.node, shard, read_at=now)
             self._open_nodes[entry.node] = None
         batch.add(entry)
         self.buffered += 1
+        self.held_bytes += entry.held
         if len(batch.entries) >= self.caps.max_entries:
             self._close(entry.node, q)
         return True
@@ -67,17 +73,19 @@ class Batcher:
     def next_due(self) -> float | None:
         """When the oldest open batch's linger runs out (None: nothing open)."""
         for node in self._open_nodes:
-            return self._nodes[node].opened_at + self.caps.linger_s
+            batch = self._nodes[node].open
+            assert batch is not None
+            return batch.read_at + self.caps.linger_s
         return None
 
-    def next_batch(self, now: float) -> Batch | None:
+    def next_batch(self, now: float, open_ok: bool = True) -> Batch | None:
         """The next batch to publish (its node becomes busy), or None.
 
-        Full batches go first; an open batch goes once its linger ran out and its node has
-        nothing in flight. While a node's previous batch is in flight its open batch keeps
-        growing, so batches get bigger exactly when the server is the bottleneck.
+        Full batches go first; an open batch goes only if ``open_ok`` (the publisher's
+        reply-driven rule, see the module doc), its linger ran out and its node has nothing
+        in flight. While a node's previous batch is in flight its open batch keeps growing.
         """
-        if not self._sendable:
+        if not self._sendable and open_ok:
             self._close_expired(now)
         if not self._sendable:
             return None
@@ -91,7 +99,8 @@ class Batcher:
         deadline = now - self.caps.linger_s
         for node in self._open_nodes:  # oldest first; skips at most the busy nodes
             q = self._nodes[node]
-            if q.opened_at > deadline:
+            assert q.open is not None
+            if q.open.read_at > deadline:
                 return
             if not q.busy:
                 self._close(node, q)
@@ -100,6 +109,7 @@ class Batcher:
     def done(self, batch: Batch) -> None:
         """The server confirmed ``batch`` (or it was dead-lettered): free its node."""
         self.buffered -= len(batch.entries)
+        self.held_bytes -= sum(e.held for e in batch.entries)
         self.release(batch.node)
 
     def retry(self, *batches: Batch) -> None:
@@ -109,9 +119,10 @@ class Batcher:
         for node in {b.node: None for b in batches}:
             self.release(node)
 
-    def forget(self, count: int) -> None:
+    def forget(self, entries: list[Entry]) -> None:
         """Entries removed without being published (dead-lettered out of a split batch)."""
-        self.buffered -= count
+        self.buffered -= len(entries)
+        self.held_bytes -= sum(e.held for e in entries)
 
     def release(self, node: str) -> None:
         """Nothing of ``node`` is in flight any more."""

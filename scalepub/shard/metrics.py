@@ -17,6 +17,15 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
+# Finer at the low end: the hops of a quiet site's few milliseconds.
+_HOP_SECONDS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25,
+                0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# The hops of the end-to-end latency the pool can see, each once per batch for its oldest
+# entry (docs/benchmarks.md, latency per hop). The append time is the stream id's
+# millisecond, so the first two hops are true to about 1 ms. The last hop, the server's
+# result → a subscriber's delivery, only a subscriber can measure (loadtest/bench_latency.py).
+HOPS = ("commit_to_append", "append_to_read", "read_to_send", "send_to_result")
+
 PUBLISHED = Counter("scalepub_entries_published", "Entries confirmed by the XMPP server.",
                     ["shard"])
 IQS = Counter("scalepub_publish_iqs", "Publish IQs answered with a result.", ["shard"])
@@ -30,6 +39,11 @@ E2E_LATENCY = Histogram(
     "scalepub_e2e_latency_seconds",
     "Commit of the row to the server's acknowledgement; once per batch, for its oldest entry.",
     ["shard"], buckets=_SECONDS)
+HOP_LATENCY = Histogram(
+    "scalepub_hop_latency_seconds",
+    "End-to-end latency split into hops (hop: commit_to_append, append_to_read, read_to_send, "
+    "send_to_result); once per batch, for its oldest entry.", ["shard", "hop"],
+    buckets=_HOP_SECONDS)
 LAG = Gauge("scalepub_stream_lag_entries", "Entries in the shard stream never read.", ["shard"],
             multiprocess_mode="livemax")
 PENDING = Gauge("scalepub_stream_pending_entries", "Entries read but not yet acknowledged.",

@@ -62,19 +62,31 @@ class Publisher:
                              self._on_down, meters.ignored)
 
     async def linger_loop(self) -> None:
-        """Publish open batches whose linger ran out while nothing else woke the pump."""
+        """With a linger set, publish open batches whose linger ran out meanwhile.
+
+        Without one (the default) nothing is timed: open batches go when the reader hands
+        entries over with nothing in flight, or when a reply frees the window (``pump``).
+        """
         linger = self.settings.linger_ms / 1000
+        if linger <= 0:
+            await asyncio.get_running_loop().create_future()  # until cancelled
         while True:
             self.pump()
             due = self.batcher.next_due()
             wait = linger if due is None else due - time.monotonic()
-            await asyncio.sleep(min(max(wait, 0.001), max(linger, 0.001)))
+            await asyncio.sleep(min(max(wait, 0.001), linger))
 
-    def pump(self) -> None:
-        """Fill the window with ready batches."""
+    def pump(self, replied: bool = False) -> None:
+        """Fill the window with ready batches.
+
+        Open (not full) batches go only if nothing is in flight or a reply just came
+        (``replied``): while the server works, entries accumulate into bigger batches and
+        are sent together when a reply frees the window, like TCP_CORK, paced by replies.
+        """
+        open_ok = replied or not self.inflight
         while (self.link.up and not self.draining
                and len(self.inflight) < self.settings.window):
-            batch = self.batcher.next_batch(time.monotonic())
+            batch = self.batcher.next_batch(time.monotonic(), open_ok)
             if batch is None:
                 return
             if batch.resends and not self._screen(batch):
@@ -82,6 +94,7 @@ class Publisher:
             iq_id = self.link.new_id()  # unguessable; the link also checks who answers
             self.inflight[iq_id] = batch
             batch.sent_at = time.monotonic()
+            self.meters.sent(batch)
             self.link.send(publish_iq(iq_id, self.settings.pubsub_service, batch,
                                       self.link.publish_options))
             self.meters.inflight.set(len(self.inflight))
@@ -103,7 +116,7 @@ class Publisher:
             for entry, why in bad:
                 reason = decide(Failure.NOT_WELL_FORMED, History(entries=1), why).reason
                 self.acks.dead_letter(batch.shard, entry.stream_id, entry.raw, reason)
-            self.batcher.forget(len(bad))
+            self.batcher.forget([e for e, _ in bad])
             bad_ids = {id(e) for e, _ in bad}
             self._rebuild(batch, [e for e in batch.entries if id(e) not in bad_ids])
             return False
@@ -117,7 +130,7 @@ class Publisher:
         if not good:
             self.batcher.release(batch.node)
             return
-        fresh = Batch(batch.node, batch.shard)
+        fresh = Batch(batch.node, batch.shard, read_at=batch.read_at)
         for entry in good:
             fresh.add(entry)
         self.batcher.retry(fresh)
@@ -129,7 +142,7 @@ class Publisher:
             self._confirmed(batch)
         else:
             self._refused(batch, reply)
-        self.pump()
+        self.pump(replied=True)
 
     def _confirmed(self, batch: Batch) -> None:
         self.acks.add(batch.shard, (e.stream_id for e in batch.entries))

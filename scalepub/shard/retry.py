@@ -11,6 +11,7 @@ from typing import TypeVar
 import redis
 import redis.asyncio as aredis
 
+from scalepub.connections import TRANSIENT_ERRORS
 from scalepub.shard import policy, streams
 from scalepub.shard.heartbeat import Health
 from scalepub.shard.stats import Meters
@@ -42,7 +43,7 @@ class Retrier:
             while True:
                 try:
                     return await call()
-                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                except TRANSIENT_ERRORS as exc:  # an outage, a failover, a slot migrating
                     if self.giving_up():
                         raise  # stopping: what is not done stays pending, nothing is lost
                     if not failing:

@@ -63,12 +63,26 @@ class Meters:
         """One entry of ``shard`` dead-lettered."""
         metrics.DEAD_LETTERS.labels(str(shard)).inc()
 
+    def sent(self, batch: Batch) -> None:
+        """A batch goes out: the hops up to now of its oldest entry (per batch, not entry)."""
+        oldest = batch.entries[0]
+        now = time.monotonic()
+        read_s = time.time() - (now - batch.read_at)  # wall time of the read
+        appended_s = int(oldest.stream_id.split(b"-", 1)[0]) / 1e3  # Redis's clock, 1 ms
+        hop = metrics.HOP_LATENCY.labels
+        shard = str(batch.shard)
+        hop(shard, "commit_to_append").observe(max(appended_s - oldest.ts_ns / 1e9, 0.0))
+        hop(shard, "append_to_read").observe(max(read_s - appended_s, 0.0))
+        hop(shard, "read_to_send").observe(now - batch.read_at)
+
     def confirmed(self, batch: Batch, now_ns: int) -> None:
         """A batch the server confirmed (per batch, never per entry: a few us an IQ)."""
         shard = str(batch.shard)
         metrics.PUBLISHED.labels(shard).inc(len(batch.entries))
         metrics.IQS.labels(shard).inc()
-        self.rtt.observe(time.monotonic() - batch.sent_at)
+        rtt = time.monotonic() - batch.sent_at
+        self.rtt.observe(rtt)
+        metrics.HOP_LATENCY.labels(shard, "send_to_result").observe(rtt)
         metrics.BATCH_ENTRIES.labels(shard).observe(len(batch.entries))
         metrics.BATCH_BYTES.labels(shard).observe(batch.size)
         metrics.E2E_LATENCY.labels(shard).observe((now_ns - batch.entries[0].ts_ns) / 1e9)

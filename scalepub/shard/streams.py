@@ -5,12 +5,14 @@ Also the start-up check that the pool runs with the shard count the producers wr
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import redis
 import redis.asyncio as aredis
+from redis.asyncio.cluster import RedisCluster
 
 from scalepub.backlog import CAUGHT_UP_LUA, DONE_FIELD, Backlog, backlogs, meta_of
 from scalepub.sharding import CONSUMER_GROUP, ENTRY_FIELD, Keys
@@ -91,6 +93,11 @@ async def read_own_pending(r: aredis.Redis, after: Mapping[str, bytes], consumer
 
 async def _read_group(r: aredis.Redis, consumer: str, ids: Mapping[str, bytes | str],
                       count: int, block_ms: int | None) -> list[tuple[bytes, StreamEntries]]:
+    if len(ids) > 1 and isinstance(r, RedisCluster):
+        # One XREADGROUP may only name keys of one hash slot: one read per stream, at once.
+        parts = await asyncio.gather(*(_read_group(r, consumer, {key: at}, count, block_ms)
+                                       for key, at in ids.items()))
+        return [reply for part in parts for reply in part]
     streams: dict[Any, Any] = dict(ids)  # redis-py's key type is invariant
     reply = await r.xreadgroup(CONSUMER_GROUP, consumer, streams, count=count, block=block_ms)
     if isinstance(reply, dict):  # RESP3 (redis-py 8's default) maps stream → entries

@@ -34,6 +34,10 @@ _PUBLISH_HEAD = (b'<iq type="set" id="%s" to="%s"><pubsub xmlns="%s">'
 # dict: half the cost of functools.lru_cache on this path).
 _NODE_CACHE = 65536
 _node_attrs: dict[bytes, bytes] = {}
+# Python's share of an entry held in memory besides its two byte strings: the Entry object,
+# its stream id and node reference, the two bytes headers, list slots (measured with
+# tracemalloc, rounded up).
+ENTRY_OVERHEAD_BYTES = 200
 
 
 @dataclass(slots=True)
@@ -46,6 +50,11 @@ class Entry:
     ts_ns: int
     part: bytes  # the <entry> element, ready to go inside the batch's CDATA section
     raw: bytes  # the envelope as read, for the dead-letter stream
+
+    @property
+    def held(self) -> int:
+        """Bytes of memory this entry takes while the shard holds it (roughly)."""
+        return len(self.part) + len(self.raw) + ENTRY_OVERHEAD_BYTES
 
 
 def entry_part(*, node: bytes, seq: int, stream_id: bytes, ts_ns: int, model: bytes,
@@ -69,6 +78,7 @@ class Batch:
     size: int = 0  # bytes of the entries' parts
     resends: int = 0  # times it was in flight when the connection dropped
     retries: int = 0  # times the server answered with a transient error
+    read_at: float = 0.0  # time.monotonic() when its first (oldest) entry was read
     sent_at: float = 0.0  # time.monotonic() of the last send
 
     def add(self, entry: Entry) -> None:
@@ -90,7 +100,8 @@ class Batch:
     def split(self) -> tuple[Batch, Batch]:
         """Two halves, in order, to isolate an entry the server refuses."""
         mid = len(self.entries) // 2
-        halves = (Batch(self.node, self.shard), Batch(self.node, self.shard))
+        halves = (Batch(self.node, self.shard, read_at=self.read_at),
+                  Batch(self.node, self.shard, read_at=self.read_at))
         for i, entry in enumerate(self.entries):
             halves[i >= mid].add(entry)
         return halves
