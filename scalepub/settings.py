@@ -22,7 +22,8 @@ DELIVERY_MODES = ("outbox", "direct")
 RELAY_MODES = ("thread", "external")
 TLS_MODES = ("auto", "required", "off")
 ACCESS_MODELS = ("open", "whitelist")
-REDIS_SCHEMES = ("redis", "rediss", "unix")
+# redis+cluster / rediss+cluster: a Redis Cluster, the host one of its nodes (connections.py).
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
 _DOTTED_RE = re.compile(r"^$|^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
 _KEY_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _JID_RE = re.compile(r"^[^@/\s]+@[^@/\s]+$")
@@ -82,7 +83,17 @@ def _redis_url(value: Any) -> str | None:
     elif port == 0:  # redis-py would quietly use 6379
         return "the port must be a number 1-65535"
     path = "" if parts.scheme == "unix" else parts.path  # a socket's path is no database
-    return _redis_db(path, parse_qs(parts.query)) or _redis_options(value)
+    db_check = _redis_cluster_db if parts.scheme.endswith("+cluster") else _redis_db
+    # the options as redis-py reads them: a cluster URL's with its plain scheme
+    return db_check(path, parse_qs(parts.query)) or _redis_options(
+        value.replace("+cluster://", "://", 1))
+
+
+def _redis_cluster_db(path: str, query: dict[str, list[str]]) -> str | None:
+    db = query["db"][0] if "db" in query else unquote(path).strip("/")
+    if db in ("", "0"):
+        return None
+    return "a Redis Cluster has database 0 only, as in redis+cluster://host:7000/"
 
 
 def _redis_db(path: str, query: dict[str, list[str]]) -> str | None:
@@ -133,6 +144,10 @@ class Settings:
     redis_url: str = _setting("redis://127.0.0.1:6379/0", _redis_url)
     # Bounds how long a Django save can wait on Redis (connect and command), in seconds.
     redis_timeout: float = _setting(1.0, _positive)
+    # Outbox rows are deleted only once this many replicas have their entries (WAIT);
+    # -1 (default): 1 on a Redis Cluster, 0 on a single Redis (connections.wait_replicas).
+    redis_wait_replicas: int = _setting(
+        -1, lambda v: None if v >= -1 else "must be 0 or more (-1: 1 on a cluster, 0 otherwise)")
     key_prefix: str = _setting("scalepub", _matches(_KEY_PREFIX_RE, "1-64 of [A-Za-z0-9_.:-]"))
     shards: int = _setting(8, _positive)
     # Per shard stream: at most this many entries wait for the pool (beyond it appends are
