@@ -78,21 +78,35 @@ def main() -> None:
 @click.option("--metrics-port", type=int, help="Prometheus endpoint port, 0 = none "
               "[env SCALEPUB_METRICS_PORT, default 9464]")
 @click.option("--metrics-host", help="Prometheus endpoint address [default 127.0.0.1]")
+@click.option("--name", help="this supervisor's id in logs and `scalepub status` "
+              "(default: hostname-pid-random)")
+@click.option("--lease-ttl-s", type=float, help="seconds a shard's lease lasts without a "
+              "renewal [env SCALEPUB_LEASE_TTL_S, default 5]")
+@click.option("--lease-renew-s", type=float, help="seconds between lease renewals, at most "
+              "half the TTL [env SCALEPUB_LEASE_RENEW_S, default 1]")
 @_common
-def run(log_level: str, processes: int | None, **options: Any) -> None:
+def run(log_level: str, processes: int | None, name: str | None, **options: Any) -> None:
     """Run the shard pool: publish the streams to XMPP until SIGTERM or Ctrl-C.
 
     One Ctrl-C (or SIGTERM) stops gracefully: no new reads, the in-flight IQs are awaited
     and acknowledged, counts are logged. A second one stops at once (nothing unconfirmed
     is acknowledged, so nothing is lost: it is re-published by the next run).
+
+    Several supervisors (on one host or many) with the same settings share the shards: each
+    owns its share by lease, and takes over the shards of one that stops or dies.
     """
-    configure_logging(log_level)
+    if processes is not None and processes < 1:
+        click.echo("scalepub: bad setting: --processes: must be greater than 0", err=True)
+        sys.exit(exitcodes.USAGE)
     settings = _settings(**options)
     metrics_dir, created = multiprocess_metrics_dir()
+    from scalepub.shard.membership import supervisor_id
     from scalepub.shard.pool import Pool  # imports prometheus_client: after the line above
 
+    me = supervisor_id(name)
+    configure_logging(log_level, me)
     try:
-        code = Pool(settings, processes=processes, log_level=log_level).run()
+        code = Pool(settings, processes=processes, log_level=log_level, name=me).run()
     finally:
         if created:
             shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -121,7 +135,7 @@ def multiprocess_metrics_dir() -> tuple[Path, bool]:
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @_common
 def status(as_json: bool, log_level: str, **options: Any) -> None:
-    """Show each shard's stream backlog, dead letters and liveness, and each outbox's backlog.
+    """Show each shard's backlog, liveness and owner, each outbox's backlog, live supervisors.
 
     Exit code 0 when every shard process is alive (its heartbeat key is fresh), none is
     stuck (work waiting, nothing confirmed for 30 s) and no outbox relay reports entries
@@ -129,7 +143,15 @@ def status(as_json: bool, log_level: str, **options: Any) -> None:
     """
     from scalepub.connections import sync_client
     from scalepub.status import as_json as rows
-    from scalepub.status import collect, collect_relays, healthy, relay_lines, table
+    from scalepub.status import (
+        collect,
+        collect_relays,
+        collect_supervisors,
+        healthy,
+        relay_lines,
+        supervisor_lines,
+        table,
+    )
 
     configure_logging(log_level)
     settings = _settings(**options)
@@ -138,12 +160,14 @@ def status(as_json: bool, log_level: str, **options: Any) -> None:
         with _exit_codes(settings):
             statuses = collect(settings, client)
             relays = collect_relays(settings, client)
+            supervisors = collect_supervisors(settings, client)
     finally:
         client.close()
     if as_json:
-        click.echo(json.dumps(rows(statuses, relays), indent=2))
+        click.echo(json.dumps(rows(statuses, relays, supervisors), indent=2))
     else:
-        click.echo("\n".join(filter(None, [table(statuses), relay_lines(relays)])))
+        click.echo("\n".join(filter(None, [table(statuses), relay_lines(relays),
+                                            supervisor_lines(supervisors)])))
     sys.exit(exitcodes.OK if healthy(statuses, relays) else exitcodes.UNHEALTHY)
 
 

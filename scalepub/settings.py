@@ -208,6 +208,12 @@ class Settings:
     linger_ms: float = _setting(0.0, lambda v: None if v >= 0 else "must be 0 or more")
     window: int = _setting(32, _positive)
 
+    # Shard leases (scalepub/shard/lease.py): a shard's owner renews its lease every
+    # LEASE_RENEW_S and stops publishing before LEASE_TTL_S ran out without a renewal; a dead
+    # supervisor's shards move within about LEASE_TTL_S + LEASE_RENEW_S.
+    lease_ttl_s: float = _setting(5.0, _positive)
+    lease_renew_s: float = _setting(1.0, _positive)
+
     metrics_host: str = _setting("127.0.0.1", _nonempty)
     metrics_port: int = _setting(9464, lambda v: None if 0 <= v < 65536 else "must be 0-65535")
 
@@ -324,6 +330,11 @@ def _validate(obj: Settings, label: Callable[[str], str]) -> None:
         if problem:
             shown = "***" if not f.repr else repr(redact_url(value) if "url" in f.name else value)
             raise SettingsError(f"{label(f.name)}: {problem} (got {shown})")
+    if obj.lease_renew_s * 2 > obj.lease_ttl_s:  # a renewal must be able to fail once
+        raise SettingsError(
+            f"{label('lease_renew_s')}: must be at most half of {label('lease_ttl_s')} "
+            f"({obj.lease_ttl_s:g}), so one failed renewal does not lose the lease "
+            f"(got {obj.lease_renew_s:g})")
 
 
 def env_mapping(environ: Mapping[str, str] | None = None) -> dict[str, str]:

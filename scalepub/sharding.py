@@ -56,6 +56,24 @@ class Keys:
         return f"{self.prefix}:{{{shard}}}:relayed:{database}"
 
     def relay_lease(self, database: str) -> str:
+    def lease(self, shard: int) -> str:
+        """Hash of the shard's lease (fence ``token:owner``, since) with a TTL: its one owner."""
+        return f"{self.prefix}:{{{shard}}}:lease"
+
+    def fence(self, shard: int) -> str:
+        """Counter of the shard's lease acquisitions: the fencing token, only ever growing."""
+        return f"{self.prefix}:{{{shard}}}:fence"
+
+    @property
+    def supervisors(self) -> str:
+        """Sorted set of live supervisors (score: Redis time in ms their entry expires)."""
+        return f"{self.prefix}:{{supervisors}}:members"
+
+    @property
+    def supervisor_info(self) -> str:
+        """Hash of what each live supervisor reports (JSON per id), for `scalepub status`."""
+        return f"{self.prefix}:{{supervisors}}:info"
+
         """Key whose holder is the one outbox relay moving ``database``'s rows."""
         return f"{self.prefix}:relay:{database}"
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from typing import cast
+from dataclasses import asdict, dataclass, field
+from typing import Any, cast
 
 import redis
 
 from scalepub.backlog import stream_backlog
+from scalepub.connections import check_mode, master_of
 from scalepub.settings import Settings
 from scalepub.sharding import Keys
 
@@ -35,6 +37,10 @@ class ShardStatus:
     last_publish_age_s: float | None  # None: never published since it started
     rate: float  # entries/s over the last heartbeat interval
     problem: str = ""  # what keeps the shard from publishing, as its process reports it
+    owner: str | None = None  # the supervisor holding the shard's lease (None: nobody)
+    token: int | None = None  # its fencing token
+    lease_age_s: float | None = None  # since the owner took the lease
+    master: str | None = None  # on a Redis Cluster: host:port of the master of its slot
 
     @property
     def stuck(self) -> bool:
@@ -53,13 +59,30 @@ class ShardStatus:
 
 def collect(settings: Settings, client: redis.Redis) -> list[ShardStatus]:
     """The status of shards 0..SHARDS-1 (the count the pool recorded, if any)."""
+    check_mode(settings, client)  # a single-node URL at a cluster node: say so, not MOVED
     keys = Keys(settings.key_prefix)
     recorded = client.get(keys.shard_count)
     shards = int(recorded) if recorded else settings.shards
-    return [_one(client, keys, shard, time.time()) for shard in range(shards)]
+    now_ms = _redis_ms(client)
+    return [_one(client, keys, shard, time.time(), now_ms) for shard in range(shards)]
 
 
-def _one(client: redis.Redis, keys: Keys, shard: int, now: float) -> ShardStatus:
+def _redis_ms(client: redis.Redis) -> int:
+    """Redis's clock in ms: lease times are Redis's, so hosts' clocks do not matter."""
+    seconds, micros = client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def _lease(client: redis.Redis, keys: Keys, shard: int, now_ms: int) -> dict[str, Any]:
+    fence, since = cast(list[bytes | None], client.hmget(keys.lease(shard), ["fence", "since"]))
+    if fence is None:
+        return {}
+    token, _, owner = fence.decode().partition(":")
+    age = round((now_ms - int(since)) / 1000, 1) if since is not None else None
+    return {"owner": owner, "token": int(token), "lease_age_s": age}
+
+
+def _one(client: redis.Redis, keys: Keys, shard: int, now: float, now_ms: int) -> ShardStatus:
     lag, pending = stream_backlog(client, keys.stream(shard))
     raw = cast(dict[bytes, bytes], client.hgetall(keys.heartbeat(shard)))
     beat = {k.decode(): v.decode() for k, v in raw.items()}
@@ -70,7 +93,38 @@ def _one(client: redis.Redis, keys: Keys, shard: int, now: float) -> ShardStatus
         pid=int(beat["pid"]) if "pid" in beat else None, host=beat.get("host"),
         last_publish_age_s=round(now - last, 1) if last else None,
         rate=float(beat.get("rate", 0.0)), problem=beat.get("problem", ""),
+        **_lease(client, keys, shard, now_ms), master=master_of(client, keys.stream(shard)),
     )
+
+
+@dataclass(frozen=True)
+class SupervisorStatus:
+    """A live `scalepub run` supervisor and the shards it works (its share of the spread)."""
+
+    name: str
+    host: str | None
+    pid: int | None
+    shards: list[int] = field(default_factory=list)
+    up_s: float | None = None  # since it started (its own clock)
+
+
+def collect_supervisors(settings: Settings, client: redis.Redis) -> list[SupervisorStatus]:
+    """The supervisors whose membership entry has not expired."""
+    keys = Keys(settings.key_prefix)
+    found = cast(list[bytes], client.zrangebyscore(keys.supervisors, _redis_ms(client), "+inf"))
+    live = [m.decode() for m in found]
+    if not live:
+        return []
+    infos = cast(list[bytes | None], client.hmget(keys.supervisor_info, live))
+    out = []
+    for name, raw in zip(live, infos, strict=True):
+        info: dict[str, Any] = json.loads(raw) if raw else {}
+        started = info.get("started")
+        out.append(SupervisorStatus(
+            name=name, host=info.get("host"), pid=info.get("pid"),
+            shards=list(info.get("shards", [])),
+            up_s=round(time.time() - float(started), 1) if started else None))
+    return sorted(out, key=lambda s: s.name)
 
 
 @dataclass(frozen=True)
@@ -132,25 +186,38 @@ def healthy(statuses: Sequence[ShardStatus], relays: Sequence[RelayStatus] = ())
     return all(s.state == "ok" for s in statuses) and all(r.healthy for r in relays)
 
 
-def as_json(statuses: Sequence[ShardStatus],
-            relays: Sequence[RelayStatus] = ()) -> dict[str, list[dict[str, object]]]:
-    """The `--json` document: shards and relays."""
+def as_json(statuses: Sequence[ShardStatus], relays: Sequence[RelayStatus] = (),
+            supervisors: Sequence[SupervisorStatus] = ()) -> dict[str, list[dict[str, object]]]:
+    """The `--json` document: shards, relays and live supervisors."""
     return {"shards": [{**asdict(s), "state": s.state} for s in statuses],
-            "relays": [{**asdict(r), "state": r.state} for r in relays]}
+            "relays": [{**asdict(r), "state": r.state} for r in relays],
+            "supervisors": [asdict(s) for s in supervisors]}
 
 
 def table(statuses: list[ShardStatus]) -> str:
     """A terminal table."""
     head = (f"{'shard':>5} {'state':>6} {'length':>9} {'lag':>8} {'pending':>8} "
-            f"{'dead':>6} {'rate/s':>9} {'last publish':>13}  process")
+            f"{'dead':>6} {'rate/s':>9} {'last publish':>13}  process  owner (token, lease age)")
     rows = [head]
     for s in statuses:
         age = "never" if s.last_publish_age_s is None else f"{s.last_publish_age_s:.1f} s ago"
         proc = f"{s.pid}@{s.host}" if s.alive else "-"
         problem = f"  problem: {s.problem}" if s.problem else ""
+        owner = f"  {s.owner} ({s.token}, {s.lease_age_s} s)" if s.owner else "  no owner"
+        master = f"  master {s.master}" if s.master else ""
         rows.append(f"{s.shard:>5} {s.state:>6} {s.length:>9} {s.lag:>8} {s.pending:>8} "
-                    f"{s.dead_letters:>6} {s.rate:>9.0f} {age:>13}  {proc}{problem}")
+                    f"{s.dead_letters:>6} {s.rate:>9.0f} {age:>13}  {proc}{owner}{master}"
+                    f"{problem}")
     return "\n".join(rows)
+
+
+def supervisor_lines(supervisors: Sequence[SupervisorStatus]) -> str:
+    """One line per live supervisor, for the terminal."""
+    if not supervisors:
+        return "supervisors: none live"
+    return "\n".join(
+        f"supervisor {s.name}: {s.pid}@{s.host}, shards {s.shards}"
+        f"{f', up {s.up_s:.0f} s' if s.up_s is not None else ''}" for s in supervisors)
 
 
 def relay_lines(relays: list[RelayStatus]) -> str:

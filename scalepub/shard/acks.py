@@ -4,20 +4,53 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 import redis
 import redis.asyncio as aredis
 
+from scalepub.backlog import CAUGHT_UP_LUA, meta_of
 from scalepub.shard import streams
 from scalepub.shard.heartbeat import Health, Retrying
+from scalepub.shard.lease import FENCE_CHECK_LUA, ShardLease
 from scalepub.shard.stats import Meters, Stats
-from scalepub.sharding import Keys
+from scalepub.sharding import CONSUMER_GROUP, ENTRY_FIELD, Keys
 
 log = logging.getLogger(__name__)
 
 _ACK_RETRY_S = 0.5
+FENCED = -1  # what the fenced scripts return when the lease is not (or no longer) ours
+
+# streams.ACK_LUA under a lease. KEYS: stream, meta, lease. ARGV: group, fence, then ids.
+# The check and the XACK are one script: no other owner can come in between (docs/
+# reliability.md, fencing). All three keys carry the shard's hash tag: one cluster slot.
+FENCED_ACK_LUA = CAUGHT_UP_LUA + FENCE_CHECK_LUA + """
+if not holds(KEYS[3], ARGV[2]) then return -1 end
+local n = 0
+for i = 3, #ARGV, 1000 do
+  n = n + redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+if n > 0 then redis.call('HINCRBY', KEYS[2], 'done', n) end
+if caught_up(KEYS[1], ARGV[1]) then
+  local appended = redis.call('HGET', KEYS[2], 'appended')
+  if appended then redis.call('HSET', KEYS[2], 'done', appended) end
+end
+return n
+"""
+
+# streams.dead_letter under a lease. KEYS: stream, meta, lease, dead-letter stream. ARGV:
+# group, fence, stream id, envelope, reason, at_ns, maxlen.
+FENCED_DEAD_LETTER_LUA = FENCE_CHECK_LUA + """
+if not holds(KEYS[3], ARGV[2]) then return -1 end
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', 'e', ARGV[4], 'reason', ARGV[5],
+           'stream_id', ARGV[3], 'at_ns', ARGV[6])
+local n = redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+if n > 0 then redis.call('HINCRBY', KEYS[2], 'done', n) end
+return n
+"""
+assert ENTRY_FIELD == b"e", "FENCED_DEAD_LETTER_LUA's entry field"
 
 Spawn = Callable[[Awaitable[None]], None]
 
@@ -26,8 +59,10 @@ class Acks:
     """XACKs gathered while replies arrive and sent in one pipeline; dead letters."""
 
     def __init__(self, name: str, client: aredis.Redis, keys: Keys, stats: Stats,
-                 meters: Meters, health: Health, retrying: Retrying, spawn: Spawn) -> None:
+                 meters: Meters, health: Health, retrying: Retrying, spawn: Spawn,
+                 lease: ShardLease | None = None) -> None:
         self.name = name
+        self.lease = lease  # with one, every ack and dead letter is fenced by it
         self.retrying = retrying
         self.spawn = spawn
         self.redis = client
@@ -59,8 +94,8 @@ class Acks:
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for shard, shard_ids in ids.items():
-                    streams.queue_acks(pipe, self.keys.stream(shard), shard_ids)
-                await pipe.execute()
+                    self._queue(pipe, shard, shard_ids)
+                replies = await pipe.execute()
         except redis.RedisError as exc:
             # Unacked entries are re-published after a restart: duplicates, never losses.
             log.warning("shard %s: XACK failed (%s); will retry", self.name, exc)
@@ -71,6 +106,23 @@ class Acks:
             self._wakeup.set()
             return
         self._set_failing(False)
+        self._count_fenced(replies, sum(len(v) for v in ids.values()))
+
+    def _queue(self, pipe: aredis.client.Pipeline, shard: int, ids: Sequence[bytes]) -> None:
+        if self.lease is None:
+            streams.queue_acks(pipe, self.keys.stream(shard), ids)
+            return
+        key = self.keys.stream(shard)
+        for start in range(0, len(ids), streams.ACK_CHUNK):
+            pipe.eval(FENCED_ACK_LUA, 3, key, meta_of(key), self.keys.lease(shard),
+                      CONSUMER_GROUP, self.lease.fence, *ids[start:start + streams.ACK_CHUNK])
+
+    def _count_fenced(self, replies: list[object], count: int) -> None:
+        """Acks refused by the fence are dropped: the shard's new owner re-publishes them."""
+        if self.lease is not None and any(r == FENCED for r in replies):
+            log.warning("shard %s: %d acks refused: the lease is no longer ours (%s); the next "
+                        "owner re-publishes those entries", self.name, count,
+                        self.lease.lost_reason or "taken over")
 
     def _set_failing(self, failing: bool) -> None:
         if failing != self._failing:
@@ -82,5 +134,19 @@ class Acks:
         self.stats.dead_lettered += 1
         self.meters.dead_letter(shard)
         log.error("shard %d: entry %s dead-lettered: %s", shard, sid.decode(), reason)
-        self.spawn(self.retrying(lambda: streams.dead_letter(
-            self.redis, self.keys, shard, stream_id=sid, envelope=raw, reason=reason)))
+        if self.lease is None:
+            self.spawn(self.retrying(lambda: streams.dead_letter(
+                self.redis, self.keys, shard, stream_id=sid, envelope=raw, reason=reason)))
+        else:
+            self.spawn(self.retrying(lambda: self._fenced_dead_letter(shard, sid, raw, reason)))
+
+    async def _fenced_dead_letter(self, shard: int, sid: bytes, raw: bytes, reason: str) -> None:
+        assert self.lease is not None
+        key = self.keys.stream(shard)
+        done = await self.redis.eval(
+            FENCED_DEAD_LETTER_LUA, 4, key, meta_of(key), self.keys.lease(shard),
+            self.keys.dead(shard), CONSUMER_GROUP, self.lease.fence, sid, raw,
+            reason.encode("utf-8", "replace"), str(time.time_ns()), streams.DEAD_LETTER_MAXLEN)
+        if done == FENCED:
+            log.warning("shard %d: entry %s not dead-lettered: the lease is no longer ours",
+                        shard, sid.decode())

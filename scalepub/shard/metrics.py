@@ -70,6 +70,14 @@ IGNORED_STANZAS = Counter(
     "flight from someone other than the pubsub service), unknown_id (an answer to no IQ in "
     "flight), unexpected (messages, presence, IQ requests from others).", ["shard", "kind"])
 
+# Shard leases (scalepub/shard/lease.py): a worker taking a shard's lease (a new owner), and
+# a renewal that failed (Redis unreachable or slow, or the lease taken over).
+OWNER_CHANGES = Counter("scalepub_shard_owner_changes", "Shard leases taken by a new owner.",
+                        ["shard"])
+LEASE_RENEW_FAILURES = Counter("scalepub_lease_renew_failures",
+                               "Shard lease renewals that failed or found the lease gone.",
+                               ["shard"])
+
 
 def serve(host: str, port: int) -> None:
     """Serve every process's samples on http://host:port/metrics (a daemon thread)."""

@@ -1,14 +1,16 @@
-"""The supervisor: spawns the shard processes, restarts the dead, stops them gracefully."""
+"""The supervisor: its share of the shards, shard processes for them, restarts, graceful stop."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
+import os
 import signal
 import socket
 import time
 from dataclasses import dataclass
-from multiprocessing.connection import wait
+from multiprocessing.connection import Connection, wait
 from multiprocessing.context import SpawnProcess
 from multiprocessing.synchronize import Event
 from types import FrameType
@@ -17,9 +19,10 @@ import redis
 
 from scalepub import exitcodes
 from scalepub.backlog import stream_backlog
-from scalepub.connections import sync_client
+from scalepub.connections import check_mode, sync_client
 from scalepub.settings import Settings, SettingsError
 from scalepub.shard import metrics
+from scalepub.shard.membership import Registry, spread, supervisor_id
 from scalepub.shard.process import shard_main
 from scalepub.shard.streams import agree_shard_count
 from scalepub.sharding import Keys
@@ -33,11 +36,12 @@ KILL_AFTER_S = 5.0  # after a second signal, stragglers get SIGKILL
 
 @dataclass
 class _Slot:
-    """One shard process position: which shards it owns and its restart history."""
+    """One shard process position: the shards it was given and its restart history."""
 
     index: int
     shards: list[int]
     process: SpawnProcess | None = None
+    conn: Connection | None = None  # the supervisor's end of the process's pipe
     ready: Event | None = None
     started: float = 0.0
     failures: int = 0
@@ -45,18 +49,39 @@ class _Slot:
     terminated: bool = False  # SIGTERM sent to the current process
 
 
+def slot_shards(target: list[int], processes: int | None) -> dict[int, list[int]]:
+    """Which shards each process slot works: one slot per shard by default (slot = shard),
+    else ``processes`` slots sharing the target round robin (pure, unit-tested)."""
+    if processes is None:
+        return {shard: [shard] for shard in target}
+    out: dict[int, list[int]] = {i: [] for i in range(processes)}
+    for i, shard in enumerate(sorted(target)):
+        out[i % processes].append(shard)
+    return out
+
+
 class Pool:
-    """``scalepub run``: N shard processes over the streams of ``settings.shards`` shards."""
+    """``scalepub run``: one supervisor; shard processes for the shards it owns by lease.
+
+    Any number of supervisors with the same settings share the shards: each refreshes its
+    entry among the live supervisors every renew interval, computes the same spread
+    (membership.spread) and works its share; leases fence the rest (lease.py).
+    """
 
     def __init__(self, settings: Settings, processes: int | None = None,
-                 log_level: str = "INFO") -> None:
+                 log_level: str = "INFO", name: str | None = None) -> None:
         self.settings = settings
-        count = min(processes or settings.shards, settings.shards)
-        self.slots = [_Slot(i, list(range(i, settings.shards, count))) for i in range(count)]
+        self.processes = None if processes is None else max(1, min(processes, settings.shards))
+        self.me = supervisor_id(name)
+        self.slots: dict[int, _Slot] = {}
+        self.target: list[int] = []
         self.log_level = log_level
         self._ctx = multiprocessing.get_context("spawn")
         self._signals = 0
         self._ever_ready = False
+        self._registry: Registry | None = None
+        self._next_beat = 0.0
+        self._started = time.time()
 
     def run(self) -> int:
         """Supervise until a signal or a fatal shard error; returns the exit code."""
@@ -67,14 +92,18 @@ class Pool:
             return exitcodes.report(exc, self.settings, lambda line: log.error("%s", line))
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
-        for slot in self.slots:
-            self._spawn(slot)
-        log.info("pool: %d shard processes over %d shards", len(self.slots), self.settings.shards)
+        self._registry = Registry(sync_client(self.settings), Keys(self.settings.key_prefix),
+                                  self.me, self.settings.lease_ttl_s)
+        for index in slot_shards([], self.processes):  # --processes: all start at once
+            self._spawn(self._slot(index))
+        log.info("pool %s: %d shards shared with the other live supervisors (lease TTL %.1f s)",
+                 self.me, self.settings.shards, self.settings.lease_ttl_s)
         code = self._supervise()
+        self._leave()
         stopped = self._stop_all()
         if code == exitcodes.OK and self._signals < 2:
             code = stopped  # a shard that failed its graceful stop fails the run
-        log.info("pool: stopped (exit code %d)", code)
+        log.info("pool %s: stopped (exit code %d)", self.me, code)
         return code
 
     def _serve_metrics(self) -> None:
@@ -99,6 +128,7 @@ class Pool:
         """Redis answers and its streams agree with our shard count (raises otherwise)."""
         client = sync_client(self.settings, timeout=max(self.settings.redis_timeout, 2.0))
         try:
+            check_mode(self.settings, client)  # REDIS_URL's cluster scheme fits the server
             previous = agree_shard_count(client, Keys(self.settings.key_prefix),
                                          self.settings.shards)
         finally:
@@ -109,9 +139,9 @@ class Pool:
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         self._signals += 1
-        log.info("pool: %s (%s), %s", signal.Signals(signum).name, self._signals,
+        log.info("pool %s: %s (%s), %s", self.me, signal.Signals(signum).name, self._signals,
                  "stopping gracefully" if self._signals == 1 else "stopping now")
-        for slot in self.slots:
+        for slot in self.slots.values():
             self._terminate(slot, again=self._signals > 1)
 
     @staticmethod
@@ -121,13 +151,19 @@ class Pool:
             slot.process.terminate()
             slot.terminated = True
 
+    def _slot(self, index: int) -> _Slot:
+        return self.slots.setdefault(index, _Slot(index, []))
+
     def _spawn(self, slot: _Slot) -> None:
         slot.ready = self._ctx.Event()
+        slot.conn, child = self._ctx.Pipe()
         slot.process = self._ctx.Process(
-            target=shard_main, name=f"shard-{slot.index}",
-            args=(self.settings, slot.shards, slot.index, slot.ready.set, self.log_level),
+            target=shard_main, name=f"shard-process-{slot.index}",
+            args=(self.settings, child, slot.index, slot.ready.set, self.log_level, self.me),
         )
         slot.process.start()
+        child.close()
+        slot.conn.send(slot.shards)
         slot.started = time.monotonic()
         slot.restart_at = None
         slot.terminated = False
@@ -135,15 +171,52 @@ class Pool:
     def _supervise(self) -> int:
         backlog = BacklogGauges(self.settings)
         while not self._signals:
-            sentinels = [s.process.sentinel for s in self.slots if s.process is not None]
+            sentinels = [s.process.sentinel for s in self.slots.values() if s.process is not None]
             wait(sentinels, timeout=0.2)  # a dead child wakes us at once
+            self._maybe_beat()
             backlog.maybe_update()
-            self._ever_ready |= any(s.ready is not None and s.ready.is_set() for s in self.slots)
-            for slot in self.slots:
+            self._ever_ready |= any(s.ready is not None and s.ready.is_set()
+                                    for s in self.slots.values())
+            for slot in list(self.slots.values()):
                 code = self._check(slot)
                 if code is not None:
                     return code
         return exitcodes.OK
+
+    def _maybe_beat(self) -> None:
+        """Every renew interval: refresh our entry, and follow the spread of the live ones."""
+        now = time.monotonic()
+        if now < self._next_beat or self._registry is None:
+            return
+        self._next_beat = now + self.settings.lease_renew_s
+        try:
+            live = self._registry.beat({"host": socket.gethostname(), "pid": os.getpid(),
+                                        "shards": self.target, "started": self._started})
+        except redis.RedisError as exc:  # the workers' leases decide; keep what we have
+            log.warning("pool %s: cannot refresh its membership: %s", self.me, exc)
+            return
+        target = spread(self.settings.shards, live).get(self.me, [])
+        if target != self.target:
+            log.info("pool %s: %d live supervisors; its shards now %s (were %s)", self.me,
+                     len(live), target, self.target)
+            self.target = target
+            self._assign(slot_shards(target, self.processes))
+
+    def _assign(self, wanted: dict[int, list[int]]) -> None:
+        """Tell each slot its shards; start slots that get some, stop those left without."""
+        for index in set(wanted) | set(self.slots):
+            slot, shards = self._slot(index), wanted.get(index, [])
+            if shards == slot.shards:
+                continue
+            slot.shards = shards
+            if slot.process is None:
+                if shards and slot.restart_at is None:
+                    self._spawn(slot)
+            elif not shards and self.processes is None:
+                self._terminate(slot)  # drains, acks and releases its shard, then exits
+            elif slot.conn is not None:
+                with contextlib.suppress(OSError):  # a dying process: restarted with them
+                    slot.conn.send(shards)
 
     def _check(self, slot: _Slot) -> int | None:
         now = time.monotonic()
@@ -160,24 +233,43 @@ class Pool:
         slot.process = None
         if code in exitcodes.FATAL or (not self._ever_ready and code in (
                 exitcodes.XMPP_UNREACHABLE, exitcodes.REDIS_UNREACHABLE)):
-            log.error("pool: shard process %d failed at start (exit code %d); stopping",
-                      slot.index, code)
+            log.error("pool %s: shard process %d failed at start (exit code %d); stopping",
+                      self.me, slot.index, code)
             return code
+        if slot.terminated and code == exitcodes.OK and not self._wanted(slot):
+            return None  # it gave its shard up when told to
         self._schedule_restart(slot, code, now)
         return None
+
+    def _wanted(self, slot: _Slot) -> bool:
+        return bool(slot.shards) or self.processes is not None
 
     def _schedule_restart(self, slot: _Slot, code: int, now: float) -> None:
         slot.failures = 0 if now - slot.started > STABLE_AFTER_S else slot.failures + 1
         delay = min(0.5 * 2 ** slot.failures, RESTART_BACKOFF_MAX_S) if slot.failures else 0.2
+        if slot.terminated and code == exitcodes.OK:
+            delay = 0.0  # it gave its shard up and got it back meanwhile
         slot.restart_at = now + delay
         metrics.RESTARTS.labels(",".join(map(str, slot.shards))).inc()
-        log.error("pool: shard process %d (shards %s) died with exit code %d; restart in %.1f s",
-                  slot.index, slot.shards, code, delay)
+        log.error("pool %s: shard process %d (shards %s) exited with code %d; restart in %.1f s",
+                  self.me, slot.index, slot.shards, code, delay)
+
+    def _leave(self) -> None:
+        """Leave the live supervisors at once: the others start taking our shards while
+        ours drain and release them."""
+        if self._registry is None:
+            return
+        try:
+            self._registry.leave()
+        except redis.RedisError as exc:  # our entry expires by itself within the TTL
+            log.warning("pool %s: cannot leave the membership: %s", self.me, exc)
+        self._registry.redis.close()
 
     def _stop_all(self) -> int:
-        for slot in self.slots:
+        for slot in self.slots.values():
             self._terminate(slot)
-        alive = [s.process for s in self.slots if s.process is not None and s.process.is_alive()]
+        alive = [s.process for s in self.slots.values()
+                 if s.process is not None and s.process.is_alive()]
         deadline = None
         while any(p.is_alive() for p in alive):
             if self._signals >= 2 and deadline is None:
@@ -187,7 +279,7 @@ class Pool:
                     process.kill()
             wait([p.sentinel for p in alive if p.is_alive()], timeout=0.2)
         for process in alive:
-            log.info("pool: %s exited with %s", process.name, process.exitcode)
+            log.info("pool %s: %s exited with %s", self.me, process.name, process.exitcode)
         failed = [p for p in alive if p.exitcode not in (0, None)]
         return exitcodes.FAILURE if failed else exitcodes.OK
 

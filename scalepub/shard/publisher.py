@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from scalepub.settings import Settings
 from scalepub.shard.acks import Acks, Spawn
@@ -58,6 +59,8 @@ class Publisher:
         self.spawn = spawn
         self.inflight: dict[str, Batch] = {}
         self.draining = False  # stopping: nothing more is sent
+        # Checked right before each send and reconnect: the shard's lease (worker.py).
+        self.allowed: Callable[[], bool] = _always
         self.link = XmppLink(settings, resource, self.inflight.__contains__, self._on_reply,
                              self._on_down, meters.ignored)
 
@@ -85,7 +88,7 @@ class Publisher:
         """
         open_ok = replied or not self.inflight
         while (self.link.up and not self.draining
-               and len(self.inflight) < self.settings.window):
+               and len(self.inflight) < self.settings.window and self.allowed()):
             batch = self.batcher.next_batch(time.monotonic(), open_ok)
             if batch is None:
                 return
@@ -209,7 +212,7 @@ class Publisher:
 
     async def _reconnect(self) -> None:
         delay = RECONNECT_FIRST_S
-        while not self.stop.is_set():
+        while not self.stop.is_set() and self.allowed():  # never replace a newer owner's login
             try:
                 await self.link.connect()
                 self.health.xmpp_down = False
@@ -221,3 +224,7 @@ class Publisher:
                             self.name, exc, delay)
             await asyncio.sleep(delay)
             delay = backoff(delay, RECONNECT_MAX_S)
+
+
+def _always() -> bool:
+    return True

@@ -73,6 +73,9 @@ class Reader:
         self._nodes: dict[bytes, str] = {}
         self._last_taken: dict[str, bytes] = {}  # stream → newest id read from it
         self._reread = False
+        # Checked before each read: without the shard's lease, nothing more is taken from
+        # the group (worker.py); what was read stays pending for the next owner.
+        self.allowed: Callable[[], bool] = lambda: True
 
     async def loop(self) -> None:
         """Claim what a predecessor left pending, then read new entries until stopped."""
@@ -91,6 +94,9 @@ class Reader:
             self.on_taken()
 
     async def _read_new(self) -> list[tuple[bytes, streams.StreamEntries]]:
+        if not self.allowed():
+            await asyncio.sleep(0.05)
+            return []
         if self._reread:  # the last read failed: its reply may be lost, its entries pending
             replies = await streams.read_own_pending(
                 self.redis, {k: self._last_taken.get(k, b"0-0") for k in self.shard_of},

@@ -18,10 +18,11 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from scalepub.connections import shard_client
 from scalepub.settings import Settings
-from scalepub.shard import streams
+from scalepub.shard import metrics, streams
 from scalepub.shard.acks import Acks
 from scalepub.shard.batcher import Batcher, Caps
 from scalepub.shard.heartbeat import Health, Heartbeat
+from scalepub.shard.lease import LeaseTiming, ShardLease
 from scalepub.shard.publisher import Publisher
 from scalepub.shard.reader import Reader
 from scalepub.shard.retry import Retrier
@@ -53,6 +54,13 @@ class ShardWorker:
         self._background: set[asyncio.Task[None]] = set()
         self._meters = Meters(self._name)
         self.health = Health()
+        # With an owner (a supervisor's id), the worker publishes its one shard only while
+        # it holds the shard's lease (scalepub/shard/lease.py).
+        self.lease = None if owner is None else ShardLease(
+            self.redis, self.keys, _one(shards), owner,
+            LeaseTiming(settings.lease_ttl_s, settings.lease_renew_s),
+            on_renew_failure=metrics.LEASE_RENEW_FAILURES.labels(self._name).inc,
+            on_acquired=metrics.OWNER_CHANGES.labels(self._name).inc)
         retrying = Retrier(self._name, self.redis, list(shard_of), self._meters, self.health,
                            lambda: self._stop.is_set() and self._draining)
         self.batcher = Batcher(Caps(settings.batch_max_entries, settings.batch_max_bytes,
@@ -60,9 +68,9 @@ class ShardWorker:
         # Entries held in memory (read, not yet confirmed): bounds RSS (~1 kB an entry).
         max_buffer = settings.window * settings.batch_max_entries * 2
         self.acks = Acks(self._name, self.redis, self.keys, self.stats, self._meters,
-                         self.health, retrying, self._spawn)
+                         self.health, retrying, self._spawn, self.lease)
         self.publisher = Publisher(
-            settings, self._name, f"scalepub-{socket.gethostname()}-{consumer}", self.batcher,
+            settings, self._name, self._resource(consumer), self.batcher,
             self.acks, self.stats, self._meters, self.health, max_buffer=max_buffer,
             stop=self._stop, space=self._space, spawn=self._spawn)
         self.reader = Reader(self.redis, shard_of, consumer, self.batcher, self.acks, retrying,
@@ -70,19 +78,33 @@ class ShardWorker:
                              space=self._space, on_taken=self.publisher.pump)
         self.heartbeat = Heartbeat(self.redis, self.keys, list(shard_of.values()), self.stats,
                                    self.health, retrying)
+        if self.lease is not None:
+            self.publisher.allowed = self.reader.allowed = self.lease.valid
+
+    def _resource(self, consumer: str) -> str:
+        """The XMPP resource: under a lease, the same for every owner of the shard, so a new
+        owner's login replaces its predecessor's session (docs/reliability.md, fencing)."""
+        if self.lease is None:
+            return f"scalepub-{socket.gethostname()}-{consumer}"
+        return f"scalepub-{self.settings.key_prefix}-shard-{self.lease.shard}"
 
     async def run(self) -> Stats:
         """Connect, publish until ``stop()``, then drain and return the counts."""
         for key in self.reader.shard_of:
             await streams.ensure_group(self.redis, key)
+        if self.lease is not None and not await self.lease.acquire(self._stop):
+            await self.redis.aclose()
+            return self.stats
         await self.publisher.link.connect()
         log.info("shard %s: connected as %s, window %d", self._name, self.settings.xmpp_jid,
                  self.settings.window)
         if self._on_ready:
             self._on_ready()
-        tasks = [asyncio.create_task(c) for c in
-                 (self.reader.loop(), self.publisher.linger_loop(), self.acks.loop(),
-                  self.heartbeat.loop())]
+        loops = [self.reader.loop(), self.publisher.linger_loop(), self.acks.loop(),
+                 self.heartbeat.loop()]
+        if self.lease is not None:
+            loops.append(self.lease.keep(self._lease_lost))
+        tasks = [asyncio.create_task(c) for c in loops]
         for task in tasks:
             task.add_done_callback(self._loop_ended)
         await self._stop.wait()
@@ -103,6 +125,12 @@ class ShardWorker:
         """Graceful stop: no new reads or publishes; confirmed entries are acked."""
         self._stop.set()
         self._space.set()  # wakes a reader waiting for buffer space
+
+    def _lease_lost(self, reason: str) -> None:
+        """Nothing more is sent or acked (the checks use the lease's own clock); stop."""
+        log.warning("shard %s: lease lost (%s); stopping its work", self._name, reason)
+        self.publisher.draining = True
+        self.stop()
 
     def _loop_ended(self, task: asyncio.Task[None]) -> None:
         """A loop must only end by cancellation; a bug in one stops the shard (restarted)."""
@@ -129,7 +157,10 @@ class ShardWorker:
                                 asyncio.gather(*self._background, return_exceptions=True))
 
     async def _close(self) -> None:
-        await self._bounded("heartbeat", self.heartbeat.remove())
+        if self.lease is None or self.lease.valid():  # a new owner's heartbeat is not ours
+            await self._bounded("heartbeat", self.heartbeat.remove())
+        if self.lease is not None:
+            await self._bounded("lease release", self.lease.release())
         await self._bounded("XMPP close", self.publisher.link.close())
         await self._bounded("Redis close", self.redis.aclose())
         log.info("shard %s: stopped: %s", self._name, self.stats.summary())
@@ -150,3 +181,10 @@ class ShardWorker:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def _one(shards: Sequence[int]) -> int:
+    """The single shard of a worker under a lease (one lease, one XMPP session per shard)."""
+    if len(shards) != 1:
+        raise ValueError(f"a worker under a lease publishes one shard, got {list(shards)}")
+    return shards[0]

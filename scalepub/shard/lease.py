@@ -1,0 +1,218 @@
+"""Shard leases: at most one owner per shard, with a fencing token that only grows.
+
+A shard's lease is the hash ``{prefix}:{N}:lease`` (fields ``fence`` = ``"<token>:<owner>"``
+and ``since``, the Redis time in ms it was taken) with a TTL; ``{prefix}:{N}:fence`` is the
+counter every acquisition increments. Both carry the shard's hash tag, so each script below
+touches one Redis Cluster slot, as does the fenced ack (scalepub/shard/acks.py).
+
+The holder's own clock decides when it must stop: a renewal sent at monotonic time ``t``
+and answered keeps the lease in Redis until at least ``t + ttl``; the holder stops
+publishing at ``t + ttl - margin`` (``LeaseTiming``), before anyone else can take it.
+docs/reliability.md, "Shard leases and fencing", gives the whole argument.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis
+import redis.asyncio as aredis
+
+from scalepub.sharding import Keys
+
+log = logging.getLogger(__name__)
+
+# How often a worker waiting for a shard asks for it: the next owner starts within this
+# much of a graceful release (a few cheap commands per second, only while waiting).
+ACQUIRE_POLL_S = 0.1
+
+# KEYS: lease, fence counter. ARGV: owner, ttl ms. Takes the lease if nobody holds it, or if
+# the holder is the same owner (a restarted worker of this supervisor: its predecessor is
+# gone, and the new token fences it). Returns the new token, or 0 and the holder's fence.
+ACQUIRE_LUA = """
+local held = redis.call('HGET', KEYS[1], 'fence')
+if held then
+  local owner = string.match(held, '^%d+:(.*)$')
+  if owner ~= ARGV[1] then return {0, held} end
+end
+local token = redis.call('INCR', KEYS[2])
+local t = redis.call('TIME')
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'fence', token .. ':' .. ARGV[1],
+           'since', t[1] * 1000 + math.floor(t[2] / 1000))
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return {token, ''}
+"""
+
+# KEYS: lease. ARGV: fence, ttl ms. 1 if still ours (TTL reset), else 0.
+RENEW_LUA = """
+if redis.call('HGET', KEYS[1], 'fence') == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# KEYS: lease. ARGV: fence. Deletes the lease only if it is still ours.
+RELEASE_LUA = """
+if redis.call('HGET', KEYS[1], 'fence') == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+# Lua prelude for scripts that may only act under a valid lease: KEYS[lease_key] holds the
+# fence given in ARGV[fence_arg]. Used by the fenced ack and dead-letter scripts.
+FENCE_CHECK_LUA = """
+local function holds(lease_key, fence)
+  return redis.call('HGET', lease_key, 'fence') == fence
+end
+"""
+
+
+class LeaseLost(RuntimeError):
+    """The shard's lease is no longer ours: stop publishing it."""
+
+
+@dataclass(frozen=True)
+class LeaseTiming:
+    """When a holder renews, and until when it may act on a renewal (pure, unit-tested)."""
+
+    ttl_s: float
+    renew_s: float
+
+    @property
+    def margin_s(self) -> float:
+        """Stop this long before Redis could let the lease go: the time between a local
+        check and its bytes being handled by the server, and clock-rate drift."""
+        return max(0.2 * self.ttl_s, 0.1)
+
+    def valid_until(self, sent_at: float) -> float:
+        """Monotonic deadline given by a renewal (or acquisition) *sent* at ``sent_at``."""
+        return sent_at + self.ttl_s - self.margin_s
+
+    def call_timeout(self, now: float, deadline: float) -> float:
+        """How long a renewal may wait for Redis: never past the deadline, at least 50 ms."""
+        return max(min(deadline - now, self.renew_s), 0.05)
+
+    def ttl_ms(self) -> int:
+        """The TTL as Redis takes it."""
+        return max(int(self.ttl_s * 1000), 1)
+
+
+def fence_of(token: int, owner: str) -> str:
+    """The value a lease holds for ``owner`` under ``token``."""
+    return f"{token}:{owner}"
+
+
+def parse_fence(fence: str) -> tuple[int, str]:
+    """``(token, owner)`` of a lease's fence value."""
+    token, _, owner = fence.partition(":")
+    return int(token), owner
+
+
+class ShardLease:
+    """One shard's lease, as one worker holds it: acquire, keep, check, release."""
+
+    def __init__(self, client: aredis.Redis, keys: Keys, shard: int, owner: str,
+                 timing: LeaseTiming, on_renew_failure: Callable[[], None] | None = None,
+                 on_acquired: Callable[[], None] | None = None) -> None:
+        self.redis = client
+        self.key = keys.lease(shard)
+        self.fence_key = keys.fence(shard)
+        self.shard = shard
+        self.owner = owner
+        self.timing = timing
+        self.token = 0
+        self.deadline = 0.0  # monotonic; nothing may be sent or acked after it
+        self.lost_reason = ""
+        self._on_renew_failure = on_renew_failure
+        self._on_acquired = on_acquired
+
+    @property
+    def fence(self) -> str:
+        """The value the fenced scripts compare with the lease."""
+        return fence_of(self.token, self.owner)
+
+    def valid(self) -> bool:
+        """Whether this holder may still publish and acknowledge (its own clock)."""
+        return not self.lost_reason and time.monotonic() < self.deadline
+
+    async def acquire(self, stop: asyncio.Event) -> bool:
+        """Wait until the lease is ours (True) or ``stop`` is set (False)."""
+        holder = ""
+        while not stop.is_set():
+            sent = time.monotonic()
+            try:
+                token, held = await self.redis.eval(
+                    ACQUIRE_LUA, 2, self.key, self.fence_key, self.owner, self.timing.ttl_ms())
+            except redis.RedisError as exc:
+                log.warning("shard %d: cannot ask for its lease (%s); retrying", self.shard, exc)
+                await _wait(stop, 0.5)
+                continue
+            if int(token):
+                self.token, self.deadline, self.lost_reason = int(token), \
+                    self.timing.valid_until(sent), ""
+                log.info("shard %d: lease taken by %s, token %d", self.shard, self.owner,
+                         self.token)
+                if self._on_acquired is not None:
+                    self._on_acquired()
+                return True
+            if held != holder:
+                holder = held.decode() if isinstance(held, bytes) else str(held)
+                log.info("shard %d: waiting for its lease, held by %s", self.shard, holder)
+            await _wait(stop, ACQUIRE_POLL_S)
+        return False
+
+    async def keep(self, on_lost: Callable[[str], None]) -> None:
+        """Renew every ``renew_s`` until cancelled; ``on_lost`` once if it is lost or expires."""
+        while not self.lost_reason:
+            await asyncio.sleep(max(min(self.timing.renew_s, self.deadline - time.monotonic()),
+                                    0.0))
+            if self.lost_reason:
+                return
+            await self._renew_once()
+            if self.lost_reason:
+                on_lost(self.lost_reason)
+
+    async def _renew_once(self) -> None:
+        sent = time.monotonic()
+        try:
+            ours = await asyncio.wait_for(
+                self.redis.eval(RENEW_LUA, 1, self.key, self.fence, self.timing.ttl_ms()),
+                self.timing.call_timeout(sent, self.deadline))
+        except (redis.RedisError, TimeoutError) as exc:
+            if self._on_renew_failure is not None:
+                self._on_renew_failure()
+            if time.monotonic() >= self.deadline:
+                self.lost_reason = f"expired: could not renew it ({exc or 'timeout'})"
+            else:
+                log.warning("shard %d: lease renewal failed (%s); %.1f s left", self.shard,
+                            exc or "timeout", self.deadline - time.monotonic())
+            return
+        if not int(ours):
+            self.lost_reason = "taken over: the lease is no longer ours"
+            if self._on_renew_failure is not None:
+                self._on_renew_failure()
+        elif not self.lost_reason:
+            self.deadline = self.timing.valid_until(sent)
+
+    async def release(self) -> None:
+        """Let the next owner take the shard at once (only if the lease is still ours)."""
+        if not self.token:
+            return
+        try:
+            await self.redis.eval(RELEASE_LUA, 1, self.key, self.fence)
+        except redis.RedisError as exc:  # it expires by itself within the TTL
+            log.warning("shard %d: could not release its lease (%s)", self.shard, exc)
+        self.deadline = 0.0
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
