@@ -39,7 +39,7 @@ class ShardWorker:
     """Publishes the streams of ``shards`` over one XMPP connection until stopped."""
 
     def __init__(self, settings: Settings, shards: Sequence[int], consumer: str,
-                 on_ready: Callable[[], None] | None = None) -> None:
+                 on_ready: Callable[[], None] | None = None, owner: str | None = None) -> None:
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
         shard_of = {self.keys.stream(s): s for s in shards}
