@@ -193,6 +193,12 @@ def _async_cluster(settings: Settings, options: dict[str, Any]) -> acluster.Redi
     return client
 
 
+def master_of(client: redis.Redis, key: str) -> str | None:
+    """``host:port`` of the master serving ``key``'s slot on a cluster; None on one Redis."""
+    cluster: Any = cluster_of(client)  # redis-py's cluster methods are untyped
+    return str(cluster.get_node_from_key(key).name) if cluster else None
+
+
 def check_mode(settings: Settings, client: redis.Redis) -> None:
     """Raise RedisModeError when the server's cluster mode and REDIS_URL's scheme disagree.
 

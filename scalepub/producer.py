@@ -15,7 +15,13 @@ import redis
 
 from scalepub import metrics
 from scalepub.backlog import APPENDED_FIELD, CAUGHT_UP_LUA, DONE_FIELD
-from scalepub.connections import run_script, script_missing, sync_client
+from scalepub.connections import (
+    run_script,
+    script_missing,
+    sync_client,
+    unreplicated,
+    wait_replicas,
+)
 from scalepub.envelope import split_encode
 from scalepub.settings import Settings
 from scalepub.sharding import CONSUMER_GROUP, ENTRY_FIELD, Keys, shard_for
@@ -120,6 +126,10 @@ class Refusal(enum.Enum):
     BACKPRESSURE = "backpressure"  # STREAM_MAXLEN entries of the shard wait for the pool
     SHARD_MISMATCH = "shard_mismatch"  # the stream was written for another shard count
     REDIS = "redis"  # Redis unreachable, timed out or answered an error
+    # Appended, but fewer than REDIS_WAIT_REPLICAS replicas confirmed them in time: the outbox
+    # keeps the rows (a failover could lose the entries); the next round re-appends nothing
+    # that landed (the append script's record) and waits again.
+    REPLICATION = "replication"
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +199,8 @@ class StreamProducer:
         self.client = client if client is not None else sync_client(settings)
         self.spill = spill if spill is not None else LogSpill()
         self._append = self.client.register_script(APPEND_LUA)
+        # Replicas that must have an outbox row's entry before the row is deleted.
+        self.wait_replicas = wait_replicas(settings)
 
     def enqueue(self, entries: Sequence[PendingEntry],
                 spill: Spill | None = None) -> list[Appended] | None:
@@ -238,8 +250,27 @@ class StreamProducer:
                     shard, refused, Refusal.BACKPRESSURE,
                     f"{self.settings.stream_maxlen} entries of shard {shard} wait for the "
                     f"pool (STREAM_MAXLEN): {len(refused)} entries refused"))
+        if source and self.wait_replicas and result.appended:
+            self._confirm_replicated(by_shard, result)
         metrics.ENTRIES_ENQUEUED.inc(len(result.appended))
         return result
+
+    def _confirm_replicated(self, by_shard: dict[int, list[PendingEntry]],
+                            result: AppendResult) -> None:
+        """Turn the appends of shards whose replicas did not confirm them into failures."""
+        shards = {a.shard for a in result.appended}
+        timeout_ms = max(1, int(self.settings.redis_timeout * 500))  # within the socket timeout
+        unconfirmed = unreplicated(self.client, {s: self.keys.wait_probe(s) for s in shards},
+                                   self.wait_replicas, timeout_ms)
+        if not unconfirmed:
+            return
+        refused = {id(e) for f in result.failures for e in f.entries}
+        for shard in sorted(unconfirmed):
+            result.failures.append(ShardFailure(
+                shard, [e for e in by_shard[shard] if id(e) not in refused], Refusal.REPLICATION,
+                f"shard {shard}: fewer than {self.wait_replicas} replica(s) confirmed its "
+                f"entries within {timeout_ms} ms (REDIS_WAIT_REPLICAS); the rows stay"))
+        result.appended = [a for a in result.appended if a.shard not in unconfirmed]
 
     def _run(self, by_shard: dict[int, list[PendingEntry]], source: str) -> list[Any]:
         if len(by_shard) == 1:  # the common case, one save: a single EVALSHA

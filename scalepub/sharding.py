@@ -47,15 +47,15 @@ class Keys:
         """Dead-letter stream: entries the XMPP server refused, with the reason."""
         return f"{self.prefix}:{{{shard}}}:dead"
 
+    def wait_probe(self, shard: int) -> str:
+        """Key the relay writes before WAIT, so WAIT covers its appends to this shard's master
+        whichever pooled connection made them (connections.unreplicated)."""
+        return f"{self.prefix}:{{{shard}}}:waited"
+
     def heartbeat(self, shard: int) -> str:
         """Key with a TTL that a live shard process keeps refreshing."""
         return f"{self.prefix}:{{{shard}}}:alive"
 
-    def relay_record(self, shard: int, database: str) -> str:
-        """What the outbox relay of ``database`` last appended to a shard (for retries)."""
-        return f"{self.prefix}:{{{shard}}}:relayed:{database}"
-
-    def relay_lease(self, database: str) -> str:
     def lease(self, shard: int) -> str:
         """Hash of the shard's lease (fence ``token:owner``, since) with a TTL: its one owner."""
         return f"{self.prefix}:{{{shard}}}:lease"
@@ -74,6 +74,11 @@ class Keys:
         """Hash of what each live supervisor reports (JSON per id), for `scalepub status`."""
         return f"{self.prefix}:{{supervisors}}:info"
 
+    def relay_record(self, shard: int, database: str) -> str:
+        """What the outbox relay of ``database`` last appended to a shard (for retries)."""
+        return f"{self.prefix}:{{{shard}}}:relayed:{database}"
+
+    def relay_lease(self, database: str) -> str:
         """Key whose holder is the one outbox relay moving ``database``'s rows."""
         return f"{self.prefix}:relay:{database}"
 

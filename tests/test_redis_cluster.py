@@ -1,0 +1,324 @@
+"""The whole pipeline on a real Redis Cluster (3 masters + 3 replicas, `ops/stack up
+--redis-cluster`): stack, bad URLs, Django outbox → relay (WAIT) → pool → an independent
+subscriber; a master killed, a replica killed and a shard's slot migrated, all under load.
+
+The tests of this module share one cluster and run in file order: the fault tests leave it
+whole again (the killed node restarted as a replica) for the next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.core.management import call_command
+from redis.crc import key_slot
+
+from scalepub.connections import sync_client
+from scalepub.django.models import OutboxEntry
+from scalepub.history import read_history
+from scalepub.settings import Settings, env_mapping
+from scalepub.sharding import Keys
+from scalepub.status import collect
+from tests import cluster
+from tests.conftest import django_side
+from tests.e2e import Collector, Got, PoolProcess, create_nodes, settings_env, wait_until
+from tests.stack import REPO, Stack
+
+pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
+
+SHARDS = 8
+
+
+@pytest.fixture(scope="module")
+def cluster_stack() -> Iterator[Stack]:
+    """ejabberd and a Redis Cluster on free ports, for this module."""
+    yield from cluster.cluster_running()
+
+
+@pytest.fixture
+def cluster_settings(cluster_stack: Stack) -> Iterator[Settings]:
+    """The Django side on the cluster (outbox delivery, relay thread), a fresh key prefix."""
+    prefix = f"c{uuid.uuid4().hex[:8]}"
+    settings = Settings.from_mapping(env_mapping(cluster_stack.env), key_prefix=prefix,
+                                     shards=SHARDS, delivery="outbox")
+    yield from django_side(settings)
+    client = sync_client(settings)
+    try:
+        for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+            client.delete(key)
+    finally:
+        client.close()
+
+
+def masters_of_shards(stack: Stack, settings: Settings) -> dict[int, int]:
+    """shard → port of the master serving its slot."""
+    keys = Keys(settings.key_prefix)
+    return {s: cluster.master_of_slot(stack, key_slot(keys.stream(s).encode())).port
+            for s in range(SHARDS)}
+
+
+def tweet(prefix: str, count: int, authors: int) -> None:
+    call_command("tweet", count=count, authors=authors, rate=0, bulk=0, prefix=prefix,
+                 stdout=open(os.devnull, "w"))  # noqa: SIM115
+
+
+@contextlib.contextmanager
+def pipeline(stack: Stack, settings: Settings, authors: int, log: Path,
+             *args: str) -> Iterator[tuple[str, list[str], PoolProcess, Collector]]:
+    """Nodes of ``authors`` authors, their subscriber and `scalepub run ARGS` on the cluster."""
+    prefix = f"{settings.key_prefix}u"
+    nodes = [f"/twitter/Tweet/{prefix}{i}" for i in range(authors)]
+    create_nodes(stack.env, nodes)
+    collector = Collector(stack.env, nodes).start()
+    pool = PoolProcess(settings, log, "--shards", str(SHARDS), *args)
+    try:
+        yield prefix, nodes, pool, collector
+    finally:
+        pool.kill()
+        collector.stop()
+
+
+def complete_in_order(by_node: dict[str, list[Got]], per_node: int) -> tuple[int, int]:
+    """Every node got seqs 1..per_node, first arrivals in seq order; returns (duplicates,
+    re-appended): a seq seen again with the same stream id was re-published, with another id
+    re-appended (its first append never reached a replica; the seq counter went back with it)."""
+    duplicates = reappended = 0
+    for node, got in by_node.items():
+        first: dict[int, str] = {}
+        order = []
+        for g in got:
+            if g.seq in first:
+                duplicates += first[g.seq] == g.id
+                reappended += first[g.seq] != g.id
+                continue
+            first[g.seq] = g.id
+            order.append(g.seq)
+        assert sorted(first) == list(range(1, per_node + 1)), f"{node}: missing seqs"
+        assert order == sorted(order), f"{node}: out of order {order[:20]}"
+    return duplicates, reappended
+
+
+def distinct(collector: Collector) -> int:
+    return len({(g.node, g.seq) for g in collector.received})
+
+
+def outbox_empty() -> bool:
+    return not OutboxEntry.objects.exists()
+
+
+# ------------------------------------------------------------------------------ the stack
+
+def test_stack_runs_a_cluster_and_spreads_eight_shards(cluster_stack: Stack,
+                                                       cluster_settings: Settings) -> None:
+    status = cluster_stack.run("status")
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert status.stdout.count(": master, slots") == 3, status.stdout
+    assert status.stdout.count(": replica of 127.0.0.1:") == 3, status.stdout
+    assert "redis cluster: state ok" in status.stdout
+    port = cluster.cluster_port(cluster_stack)
+    assert cluster_stack.env["SCALEPUB_REDIS_URL"] == f"redis+cluster://127.0.0.1:{port}/"
+    spread = Counter(masters_of_shards(cluster_stack, cluster_settings).values())
+    assert sorted(spread.values()) == [2, 3, 3], spread  # every master, as even as 8/3 goes
+
+
+def run_pool(env: dict[str, str], url: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "scalepub"), "run", "--shards", "2"],
+        env={**os.environ, **env, "SCALEPUB_REDIS_URL": url, "SCALEPUB_METRICS_PORT": "0"},
+        capture_output=True, text=True, timeout=120, check=False, cwd=REPO)
+
+
+def test_a_url_of_the_wrong_kind_or_an_unreachable_cluster_is_named(
+        cluster_stack: Stack, cluster_settings: Settings) -> None:
+    env = settings_env(cluster_settings)
+    port = cluster.cluster_port(cluster_stack)
+    single_port = cluster_stack.control["SCALEPUB_REDIS_PORT"]
+    wrong = run_pool(env, f"redis://127.0.0.1:{port}/0")  # a cluster node as a single Redis
+    assert wrong.returncode == 2, wrong.stderr[-2000:]
+    assert "REDIS_URL" in wrong.stderr and f"redis+cluster://127.0.0.1:{port}/0" in wrong.stderr
+    reverse = run_pool(env, f"redis+cluster://127.0.0.1:{single_port}/")
+    assert reverse.returncode == 2, reverse.stderr[-2000:]
+    assert "REDIS_URL" in reverse.stderr and "not a Redis Cluster node" in reverse.stderr
+    closed = cluster.free_cluster_port()
+    gone = run_pool(env, f"redis+cluster://:s3cret@127.0.0.1:{closed}/")
+    assert gone.returncode == 5, gone.stderr[-2000:]
+    assert f"redis+cluster://:***@127.0.0.1:{closed}/" in gone.stderr
+    assert "s3cret" not in gone.stderr + gone.stdout
+
+
+# ------------------------------------------------------------------------------ the pipeline
+
+def test_outbox_relay_pool_and_history_on_the_cluster(cluster_stack: Stack,
+                                                      cluster_settings: Settings,
+                                                      tmp_path: Path) -> None:
+    """Django saves → outbox → relay (WAIT for a replica) → 8 shard streams on 3 masters →
+    3 shard processes (several streams of different slots each) → the subscriber."""
+    with pipeline(cluster_stack, cluster_settings, 40, tmp_path / "pool.log",
+                  "--processes", "3") as (prefix, nodes, pool, collector):
+        tweet(prefix, 2_000, 40)
+        assert collector.wait_for(lambda got: distinct(collector) >= 2_000, timeout=120), \
+            (distinct(collector), pool.output()[-3000:])
+        assert wait_until(outbox_empty, 30)
+        client = sync_client(cluster_settings)
+        try:
+            statuses = collect(cluster_settings, client)
+            history = read_history(client, Keys(cluster_settings.key_prefix), SHARDS, nodes[0],
+                                   after=45, limit=10)
+        finally:
+            client.close()
+        assert pool.stop() == 0, pool.output()[-3000:]
+    complete_in_order(collector.by_node(), 50)
+    masters = masters_of_shards(cluster_stack, cluster_settings)
+    assert {s.shard: s.master for s in statuses} == {
+        s: f"127.0.0.1:{p}" for s, p in masters.items()}
+    assert all(s.lag == 0 and s.pending == 0 for s in statuses), statuses
+    assert [e.seq for e in history.entries] == [46, 47, 48, 49, 50] and not history.lost
+
+
+# ------------------------------------------------------------------------------ faults
+
+class Watch:
+    """Does ``act`` once the subscriber has ``after`` distinct entries (in a thread)."""
+
+    def __init__(self, collector: Collector, after: int, act: Any) -> None:
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.result: Any = None
+
+        def run() -> None:
+            try:
+                if wait_until(lambda: distinct(collector) >= after, 300, 0.05):
+                    self.result = act()
+            except BaseException as exc:  # reported by the test
+                self.error = exc
+            finally:
+                self.done.set()
+
+        threading.Thread(target=run, daemon=True).start()
+
+    def wait(self, timeout: float = 300) -> Any:
+        assert self.done.wait(timeout), "the fault was never injected"
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+@pytest.mark.slow
+def test_kill_minus_nine_of_a_master_under_load_loses_nothing(
+        cluster_stack: Stack, cluster_settings: Settings, tmp_path: Path) -> None:
+    """20,000 saves; the master of shard 0's slot is killed with SIGKILL while the relay
+    appends and the pool reads; its replica takes over: every entry arrives, per-node order
+    kept. Prints the failover time (kill → replica serving as master)."""
+    victim = masters_of_shards(cluster_stack, cluster_settings)[0]
+    [replica] = [n for n in cluster.nodes(cluster_stack)
+                 if n.master_id == _node_id(cluster_stack, victim)]
+
+    def kill() -> dict[str, float]:
+        started = time.monotonic()
+        cluster.kill_node(cluster_stack, victim)
+        promoted = wait_until(lambda: _is_master(cluster_stack, replica.port), 60, 0.05)
+        return {"failover_s": time.monotonic() - started, "promoted": float(promoted),
+                "at": distinct(collector)}
+
+    with pipeline(cluster_stack, cluster_settings, 200, tmp_path / "pool.log") as (
+            prefix, _nodes, pool, collector):
+        watch = Watch(collector, 3_000, kill)
+        started = time.monotonic()
+        tweet(prefix, 20_000, 200)
+        figures = watch.wait()
+        assert figures["promoted"], "the replica never became master"
+        assert collector.wait_for(lambda got: distinct(collector) >= 20_000, timeout=300), \
+            (distinct(collector), pool.output()[-3000:])
+        elapsed = time.monotonic() - started
+        assert wait_until(outbox_empty, 60)
+        assert pool.stop() == 0, pool.output()[-3000:]
+    duplicates, reappended = complete_in_order(collector.by_node(), 100)
+    cluster.restart_node(cluster_stack, victim)  # back as a replica, for the next tests
+    assert wait_until(lambda: cluster_stack.run("status").returncode == 0, 60)
+    print(f"\nmaster {victim} killed after {figures['at']:.0f} of 20,000 entries: replica "
+          f"{replica.port} master after {figures['failover_s']:.2f} s; all 20,000 delivered in "
+          f"{elapsed:.1f} s, order kept, {duplicates} re-published, {reappended} re-appended")
+
+
+def _node_id(stack: Stack, port: int) -> str:
+    return next(n.node_id for n in cluster.nodes(stack) if n.port == port)
+
+
+def _is_master(stack: Stack, port: int) -> bool:
+    try:
+        return any(n.port == port and n.master for n in cluster.nodes(stack, port))
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.slow
+def test_a_replica_killed_under_load_loses_nothing(
+        cluster_stack: Stack, cluster_settings: Settings, tmp_path: Path) -> None:
+    """The replica of shard 1's master dies under load: that master's rows wait in the outbox
+    (WAIT cannot be met), the other shards go on; once it is back, every entry arrives."""
+    master = masters_of_shards(cluster_stack, cluster_settings)[1]
+    [replica] = [n for n in cluster.nodes(cluster_stack)
+                 if n.master_id == _node_id(cluster_stack, master)]
+
+    def kill() -> None:
+        cluster.kill_node(cluster_stack, replica.port)
+        time.sleep(3)
+        cluster.restart_node(cluster_stack, replica.port)
+
+    with pipeline(cluster_stack, cluster_settings, 100, tmp_path / "pool.log") as (
+            prefix, _nodes, pool, collector):
+        watch = Watch(collector, 1_000, kill)
+        tweet(prefix, 8_000, 100)
+        watch.wait()
+        assert collector.wait_for(lambda got: distinct(collector) >= 8_000, timeout=300), \
+            (distinct(collector), pool.output()[-3000:])
+        assert wait_until(outbox_empty, 60)
+        assert pool.stop() == 0, pool.output()[-3000:]
+    complete_in_order(collector.by_node(), 80)
+    assert wait_until(lambda: cluster_stack.run("status").returncode == 0, 60)
+
+
+@pytest.mark.slow
+def test_a_shard_slot_migrated_under_load_loses_nothing(
+        cluster_stack: Stack, cluster_settings: Settings, tmp_path: Path) -> None:
+    """`redis-cli --cluster reshard` moves the first slots of a master, shard 3's among them,
+    to another master while the relay appends and the pool reads (ASK/TRYAGAIN, then MOVED)."""
+    keys = Keys(cluster_settings.key_prefix)
+    slot = key_slot(keys.stream(3).encode())
+    source = cluster.master_of_slot(cluster_stack, slot)
+    first = int(source.slots.split()[0].split("-")[0])
+    assert first <= slot, source.slots
+    target = next(n for n in cluster.nodes(cluster_stack)
+                  if n.master and not n.failed and n.port != source.port)
+
+    def reshard() -> str:
+        done = subprocess.run(
+            ["redis-cli", "--cluster", "reshard", f"127.0.0.1:{source.port}",
+             "--cluster-from", source.node_id, "--cluster-to", target.node_id,
+             "--cluster-slots", str(slot - first + 1), "--cluster-yes"],
+            capture_output=True, text=True, timeout=300, check=False)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        return done.stdout
+
+    with pipeline(cluster_stack, cluster_settings, 100, tmp_path / "pool.log") as (
+            prefix, _nodes, pool, collector):
+        watch = Watch(collector, 1_000, reshard)
+        tweet(prefix, 8_000, 100)
+        watch.wait()
+        assert collector.wait_for(lambda got: distinct(collector) >= 8_000, timeout=300), \
+            (distinct(collector), pool.output()[-3000:])
+        assert wait_until(outbox_empty, 60)
+        assert pool.stop() == 0, pool.output()[-3000:]
+    complete_in_order(collector.by_node(), 80)
+    assert cluster.master_of_slot(cluster_stack, slot).port == target.port
