@@ -28,6 +28,7 @@ INSTALLED_APPS = [
     "scalepub.django",
     "twitter",
     "kitchensink",
+    "fieldzoo",  # one field of each kind: the fast serializer's tests, bench_ingest
 ]
 MIDDLEWARE = [
     "django.contrib.sessions.middleware.SessionMiddleware",
