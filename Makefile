@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench bench-storm loadtest venv packages client stack-up stack-down clean
+.PHONY: demo test test-postgres lint bench bench-storm loadtest venv packages client stack-up stack-down clean
 
 ## demo: local Redis + ejabberd, the example project, `scalepub run --shards 8`, a tweet
 ##       producer and a live terminal feed (Ctrl-C stops everything it started)
@@ -14,6 +14,14 @@ demo: venv client
 test: venv packages lint client
 	cd client/js && npm test
 	$(BIN)/pytest -q
+	$(MAKE) --no-print-directory test-postgres
+
+## test-postgres: the Django database tests again, on the test stack's PostgreSQL
+PG_TESTS := tests/test_atomic.py tests/test_outbox.py tests/test_django_handoff.py \
+	tests/test_checks.py tests/test_registry.py tests/test_relay_start.py tests/test_hostile.py \
+	tests/test_admin.py tests/test_postgres.py tests/test_relay_order.py
+test-postgres: venv
+	SCALEPUB_TEST_DATABASE=postgres $(BIN)/pytest -q -m "django_db or postgres" $(PG_TESTS)
 
 ## lint: ruff, mypy --strict, and the layering contracts of pyproject.toml (import-linter)
 lint: venv

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -15,11 +16,74 @@ from django.test import override_settings
 from scalepub.settings import Settings, env_mapping
 from tests.stack import Stack, running
 
+# The database Django's tests run on: `sqlite` (the example project's default) or `postgres`
+# (the session stack's PostgreSQL). `make test` runs the Django modules once more on the latter.
+TEST_DATABASE_VAR = "SCALEPUB_TEST_DATABASE"
+TEST_DATABASES = ("sqlite", "postgres")
+
+
+def chosen_database() -> str:
+    """The value of SCALEPUB_TEST_DATABASE (default sqlite); a bad one names the variable."""
+    value = os.environ.get(TEST_DATABASE_VAR, "sqlite")
+    if value not in TEST_DATABASES:
+        raise pytest.UsageError(f"{TEST_DATABASE_VAR} must be one of {', '.join(TEST_DATABASES)} "
+                                f"(got {value!r})")
+    return value
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    chosen_database()  # a bad value stops the run before any test
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``postgres`` need Django on PostgreSQL: they run in the PostgreSQL pass."""
+    if chosen_database() == "postgres":
+        return
+    keep = [item for item in items if item.get_closest_marker("postgres") is None]
+    if len(keep) < len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+        items[:] = keep
+
 
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack]:
-    """A private Redis + ejabberd on free loopback ports, stopped after the session."""
-    yield from running()
+    """A private Redis + ejabberd + PostgreSQL on free loopback ports, stopped after the
+    session."""
+    yield from running(SCALEPUB_POSTGRES="on")
+
+
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix: None,
+                                 request: pytest.FixtureRequest) -> None:
+    """pytest-django's hook before it creates the test database: in the PostgreSQL pass, the
+    default database becomes the session stack's PostgreSQL."""
+    if chosen_database() == "postgres":
+        use_database_url(request.getfixturevalue("stack").env["DATABASE_URL"])
+
+
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup: None) -> Iterator[None]:
+    """pytest-django's test database; this process's relay threads (and their LISTEN
+    sessions) stop before it is dropped: PostgreSQL refuses to drop a database in use."""
+    yield
+    from scalepub.django.runtime import runtime
+
+    runtime.stop()
+
+
+def use_database_url(url: str) -> None:
+    """Point Django's default database at ``url``, in place (the connection handler and the
+    settings share the dict), before any connection to it is opened."""
+    from django.conf import settings
+    from django.db import connections
+    from exampleproject.settings import postgres
+
+    fresh = connections.configure_settings({"default": postgres(url)})["default"]
+    db = settings.DATABASES["default"]
+    db.clear()
+    db.update(fresh)
+    connections["default"].close()
+    del connections["default"]  # the next use makes a wrapper of the new engine
 
 
 @pytest.fixture

@@ -73,6 +73,10 @@ def new_stack(**extra: str) -> Stack:
         "SCALEPUB_XMPP_PORT": str(free_port()),
         "SCALEPUB_HTTP_PORT": str(free_port()),
         "SCALEPUB_EJABBERD_NODE": f"scalepubtest{os.getpid()}x{state_dir.name[-6:]}@localhost",
+        # PostgreSQL only where asked for (SCALEPUB_POSTGRES="on", e.g. the session stack):
+        # initdb and a start cost every other stack a few seconds.
+        "SCALEPUB_POSTGRES": "off",
+        "SCALEPUB_PG_PORT": str(free_port()),
         **extra,
     }
     return Stack(state_dir, control)

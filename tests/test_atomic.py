@@ -1,7 +1,7 @@
 """A registered create and its outbox entry are one unit, also under autocommit (issue 12.1).
 
-A SQLite trigger makes every insert into ``scalepub_outbox`` fail: each covered create path
-must then raise and leave no row behind.
+A trigger makes every insert into ``scalepub_outbox`` fail (on SQLite and, in make test's
+PostgreSQL pass, on PostgreSQL): each covered create path must then raise and leave no row behind.
 """
 
 from __future__ import annotations
@@ -28,14 +28,27 @@ REFUSED = "outbox refused by the test trigger"
 @pytest.fixture
 def refusing_outbox(outbox_django: Settings) -> Iterator[Settings]:
     """Every INSERT into scalepub_outbox aborts (a database error in the entry's write)."""
+    create, drop = REFUSING_TRIGGER[connection.vendor]
     with connection.cursor() as cursor:
-        cursor.execute("CREATE TRIGGER scalepub_test_refuse BEFORE INSERT ON scalepub_outbox "
-                       f"BEGIN SELECT RAISE(ABORT, '{REFUSED}'); END")
+        cursor.execute(create)
     try:
         yield outbox_django
     finally:
         with connection.cursor() as cursor:
-            cursor.execute("DROP TRIGGER IF EXISTS scalepub_test_refuse")
+            cursor.execute(drop)
+
+
+# vendor -> (create, drop): a trigger that aborts every INSERT into scalepub_outbox
+REFUSING_TRIGGER = {
+    "sqlite": ("CREATE TRIGGER scalepub_test_refuse BEFORE INSERT ON scalepub_outbox "
+               f"BEGIN SELECT RAISE(ABORT, '{REFUSED}'); END",
+               "DROP TRIGGER IF EXISTS scalepub_test_refuse"),
+    "postgresql": ("CREATE FUNCTION scalepub_test_refuse() RETURNS trigger LANGUAGE plpgsql AS "
+                   f"$$ BEGIN RAISE EXCEPTION '{REFUSED}'; END $$; "
+                   "CREATE TRIGGER scalepub_test_refuse BEFORE INSERT ON scalepub_outbox "
+                   "FOR EACH ROW EXECUTE FUNCTION scalepub_test_refuse()",
+                   "DROP FUNCTION IF EXISTS scalepub_test_refuse() CASCADE"),
+}
 
 
 def _in_atomic(make: Callable[[], Any]) -> Callable[[], Any]:

@@ -22,7 +22,7 @@ import pytest
 import redis
 from django.conf import settings as django_settings
 from django.core import serializers
-from django.db import transaction
+from django.db import connection, transaction
 from django.test import override_settings
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -61,6 +61,12 @@ ANY_TEXT = st.lists(st.one_of(st.text(ANY_CHAR, max_size=40), st.sampled_from(HO
 HUGE_TEXT = st.tuples(st.sampled_from(["a", "é", "😀", "<&", "\x00", "]]>", "\r"]),
                       st.integers(0, 40_000), ANY_TEXT).map(lambda t: t[0] * t[1] + t[2])
 LIMIT = 6000  # payload byte limit in the property tests (the default is ~127 kB)
+
+
+def storable(text: str) -> str:
+    """``text`` as the test database can store it: PostgreSQL refuses NUL in text columns
+    (Django's DataError, before scalepub sees the row: tests/test_postgres.py), SQLite keeps it."""
+    return text.replace("\x00", "") if connection.vendor == "postgresql" else text
 
 
 def expected(text: str, fmt: str) -> str:
@@ -294,8 +300,8 @@ def test_hostile_rows_saved_for_real(delivery: str, request: pytest.FixtureReque
     scalepub_django: Settings = request.getfixturevalue(delivery)
     chan = uuid.uuid4().hex[:8]
     node = f"/kitchensink/Specimen/{chan}"
-    texts = ["plain", "nul\x00 vt\x0b", "cr\r\nlf", "😀 astral \U0001f9ea", "cdata ]]> end",
-             "\ufffe\uffff", "x" * 300_000]
+    texts = [storable(t) for t in ["plain", "nul\x00 vt\x0b", "cr\r\nlf", "😀 astral \U0001f9ea",
+                                   "cdata ]]> end", "\ufffe\uffff", "x" * 300_000]]
     before_fail, before_cut, before_chars = (
         failures("serialize"), altered("truncated"), altered("xml_chars"))
     rows = [Specimen.objects.create(channel=chan, body=t, data={"t": t[:100]}) for t in texts]
@@ -423,7 +429,8 @@ def _burst_bodies() -> list[str]:
         lambda i: f"markup <b>&amp;</b> {i}",
         lambda i: "huge " + "é" * 150_000,
     ]
-    return [kinds[i % len(kinds)](i) if i % 3 == 0 else f"normal {i}" for i in range(200)]
+    return [storable(kinds[i % len(kinds)](i)) if i % 3 == 0 else f"normal {i}"
+            for i in range(200)]
 
 
 def test_several_text_fields_are_cut_when_one_is_not_enough() -> None:

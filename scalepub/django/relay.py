@@ -1,12 +1,15 @@
 """The outbox relay: moves committed outbox rows to their shard streams, oldest first.
 
 One relay per database works at a time (a Redis lease), so rows leave the table in id order
-and per-node order survives. By default every serving Django process runs a relay thread that
-competes for the lease (``OUTBOX_RELAY = "thread"``, started by ``runtime``);
-``manage.py scalepub_relay`` runs one on its own. Rows are deleted only after Redis appended
-them. A relay that dies in between, or whose append timed out after Redis ran it, leaves rows
-that were appended: the append script keeps, per shard, the outbox ids of the last call from
-this database and answers those rows with where they landed instead of appending them twice.
+and per-node order survives (the order it guarantees when writers commit out of id order:
+docs/reliability.md §1, "Relay order"). On PostgreSQL an idle relay is woken by the commit
+notifications of any process (``notify``); elsewhere it polls. By default every serving
+Django process runs a relay thread that competes for the lease (``OUTBOX_RELAY = "thread"``,
+started by ``runtime``); ``manage.py scalepub_relay`` runs one on its own. Rows are deleted
+only after Redis appended them. A relay that dies in between, or whose append timed out after
+Redis ran it, leaves rows that were appended: the append script keeps, per shard, the outbox
+ids of the last call from this database and answers those rows with where they landed
+instead of appending them twice.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from django.db import DatabaseError, connections
 
 from scalepub import metrics
 from scalepub.connections import sync_client
-from scalepub.django import outbox
+from scalepub.django import notify, outbox
 from scalepub.producer import Refusal, StreamProducer
 from scalepub.settings import Settings
 from scalepub.sharding import Keys
@@ -46,6 +49,10 @@ DRAIN_ON_STOP_S = 5.0
 # Retries while Redis or the database fail are at most this far apart, so waiting rows move
 # within ~1 s of Redis coming back (docs/reliability.md §1 promises 2 s).
 _BACKOFF_MAX_S = 1.0
+# An idle leader woken by commit notifications (PostgreSQL) still looks this often: rows a
+# notification never announced (a LISTEN session that was down and is back) wait no longer.
+LISTENING_POLL_S = 1.0
+_STOP_CHECK_S = 0.1
 _MIN_ROUND_GAP_S = 0.002
 
 # Renew only our own lease: a relay that stalled past its TTL must not extend a successor's.
@@ -109,6 +116,8 @@ class Relay:
         self.state_key = keys.relay_state(self.database)
         self._refused_reason = ""  # failure_reason of the last refusal; empty while accepted
         self._reported = 0.0
+        self._listener: notify.Listener | None = None
+        self._no_listener = False  # this database cannot notify: poll
 
     def relay_once(self) -> Round:
         """Append up to OUTBOX_BATCH of the oldest rows, delete those Redis took."""
@@ -177,19 +186,34 @@ class Relay:
         wake = wake if wake is not None else threading.Event()
         in_round = round_lock if round_lock is not None else contextlib.nullcontext()
         delay = 0.0
-        while not stop.is_set():
-            started = time.monotonic()
-            with in_round:
-                delay, idle = self._step(delay)
-            if delay:
-                stop.wait(delay)
-            elif idle:
-                wake.wait(self.settings.outbox_poll_ms / 1000)
-                wake.clear()
-                # Woken by each commit: gather a few before the next round, which costs a
-                # SELECT, an EVALSHA and a DELETE however few rows it moves.
-                stop.wait(started + _MIN_ROUND_GAP_S - time.monotonic())
+        try:
+            while not stop.is_set():
+                started = time.monotonic()
+                with in_round:
+                    delay, idle = self._step(delay)
+                if delay:
+                    stop.wait(delay)
+                elif idle:
+                    _wait(wake, stop, self._idle_wait(wake, stop))
+                    wake.clear()
+                    # Woken by each commit: gather a few before the next round, which costs
+                    # a SELECT, an EVALSHA and a DELETE however few rows it moves.
+                    stop.wait(started + _MIN_ROUND_GAP_S - time.monotonic())
+        finally:
+            if self._listener is not None:
+                self._listener.join()
         self._drain()
+
+    def _idle_wait(self, wake: threading.Event, stop: threading.Event) -> float:
+        """How long the idle leader waits for a wake-up: on PostgreSQL every commit notifies
+        (started at the first idle round as leader: relays that never lead hold no LISTEN
+        session), and the short poll only covers a listener that is down."""
+        if self._listener is None and not self._no_listener:
+            self._listener = notify.listener(self.using, wake, stop)
+            self._no_listener = self._listener is None
+        if self._listener is not None and self._listener.listening:
+            return LISTENING_POLL_S
+        return self.settings.outbox_poll_ms / 1000
 
     def _step(self, delay: float) -> tuple[float, bool]:
         """One round: the delay before the next (growing while things fail), and idleness."""
@@ -246,6 +270,15 @@ class Relay:
             metrics.RELAY_LEADER.set(0)
             connections[self.using].close()
             self.producer.close()
+
+
+def _wait(wake: threading.Event, stop: threading.Event, timeout: float) -> None:
+    """Wait up to ``timeout`` for ``wake``, noticing ``stop`` within _STOP_CHECK_S."""
+    deadline = time.monotonic() + timeout
+    while not stop.is_set():
+        left = deadline - time.monotonic()
+        if left <= 0 or wake.wait(min(left, _STOP_CHECK_S)):
+            return
 
 
 def _longer(delay: float) -> float:

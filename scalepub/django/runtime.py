@@ -135,6 +135,7 @@ class Runtime:
             self._all_started = False
         for t in mine:  # all drain at once, then each is waited for
             t.stop.set()
+            t.wake.set()
         for t in mine:
             t.close()
 
