@@ -170,6 +170,17 @@ def script_missing(reply: object) -> bool:
     return isinstance(reply, NoScriptError)
 
 
+def raise_transport_error(reply: object) -> None:
+    """Raise a pipeline reply that says a node could not be reached (not a refusal).
+
+    RedisClusterException (no node answers, a slot without a master) is raised as
+    ``redis.ConnectionError``, which callers already treat as an outage."""
+    if isinstance(reply, RedisClusterException):
+        raise redis.ConnectionError(str(reply)) from reply
+    if isinstance(reply, Exception) and not isinstance(reply, redis.ResponseError):
+        raise reply
+
+
 def cluster_of(client: object) -> RedisCluster | None:
     """The RedisCluster behind a client of ``sync_client``, or None for a single Redis."""
     if isinstance(client, LazyCluster):

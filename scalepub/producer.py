@@ -12,10 +12,12 @@ from typing import Any, Protocol
 
 import msgpack
 import redis
+from redis.exceptions import RedisClusterException
 
 from scalepub import metrics
 from scalepub.backlog import APPENDED_FIELD, CAUGHT_UP_LUA, DONE_FIELD
 from scalepub.connections import (
+    raise_transport_error,
     run_script,
     script_missing,
     sync_client,
@@ -279,6 +281,8 @@ class StreamProducer:
                 return [self._call(shard, batch, source, self.client)]
             except redis.ResponseError as exc:  # the script refused: not a transport error
                 return [exc]
+            except RedisClusterException as exc:  # no node answers, a slot without master
+                raise redis.ConnectionError(str(exc)) from exc
         pipe = self.client.pipeline(transaction=False)
         for shard, batch in by_shard.items():
             self._call(shard, batch, source, pipe)
@@ -286,6 +290,10 @@ class StreamProducer:
         for i, (shard, batch) in enumerate(by_shard.items()):
             if script_missing(replies[i]):  # a cluster node without the script: it did not run
                 replies[i] = self._run({shard: batch}, source)[0]
+            # A cluster pipeline answers a node it could not reach with the error itself: as
+            # on one Redis, that makes the whole call fail (the relay's record sorts out which
+            # shards had appended when the call is made again).
+            raise_transport_error(replies[i])
         return replies
 
     def _call(self, shard: int, batch: list[PendingEntry], source: str,
