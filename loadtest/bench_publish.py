@@ -40,6 +40,7 @@ from scalepub.settings import Settings  # noqa: E402
 from scalepub.sharding import Keys  # noqa: E402
 from scalepub.xmpp.link import Reply, XmppLink  # noqa: E402
 
+from scalepub.connections import client_for_url  # noqa: E402
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 WORDS = ["scale", "publish", "live", "stream", "shard", "batch", "node", "entry", "feed"]
 
@@ -154,6 +155,30 @@ def peak_rss_mb(pids: list[int]) -> float:
     return max(peaks, default=0.0)
 
 
+def server_pids(name: str) -> list[int]:
+    """ejabberd's or Redis's processes: the own stack's, else every one on the machine."""
+    return SERVER_PIDS.get(name) or pids_of(name)
+
+
+def own_stack() -> Callable[[], None]:
+    """Start a private stack, point SCALEPUB_* at it, turn off RDB saves; returns its stop."""
+    from loadtest.run import ejabberd_pids, redis_pids
+    from tests.stack import new_stack
+
+    stack = new_stack(SCALEPUB_POSTGRES="off")
+    stack.up()
+    os.environ.update(stack.env)
+    client = client_for_url(stack.env["SCALEPUB_REDIS_URL"])
+    client.config_set("save", "")  # no background save inside a measured window
+    client.close()
+    SERVER_PIDS.update({"beam.smp": ejabberd_pids(stack), "redis-server": redis_pids(stack)})
+
+    def stop() -> None:
+        stack.down()
+        subprocess.run(["rm", "-rf", str(stack.state_dir)], check=False)
+    return stop
+
+
 def remaining(client: redis.Redis, keys: Keys, shards: int) -> int:
     """Entries not yet acknowledged (unread or pending) over all shard streams."""
     return sum(sum(stream_backlog(client, keys.stream(shard))) for shard in range(shards))
@@ -161,7 +186,7 @@ def remaining(client: redis.Redis, keys: Keys, shards: int) -> int:
 
 def run_pool(mode: str, settings: Settings, entries: int, args: list[str]) -> Result:
     """Start `scalepub run`, time from the first ack to the last, then stop it."""
-    client = redis.Redis.from_url(settings.redis_url)
+    client = client_for_url(settings.redis_url)
     keys = Keys(settings.key_prefix)
     env = {**os.environ, **{f"SCALEPUB_{k.upper()}": str(v)
                             for k, v in dataclasses.asdict(settings).items()}}
@@ -243,7 +268,7 @@ def fresh(settings: Settings, shards: int) -> Settings:
 
 
 def cleanup(settings: Settings) -> None:
-    client = redis.Redis.from_url(settings.redis_url)
+    client = client_for_url(settings.redis_url)
     for key in client.scan_iter(match=f"{settings.key_prefix}:*", count=1000):
         client.delete(key)
     client.close()
@@ -255,7 +280,7 @@ def measure(base: Settings, mode: str, shards: int, entries: int, nodes: int,
     settings = fresh(base, shards).replace(stream_maxlen=entries + 100_000)
     print(f"{mode}: pre-filling {entries} entries over {nodes} nodes", file=sys.stderr)
     prefill(settings, entries, nodes)
-    client = redis.Redis.from_url(settings.redis_url)
+    client = client_for_url(settings.redis_url)
     stored = sum(client.xlen(Keys(settings.key_prefix).stream(s)) for s in range(shards))
     client.close()
     if stored != entries:

@@ -36,6 +36,7 @@ from loadtest import report
 from loadtest.bosh import BoshClient, HTTPTransport
 from loadtest.sampler import Sampler
 from loadtest.scenario import Scenario, ScenarioError, Variant, from_mapping, load, nodes_for
+from scalepub.connections import client_for_url
 from scalepub.sharding import Keys
 from tests.stack import Stack, new_stack
 
@@ -333,7 +334,7 @@ def _wait_ready(s: Scenario, procs: Procs, out: Path) -> int:
 
 def _wait_pool(s: Scenario, env: dict[str, str], procs: Procs, timeout: float = 60.0) -> None:
     """Until every shard process is connected (its heartbeat key exists)."""
-    client = redis.Redis.from_url(env["SCALEPUB_REDIS_URL"])
+    client = client_for_url(env["SCALEPUB_REDIS_URL"])
     keys = Keys(KEY_PREFIX)
     deadline = time.monotonic() + timeout
     try:
@@ -442,7 +443,7 @@ def _produce(s: Scenario, env: dict[str, str], dbs: list[Path], procs: Procs,
 
 def _drain(s: Scenario, env: dict[str, str], procs: Procs, out: Path) -> bool:
     """Wait until every appended entry reached every subscriber of its node (bounded)."""
-    client = redis.Redis.from_url(env["SCALEPUB_REDIS_URL"], decode_responses=True)
+    client = client_for_url(env["SCALEPUB_REDIS_URL"], decode_responses=True)
     keys = Keys(KEY_PREFIX)
     deadline = time.monotonic() + s.drain_s
     try:
@@ -487,7 +488,7 @@ def _truth(dbs: list[Path], env: dict[str, str], shards: int) -> dict[str, Any]:
                 saved[node] = saved.get(node, 0) + int(count)
                 first = min(first, _epoch(oldest))
                 last = max(last, _epoch(newest))
-    client = redis.Redis.from_url(env["SCALEPUB_REDIS_URL"], decode_responses=True)
+    client = client_for_url(env["SCALEPUB_REDIS_URL"], decode_responses=True)
     appended: dict[str, int] = {}
     try:
         for shard in range(shards):

@@ -17,6 +17,7 @@ from typing import Any
 import psutil
 import redis
 
+from scalepub.connections import client_for_url
 from scalepub.sharding import CONSUMER_GROUP, Keys
 
 Roots = Callable[[], dict[str, list[int]]]  # group → root pids (their children are included)
@@ -41,7 +42,7 @@ class Sampler:
 
     def start(self) -> None:
         """Sample in a background thread until ``stop()``."""
-        self._client = redis.Redis.from_url(self.redis_url)
+        self._client = client_for_url(self.redis_url)
         self._keys = Keys(self.key_prefix)
         self._thread = threading.Thread(target=self._loop, name="sampler", daemon=True)
         self._thread.start()

@@ -93,6 +93,14 @@ def sync_client(settings: Settings, *, timeout: float | None = None) -> redis.Re
     )
 
 
+def client_for_url(url: str, **options: Any) -> redis.Redis:
+    """A plain client of ``url``, a cluster one for ``redis+cluster://`` (typed as
+    ``redis.Redis``), for tools that only have the URL (the loadtest, benchmarks)."""
+    if urlsplit(url).scheme in CLUSTER_SCHEMES:
+        return cast(redis.Redis, RedisCluster.from_url(plain_url(url), **options))
+    return redis.Redis.from_url(url, **options)
+
+
 def shard_client(settings: Settings) -> aredis.Redis:
     """The asyncio client of one shard process: hiredis packing, raw stream replies.
 
