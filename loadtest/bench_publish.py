@@ -35,12 +35,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from scalepub.backlog import stream_backlog  # noqa: E402
+from scalepub.connections import client_for_url  # noqa: E402
 from scalepub.producer import PendingEntry, StreamProducer  # noqa: E402
 from scalepub.settings import Settings  # noqa: E402
 from scalepub.sharding import Keys  # noqa: E402
 from scalepub.xmpp.link import Reply, XmppLink  # noqa: E402
 
-from scalepub.connections import client_for_url  # noqa: E402
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 WORDS = ["scale", "publish", "live", "stream", "shard", "batch", "node", "entry", "feed"]
 
@@ -153,30 +153,6 @@ def peak_rss_mb(pids: list[int]) -> float:
             if line.startswith("VmHWM:"):
                 peaks.append(int(line.split()[1]) / 1024)
     return max(peaks, default=0.0)
-
-
-def server_pids(name: str) -> list[int]:
-    """ejabberd's or Redis's processes: the own stack's, else every one on the machine."""
-    return SERVER_PIDS.get(name) or pids_of(name)
-
-
-def own_stack() -> Callable[[], None]:
-    """Start a private stack, point SCALEPUB_* at it, turn off RDB saves; returns its stop."""
-    from loadtest.run import ejabberd_pids, redis_pids
-    from tests.stack import new_stack
-
-    stack = new_stack(SCALEPUB_POSTGRES="off")
-    stack.up()
-    os.environ.update(stack.env)
-    client = client_for_url(stack.env["SCALEPUB_REDIS_URL"])
-    client.config_set("save", "")  # no background save inside a measured window
-    client.close()
-    SERVER_PIDS.update({"beam.smp": ejabberd_pids(stack), "redis-server": redis_pids(stack)})
-
-    def stop() -> None:
-        stack.down()
-        subprocess.run(["rm", "-rf", str(stack.state_dir)], check=False)
-    return stop
 
 
 def remaining(client: redis.Redis, keys: Keys, shards: int) -> int:
