@@ -6,8 +6,12 @@ need Django on PostgreSQL and run in make test's PostgreSQL pass (marker ``postg
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -21,7 +25,7 @@ from scalepub.django.models import OutboxEntry
 from scalepub.django.outbox import OutboxTableMissing
 from scalepub.settings import Settings
 from tests.conftest import django_side
-from tests.stack import Stack, free_port
+from tests.stack import STACK, Stack, free_port, new_stack
 from tests.streams import StoredEntry, read_all
 
 pytestmark = [pytest.mark.stack]
@@ -52,6 +56,31 @@ def test_wrong_password_is_refused(stack: Stack) -> None:
     bad = stack.env["DATABASE_URL"].replace("postgres://scalepub:", "postgres://scalepub:x")
     with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
         psycopg.connect(bad, connect_timeout=5)
+
+
+def test_stack_up_twice_keeps_postgres_down_stops_it_bad_setting_refused() -> None:
+    s = new_stack(SCALEPUB_POSTGRES="on")
+    data_dir = s.state_dir / "postgres" / "data"
+    try:
+        s.up()
+        pid = (data_dir / "postmaster.pid").read_text().split()[0]
+        assert s.run("up").returncode == 0
+        assert (data_dir / "postmaster.pid").read_text().split()[0] == pid  # not restarted
+        assert f"postgres: running (pid {pid}" in s.run("status").stdout
+        with psycopg.connect(s.env["DATABASE_URL"], connect_timeout=5) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        s.down()
+    assert not (data_dir / "postmaster.pid").exists()
+    assert not Path(f"/proc/{pid}").exists()
+    assert "postgres: not running" in s.run("status").stdout
+    for name, value, says in (("SCALEPUB_POSTGRES", "maybe", "must be on or off"),
+                              ("SCALEPUB_PG_PORT", s.control["SCALEPUB_REDIS_PORT"], "is taken")):
+        bad = subprocess.run([str(STACK), "up"], env={**os.environ, **s.control, name: value},
+                             capture_output=True, text=True, timeout=60, check=False)
+        assert bad.returncode != 0 and f"{name}" in bad.stderr and says in bad.stderr, bad.stderr
+        assert "started" not in bad.stdout  # refused before anything starts
+    shutil.rmtree(s.state_dir, ignore_errors=True)
 
 
 def _listen(settings_dict: dict[str, object]) -> psycopg.Connection[tuple[object, ...]]:

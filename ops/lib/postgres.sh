@@ -1,6 +1,7 @@
 # ops/lib/postgres.sh: the stack's PostgreSQL, sourced by ops/stack (which provides say, warn,
-# die, is_root, wait_for, port_open, pid_alive, read_pid_file, check_port, apt_install,
-# export_line and STATE_DIR after load_settings).
+# die, is_root, port_open, read_pid_file, check_port, apt_install, export_line, and STATE_DIR
+# and the other ports in load_settings, which calls pg_load_settings: a bad value stops `up`
+# before anything starts).
 #
 # Its own cluster (initdb) with data in STATE_DIR/postgres, run by pg_ctl as user postgres when
 # root (initdb refuses root), listening on 127.0.0.1 only, its socket in the state dir; a role
@@ -39,6 +40,8 @@ pg_load_settings() {
   [[ $PG_ENABLED == on || $PG_ENABLED == off ]] ||
     die "SCALEPUB_POSTGRES must be on or off (got '$PG_ENABLED')"
   check_port SCALEPUB_PG_PORT "$PG_PORT"
+  [[ $PG_ENABLED == off || " $REDIS_PORT $XMPP_PORT $HTTP_PORT " != *" $PG_PORT "* ]] ||
+    die "SCALEPUB_PG_PORT=$PG_PORT is taken by another service of the stack"
 }
 
 pg_save_settings() {
