@@ -124,20 +124,35 @@ def test_the_relay_is_woken_by_another_sessions_commit(polling_never: Settings,
     Tweet.objects.create(author="ann", text="starts this process's relay")
     assert len(wait_for(redis_client, polling_never, 1)) == 1
     time.sleep(1.0)  # the relay is idle now, LISTENing, its poll 60 s away
-    other = psycopg.connect(
-        dbname=str(connection.settings_dict["NAME"]), user=str(connection.settings_dict["USER"]),
-        password=str(connection.settings_dict["PASSWORD"]), host="127.0.0.1",
-        port=int(str(connection.settings_dict["PORT"])))
-    try:  # another session (like another process): no in-process wake-up exists for it
-        with other.transaction():
-            other.execute(
-                "INSERT INTO scalepub_outbox (node, ts_ns, model, object_pk, fmt, payload) "
-                "VALUES (%s, %s, 'twitter.tweet', '999', 'xml', %s)",
-                ["/twitter/Tweet/raw", time.time_ns(), b"<object/>"])
-    finally:
-        other.close()
+    _insert_raw("/twitter/Tweet/raw")  # no in-process wake-up exists for another session
     entries = wait_for(redis_client, polling_never, 2, timeout=15)
     assert [e.env.node for e in entries][-1] == "/twitter/Tweet/raw"
+
+
+def _insert_raw(node: str) -> None:
+    """Commit one outbox row from another session (as another process would)."""
+    d = connection.settings_dict
+    with psycopg.connect(dbname=str(d["NAME"]), user=str(d["USER"]), password=str(d["PASSWORD"]),
+                         host="127.0.0.1", port=int(str(d["PORT"]))) as other:
+        other.execute(
+            "INSERT INTO scalepub_outbox (node, ts_ns, model, object_pk, fmt, payload) "
+            "VALUES (%s, %s, 'twitter.tweet', '999', 'xml', %s)",
+            [node, time.time_ns(), b"<object/>"])
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_the_relay_listens_again_after_postgres_restarts(
+        polling_never: Settings, redis_client: redis.Redis, stack: Stack) -> None:
+    Tweet.objects.create(author="ann", text="starts this process's relay")
+    assert len(wait_for(redis_client, polling_never, 1)) == 1
+    restarted = stack.run("restart", "postgres")
+    assert restarted.returncode == 0, restarted.stderr
+    connection.close()  # this thread's session died with the server
+    time.sleep(2.0)  # the relay's own session and its LISTEN session reconnect meanwhile
+    _insert_raw("/twitter/Tweet/after-restart")
+    entries = wait_for(redis_client, polling_never, 2, timeout=15)
+    assert [e.env.node for e in entries][-1] == "/twitter/Tweet/after-restart"
 
 
 @pytest.mark.postgres
