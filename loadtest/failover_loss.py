@@ -15,7 +15,7 @@ Then every append Redis acknowledged is looked up on the new masters:
   unconfirmed ones are appended again (the relay's record answers those that landed).
 
 An acknowledged append missing afterwards is lost (its outbox row, if any, deleted). The
-killed node is restarted (it rejoins as a replica) before the next round.
+killed node is restarted 2 s after the failover (it rejoins as the new master's replica).
 """
 
 from __future__ import annotations
@@ -81,7 +81,6 @@ def run_mode(stack: Stack, base: Settings, mode: str, seconds: float) -> Outcome
     producer.close()
     out.acked = len(acked)
     out.lost = _missing(settings, acked)
-    cluster.restart_node(stack, victim.port)
     _wait_ok(stack)
     return out
 
@@ -123,8 +122,11 @@ def _kill(stack: Stack, victim: cluster.Node, stop: threading.Event, out: Outcom
             live = []
         if len(live) == 3:
             out.failover_s = time.monotonic() - started
-            return
+            break
         time.sleep(0.05)
+    # The promoted replica has none: WAIT 1 keeps rows until the old master is back as one.
+    time.sleep(2.0)
+    cluster.restart_node(stack, victim.port)
 
 
 def _missing(settings: Settings, acked: list[Appended]) -> int:

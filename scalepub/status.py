@@ -11,7 +11,7 @@ from typing import Any, cast
 import redis
 
 from scalepub.backlog import stream_backlog
-from scalepub.connections import check_mode, master_of
+from scalepub.connections import TRANSIENT_ERRORS, check_mode, master_of
 from scalepub.settings import Settings
 from scalepub.sharding import Keys
 
@@ -41,6 +41,7 @@ class ShardStatus:
     token: int | None = None  # its fencing token
     lease_age_s: float | None = None  # since the owner took the lease
     master: str | None = None  # on a Redis Cluster: host:port of the master of its slot
+    reachable: bool = True  # False: its Redis (master) did not answer; ``problem`` says why
 
     @property
     def stuck(self) -> bool:
@@ -51,7 +52,9 @@ class ShardStatus:
 
     @property
     def state(self) -> str:
-        """ok, stuck or dead."""
+        """ok, stuck, dead, or unreachable (its Redis did not answer: nothing known)."""
+        if not self.reachable:
+            return "unreachable"
         if not self.alive:
             return "dead"
         return "stuck" if self.stuck else "ok"
@@ -61,10 +64,28 @@ def collect(settings: Settings, client: redis.Redis) -> list[ShardStatus]:
     """The status of shards 0..SHARDS-1 (the count the pool recorded, if any)."""
     check_mode(settings, client)  # a single-node URL at a cluster node: say so, not MOVED
     keys = Keys(settings.key_prefix)
-    recorded = client.get(keys.shard_count)
+    try:
+        recorded = client.get(keys.shard_count)
+        now_ms = _redis_ms(client)
+    except TRANSIENT_ERRORS:  # e.g. a cluster master failing over: say so per shard below
+        recorded, now_ms = None, int(time.time() * 1000)
     shards = int(recorded) if recorded else settings.shards
-    now_ms = _redis_ms(client)
-    return [_one(client, keys, shard, time.time(), now_ms) for shard in range(shards)]
+    return [_one_or_unreachable(client, keys, shard, time.time(), now_ms)
+            for shard in range(shards)]
+
+
+def _one_or_unreachable(client: redis.Redis, keys: Keys, shard: int, now: float,
+                        now_ms: int) -> ShardStatus:
+    """The shard's status, or what its Redis answered instead (a cluster master that is down
+    or failing over holds up only its own shards)."""
+    try:
+        return _one(client, keys, shard, now, now_ms)
+    except TRANSIENT_ERRORS as exc:
+        return ShardStatus(
+            shard=shard, length=0, lag=0, pending=0, dead_letters=0, alive=False, pid=None,
+            host=None, last_publish_age_s=None, rate=0.0, reachable=False,
+            problem=f"redis: {type(exc).__name__}: {exc}"[:200],
+            master=master_of(client, keys.stream(shard)))
 
 
 def _redis_ms(client: redis.Redis) -> int:

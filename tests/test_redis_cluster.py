@@ -186,6 +186,31 @@ def test_outbox_relay_pool_and_history_on_the_cluster(cluster_stack: Stack,
     assert [e.seq for e in history.entries] == [46, 47, 48, 49, 50] and not history.lost
 
 
+def test_status_names_the_shards_whose_master_does_not_answer(
+        cluster_stack: Stack, cluster_settings: Settings) -> None:
+    """A master that does not answer (paused) holds up its own shards only; `status` says
+    which, and on which master they wait."""
+    masters = masters_of_shards(cluster_stack, cluster_settings)
+    stuck = masters[0]
+    settings = cluster_settings.replace(redis_timeout=0.3)
+    client = sync_client(settings)
+    try:
+        collect(settings, client)  # the slot map, read while every master answers
+        cluster.cli(stuck, "client", "pause", "6000", "all")
+        started = time.monotonic()
+        statuses = collect(settings, client)
+        assert time.monotonic() - started < 6, "status waited for the paused master"
+    finally:
+        client.close()
+    for s in statuses:
+        assert s.master == f"127.0.0.1:{masters[s.shard]}"
+        if masters[s.shard] == stuck:
+            assert s.state == "unreachable" and s.problem.startswith("redis: "), s
+        else:
+            assert s.reachable, s
+    time.sleep(max(0.0, 6.5 - (time.monotonic() - started)))
+
+
 # ------------------------------------------------------------------------------ faults
 
 class Watch:
