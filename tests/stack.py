@@ -48,6 +48,14 @@ class Stack:
         """Stop what ``up`` started."""
         self.run("down")
 
+    def node_env(self, k: int) -> dict[str, str]:
+        """``env`` pointed at ejabberd node ``k`` of a cluster (1: the first, ``env`` itself)."""
+        if k == 1:
+            return dict(self.env)
+        return {**self.env, "SCALEPUB_XMPP_PORT": self.env[f"SCALEPUB_XMPP_PORT_{k}"],
+                "SCALEPUB_BOSH_URL": self.env[f"SCALEPUB_BOSH_URL_{k}"],
+                "SCALEPUB_WS_URL": self.env[f"SCALEPUB_WS_URL_{k}"]}
+
 
 def parse_exports(text: str) -> dict[str, str]:
     """``export NAME='value'`` lines → dict."""
@@ -60,9 +68,10 @@ def parse_exports(text: str) -> dict[str, str]:
     return env
 
 
-def new_stack(**extra: str) -> Stack:
+def new_stack(ejabberd_nodes: int = 1, **extra: str) -> Stack:
     """A stack on free ports in a fresh state dir the ejabberd user can reach.
 
+    ``ejabberd_nodes``: clustered ejabberd nodes (``--ejabberd-nodes``), each on free ports.
     ``extra``: more ops/stack variables, e.g. ``SCALEPUB_XMPP_CERTFILE`` for STARTTLS.
     """
     state_dir = Path(tempfile.mkdtemp(prefix="scalepub-stack-"))
@@ -79,13 +88,18 @@ def new_stack(**extra: str) -> Stack:
         "SCALEPUB_PG_PORT": str(free_port()),
         **extra,
     }
+    if ejabberd_nodes > 1:
+        control["SCALEPUB_EJABBERD_NODES"] = str(ejabberd_nodes)
+        for k in range(2, ejabberd_nodes + 1):
+            control[f"SCALEPUB_XMPP_PORT_{k}"] = str(free_port())
+            control[f"SCALEPUB_HTTP_PORT_{k}"] = str(free_port())
     return Stack(state_dir, control)
 
 
-def running(**extra: str) -> Iterator[Stack]:
-    """A ``new_stack(**extra)``, up while the generator is suspended and down after: the
-    body of a stack fixture (``yield from running()``)."""
-    s = new_stack(**extra)
+def running(ejabberd_nodes: int = 1, **extra: str) -> Iterator[Stack]:
+    """A ``new_stack(ejabberd_nodes, **extra)``, up while the generator is suspended and down
+    after: the body of a stack fixture (``yield from running()``)."""
+    s = new_stack(ejabberd_nodes, **extra)
     try:
         s.up()
         yield s
