@@ -297,6 +297,11 @@ def synthetic_rule_tests(severity: dict[str, str | None]) -> dict[str, Any]:
         _series("scalepub_e2e_latency_seconds_bucket", "0+10x40", shard="1", le="1.0"),
         _series("scalepub_e2e_latency_seconds_bucket", "0+100x40", shard="1", le="10.0"),
         _series("scalepub_e2e_latency_seconds_bucket", "0+100x40", shard="1", le="+Inf"),
+        # Shard 4: reading dominates (300 ms a batch), the other hops take 10 ms each.
+        *[_series(f"scalepub_hop_latency_seconds_{part}", values, shard="4", hop=hop)
+          for hop in ("commit_to_append", "append_to_read", "read_to_send", "send_to_result")
+          for part, values in (("sum", "0+30x40" if hop == "append_to_read" else "0+1x40"),
+                               ("count", "0+100x40"))],
         _series("scalepub_enqueue_failures_total", "0x3 5x40", reason="redis"),
         _series("scalepub_enqueue_failures_total", "0x40", reason="node"),
         _series("up", "1x5 0x40", **POOL),
@@ -324,6 +329,9 @@ def synthetic_rule_tests(severity: dict[str, str | None]) -> dict[str, Any]:
         ("4m", "ScalepubForgedReplies", []),  # other kinds never fire it
         ("7m", "ScalepubForgedReplies", [alert("ScalepubForgedReplies", **pool, shard="3")]),
         ("30m", "ScalepubForgedReplies", []),
+        ("8m", "ScalepubLatencyHopDominates", []),  # not yet for 10 min
+        ("25m", "ScalepubLatencyHopDominates",
+         [alert("ScalepubLatencyHopDominates", **pool, hop="append_to_read")]),
     ]
     known = set(severity)
     return {
