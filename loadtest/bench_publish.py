@@ -7,9 +7,14 @@ Modes, all against the same Redis and ejabberd in the same run:
   (b)  one long-lived connection, one entry per IQ, one IQ at a time
   (b+) one connection, one entry per IQ, a window of IQs in flight (pipelining alone)
   (c)  scalepub: `scalepub run` with 1, 2, 4, 8 shards (batching + pipelining)
-Streams are pre-filled with ~300-byte entries over many nodes before each run; the clock runs
-from the first acknowledged entry to the last. CPU shares come from /proc (ejabberd = every
-beam.smp process); peak RSS is each shard process's VmHWM.
+Streams are pre-filled with ~300-byte entries over many nodes before each run. Two clocks:
+from the first acknowledged entry to the last (start-up skew of the shard processes included),
+and the steady state, from 10 % to 90 % of the entries acknowledged (the entries/s and CPU
+columns). ``start skew`` is how long after the first shard's first acknowledgement the last
+shard made its first. CPU shares come from /proc (ejabberd = every beam.smp process); peak RSS
+is each shard process's VmHWM. ``--own-stack`` starts a private Redis + ejabberd on free ports
+(``tests/stack.py``) with Redis's background saves off (``CONFIG SET save ""``), so no RDB
+save lands in the measured window; otherwise the stack of ``ops/stack env`` is used as is.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ from scalepub.sharding import Keys  # noqa: E402
 from scalepub.xmpp.link import Reply, XmppLink  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+# With --own-stack: that stack's processes only (other stacks on the box are not counted).
+SERVER_PIDS: dict[str, list[int]] = {}
 WORDS = ["scale", "publish", "live", "stream", "shard", "batch", "node", "entry", "feed"]
 
 
@@ -57,6 +64,8 @@ class Result:
     redis_cpu: float = 0.0
     peak_rss_mb: float = 0.0
     entries_per_iq: float = 0.0
+    first_to_last_s: float = 0.0  # first acknowledgement to the last, start-up included
+    start_skew_s: float = 0.0  # first shard's first ack to the last shard's first ack
 
     @property
     def rate(self) -> float:
@@ -136,7 +145,7 @@ async def publish_window(settings: Settings, iq_for: Callable[[str, int], bytes]
     link = XmppLink(settings, f"{name}{os.getpid()}", pending.__contains__, on_reply,
                     lambda: None)
     await link.connect()
-    beams = pids_of("beam.smp")
+    beams = server_pids("beam.smp")
     before, started = cpu_ticks(beams), time.perf_counter()
     pump()
     await done.wait()
@@ -144,6 +153,30 @@ async def publish_window(settings: Settings, iq_for: Callable[[str, int], bytes]
     cpu = (cpu_ticks(beams) - before) / CLK_TCK
     await link.close()
     return elapsed, cpu
+
+
+def server_pids(name: str) -> list[int]:
+    """ejabberd's or Redis's processes: the own stack's, else every one on the machine."""
+    return SERVER_PIDS.get(name) or pids_of(name)
+
+
+def own_stack() -> Callable[[], None]:
+    """Start a private stack, point SCALEPUB_* at it, turn off RDB saves; returns its stop."""
+    from loadtest.run import ejabberd_pids, redis_pids
+    from tests.stack import new_stack
+
+    stack = new_stack(SCALEPUB_POSTGRES="off")
+    stack.up()
+    os.environ.update(stack.env)
+    client = client_for_url(stack.env["SCALEPUB_REDIS_URL"])
+    client.config_set("save", "")  # no background save inside a measured window
+    client.close()
+    SERVER_PIDS.update({"beam.smp": ejabberd_pids(stack), "redis-server": redis_pids(stack)})
+
+    def stop() -> None:
+        stack.down()
+        subprocess.run(["rm", "-rf", str(stack.state_dir)], check=False)
+    return stop
 
 
 def peak_rss_mb(pids: list[int]) -> float:
@@ -172,42 +205,65 @@ def run_pool(mode: str, settings: Settings, entries: int, args: list[str]) -> Re
                                  "--log-level", "INFO", "--metrics-port", "0", *args],
                                 env=env, stderr=log)
     try:
-        elapsed, cpu, rss = _clock(mode, pool, client, keys, settings.shards, entries)
+        clock = _clock(mode, pool, client, keys, settings.shards, entries)
     finally:
         pool.terminate()
         pool.wait(30)
         client.close()
     print(file=sys.stderr)
     iqs = sum(int(m) for m in re.findall(r" iqs=(\d+)", log_path.read_text()))
-    return Result(mode, entries, elapsed, *(c / CLK_TCK / elapsed for c in cpu), rss,
-                  entries / iqs if iqs else 0.0)
+    return Result(mode, clock.steady_entries, clock.steady_s,
+                  *(c / CLK_TCK / clock.steady_s for c in clock.cpu), clock.rss,
+                  entries / iqs if iqs else 0.0, clock.first_to_last_s, clock.skew_s)
+
+
+@dataclass
+class Clock:
+    """What one pool run measured."""
+
+    steady_entries: int  # acknowledged between the 10 % and 90 % marks
+    steady_s: float
+    cpu: tuple[int, int, int]  # ticks in the steady window: ejabberd, shards, Redis
+    rss: float
+    first_to_last_s: float
+    skew_s: float
 
 
 def _clock(mode: str, pool: subprocess.Popen[bytes], client: redis.Redis, keys: Keys,
-           shards: int, entries: int) -> tuple[float, tuple[int, int, int], float]:
-    """Seconds from the first acknowledged entry to the last; CPU ticks; peak shard RSS."""
+           shards: int, entries: int) -> Clock:
+    """Watch the pool drain ``entries``: the steady window, start-up skew, CPU, peak RSS."""
     while remaining(client, keys, shards) >= entries:
         time.sleep(0.005)
         if pool.poll() is not None:
             raise RuntimeError(f"{mode}: pool exited with {pool.returncode}")
     started = time.monotonic()
-    groups = (shard_pids(pool.pid), pids_of("beam.smp"), pids_of("redis-server"))
-    cpu0 = [cpu_ticks(g) for g in groups]
+    groups = (shard_pids(pool.pid), server_pids("beam.smp"), server_pids("redis-server"))
+    full = [sum(stream_backlog(client, keys.stream(s))) for s in range(shards)]
+    first_ack: dict[int, float] = {}
+    marks: list[tuple[float, int, list[int]]] = []  # (time, done, cpu ticks) at 10 % and 90 %
     left = entries
     while left:
         time.sleep(0.05)
-        left = remaining(client, keys, shards)
-        progress(mode, entries - left, entries, time.monotonic() - started)
-    elapsed = time.monotonic() - started
-    cpu1 = [cpu_ticks(g) for g in groups]
-    sh, ej, rd = (b - a for a, b in zip(cpu0, cpu1, strict=True))
-    return elapsed, (ej, sh, rd), peak_rss_mb(groups[0])
+        per_shard = [sum(stream_backlog(client, keys.stream(s))) for s in range(shards)]
+        now, left = time.monotonic(), sum(per_shard)
+        first_ack.update({s: now for s in range(shards)
+                          if s not in first_ack and per_shard[s] < full[s]})
+        done = entries - left
+        if len(marks) < 2 and done >= entries * (0.1 if not marks else 0.9):
+            marks.append((now, done, [cpu_ticks(g) for g in groups]))
+        progress(mode, done, entries, now - started)
+    (t0, d0, c0), (t1, d1, c1) = marks
+    sh, ej, rd = (b - a for a, b in zip(c0, c1, strict=True))
+    skew = max(first_ack.values()) - min(first_ack.values()) if first_ack else 0.0
+    return Clock(d1 - d0, t1 - t0, (ej, sh, rd), peak_rss_mb(groups[0]),
+                 time.monotonic() - started, skew)
 
 
 def shard_pids(parent: int) -> list[int]:
-    """The shard processes of a pool (not multiprocessing's resource tracker)."""
-    pids = pids_of("", parent)
-    return [p for p in pids if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    """The shard processes of a pool: the children of its forkserver."""
+    servers = [p for p in pids_of("", parent)
+               if b"forkserver" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    return [p for server in servers for p in pids_of("", server)]
 
 
 def progress(mode: str, done: int, total: int, elapsed: float) -> None:
@@ -270,9 +326,10 @@ def measure(base: Settings, mode: str, shards: int, entries: int, nodes: int,
 def table(results: list[Result]) -> str:
     a, b = results[0].rate, results[1].rate
     lines = [
-        "| mode | entries | s | entries/s | x (a) | x (b) | entries/IQ | CPU ejabberd "
-        "| CPU shards | CPU Redis | CPU us/entry (ej+sh+redis) | peak RSS/shard |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| mode | entries (steady) | s | entries/s | x (a) | x (b) | entries/IQ | CPU ejabberd "
+        "| CPU shards | CPU Redis | CPU us/entry (ej+sh+redis) | peak RSS/shard "
+        "| first→last ack s | start skew s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         per_entry = [c / r.rate * 1e6 if r.rate else 0.0
@@ -281,7 +338,8 @@ def table(results: list[Result]) -> str:
             f"| {r.mode} | {r.entries:,} | {r.seconds:.2f} | {r.rate:,.0f} | {r.rate / a:,.0f}x "
             f"| {r.rate / b:,.1f}x | {r.entries_per_iq:.0f} | {r.ejabberd_cpu:.0%} "
             f"| {r.shards_cpu:.0%} | {r.redis_cpu:.0%} "
-            f"| {'+'.join(f'{x:.1f}' for x in per_entry)} | {r.peak_rss_mb:.0f} MB |"
+            f"| {'+'.join(f'{x:.1f}' for x in per_entry)} | {r.peak_rss_mb:.0f} MB "
+            f"| {r.first_to_last_s:.2f} | {r.start_skew_s:.2f} |"
         )
     return "\n".join(lines)
 
@@ -294,7 +352,22 @@ def main() -> None:
     parser.add_argument("--seed-sample", type=int, default=30, help="entries for (a)")
     parser.add_argument("--single", type=int, default=3000, help="entries for (b) and (b+)")
     parser.add_argument("--shards", default="1,2,4,8", help="shard counts for (c)")
+    parser.add_argument("--batch-sizes", default="",
+                        help="also (d): 8 shards with these BATCH_MAX_ENTRIES (the CPU curve)")
+    parser.add_argument("--pool-args", default="", help="more `scalepub run` options for (c)")
+    parser.add_argument("--own-stack", action="store_true",
+                        help="a private Redis + ejabberd on free ports, RDB saves off")
     opts = parser.parse_args()
+    stop = own_stack() if opts.own_stack else None
+    try:
+        run_all(opts)
+    finally:
+        if stop:
+            stop()
+
+
+def run_all(opts: argparse.Namespace) -> None:
+    """Every mode, then the table."""
     base = Settings.from_env()
     results = [asyncio.run(seed_style(base, opts.seed_sample))]
     results.append(measure(base, "(b) 1 connection, 1 entry/IQ, 1 IQ at a time", 1,
@@ -305,7 +378,10 @@ def main() -> None:
                            ["--batch-max-entries", "1", "--window", "32", "--linger-ms", "0"]))
     for shards in (int(s) for s in opts.shards.split(",")):
         results.append(measure(base, f"(c) scalepub, {shards} shard(s)", shards, opts.entries,
-                               opts.nodes, []))
+                               opts.nodes, opts.pool_args.split()))
+    for size in (int(b) for b in opts.batch_sizes.split(",") if b):
+        results.append(measure(base, f"(d) 8 shards, batch ≤ {size}", 8, opts.entries,
+                               opts.nodes, ["--batch-max-entries", str(size)]))
     print(table(results))
 
 

@@ -86,8 +86,9 @@ def test_entry_is_built_as_from_the_decoded_envelope(env: Envelope) -> None:
     raw = encode(env)
     entry = build_entry(b"1-2", raw, {})
     d = decode(raw)
+    # The envelope itself is not kept (a dead letter reads it back from the stream).
     assert (entry.stream_id, entry.node, entry.seq, entry.ts_ns, entry.raw) == (
-        b"1-2", d.node, d.seq, d.ts_ns, raw)
+        b"1-2", d.node, d.seq, d.ts_ns, b"")
     assert entry.part == entry_part(node=d.node.encode(), seq=d.seq, stream_id=b"1-2",
                                     ts_ns=d.ts_ns, model=d.model.encode(), pk=d.pk.encode(),
                                     fmt=d.fmt.encode(), payload=d.payload)

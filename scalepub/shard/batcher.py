@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
-from scalepub.xmpp.batch import Batch, Entry
+from scalepub.xmpp.batch import ENTRY_OVERHEAD_BYTES, Batch, Entry
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class Batcher:
             self._open_nodes[entry.node] = None
         batch.add(entry)
         self.buffered += 1
-        self.held_bytes += entry.held
+        self.held_bytes += len(entry.part) + ENTRY_OVERHEAD_BYTES  # Entry.held, inlined
         if len(batch.entries) >= self.caps.max_entries:
             self._close(entry.node, q)
         return True
@@ -109,7 +109,7 @@ class Batcher:
     def done(self, batch: Batch) -> None:
         """The server confirmed ``batch`` (or it was dead-lettered): free its node."""
         self.buffered -= len(batch.entries)
-        self.held_bytes -= sum(e.held for e in batch.entries)
+        self.held_bytes -= batch.size + len(batch.entries) * ENTRY_OVERHEAD_BYTES
         self.release(batch.node)
 
     def retry(self, *batches: Batch) -> None:
@@ -122,7 +122,7 @@ class Batcher:
     def forget(self, entries: list[Entry]) -> None:
         """Entries removed without being published (dead-lettered out of a split batch)."""
         self.buffered -= len(entries)
-        self.held_bytes -= sum(e.held for e in entries)
+        self.held_bytes -= sum(len(e.part) + ENTRY_OVERHEAD_BYTES for e in entries)
 
     def release(self, node: str) -> None:
         """Nothing of ``node`` is in flight any more."""

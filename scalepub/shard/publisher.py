@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 
 from scalepub.settings import Settings
+from scalepub.shard import streams
 from scalepub.shard.acks import Acks, Spawn
 from scalepub.shard.batcher import Batcher
 from scalepub.shard.heartbeat import Health
@@ -118,7 +119,7 @@ class Publisher:
         if bad:
             for entry, why in bad:
                 reason = decide(Failure.NOT_WELL_FORMED, History(entries=1), why).reason
-                self.acks.dead_letter(batch.shard, entry.stream_id, entry.raw, reason)
+                self._dead_letter(batch.shard, entry, reason)
             self.batcher.forget([e for e, _ in bad])
             bad_ids = {id(e) for e, _ in bad}
             self._rebuild(batch, [e for e in batch.entries if id(e) not in bad_ids])
@@ -156,7 +157,7 @@ class Publisher:
         now_ns = time.time_ns()
         self.meters.confirmed(batch, now_ns)
         self.stats.last_publish = now_ns / 1e9
-        if self.batcher.buffered < self.max_buffer:
+        if self.batcher.held_bytes < self.max_buffer:
             self.space.set()
 
     def _refused(self, batch: Batch, reply: Reply) -> None:
@@ -186,9 +187,22 @@ class Publisher:
             self.batcher.retry(first, second)
         elif decision.action is Action.DEAD_LETTER:
             [entry] = batch.entries
-            self.acks.dead_letter(batch.shard, entry.stream_id, entry.raw, decision.reason)
+            self._dead_letter(batch.shard, entry, decision.reason)
             self.batcher.done(batch)
             self.health.passed(batch.node)
+
+    def _dead_letter(self, shard: int, entry: Entry, reason: str) -> None:
+        """Dead-letter ``entry`` with its envelope, read back from the stream: the shard does
+        not keep envelopes in memory (a third of an entry's size, for this rare path)."""
+        if entry.raw:
+            self.acks.dead_letter(shard, entry.stream_id, entry.raw, reason)
+            return
+
+        async def read_back() -> None:
+            raw = await streams.envelope_of(self.acks.redis, self.acks.keys.stream(shard),
+                                            entry.stream_id)
+            self.acks.dead_letter(shard, entry.stream_id, raw, reason)
+        self.spawn(self.acks.retrying(read_back))
 
     def _requeue(self, batch: Batch) -> None:
         self.batcher.retry(batch)

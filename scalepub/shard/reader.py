@@ -48,7 +48,7 @@ def build_entry(sid: bytes, raw: bytes, nodes: dict[bytes, str]) -> Entry:
         nodes[node_bytes] = node
     part = entry_part(node=node_bytes, seq=seq, stream_id=sid, ts_ns=ts_ns, model=model, pk=pk,
                       fmt=fmt, payload=payload)
-    return Entry(sid, node, seq, ts_ns, part, raw)
+    return Entry(sid, node, seq, ts_ns, part)  # raw not kept: read back for a dead letter
 
 
 class Reader:
@@ -65,7 +65,7 @@ class Reader:
         self.acks = acks
         self.retrying = retrying
         self.stats = stats
-        self.max_buffer = max_buffer  # entries held in memory (read, not yet confirmed)
+        self.max_buffer = max_buffer  # bytes held in memory (read, not yet confirmed)
         self.stop = stop
         self.space = space  # set when the buffer has room again, and on stop
         self.on_taken = on_taken  # the publisher's pump
@@ -127,7 +127,7 @@ class Reader:
                       "were published (lost)", shard, self.stats.trimmed)
 
     async def _wait_for_space(self) -> None:
-        while self.batcher.buffered >= self.max_buffer and not self.stop.is_set():
+        while self.batcher.held_bytes >= self.max_buffer and not self.stop.is_set():
             self.space.clear()
             await self.space.wait()
 

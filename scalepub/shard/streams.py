@@ -129,6 +129,19 @@ async def dead_letter(r: aredis.Redis, keys: Keys, shard: int, *, stream_id: byt
         await pipe.execute()
 
 
+async def envelope_of(r: aredis.Redis, key: str, stream_id: bytes) -> bytes:
+    """The envelope of entry ``stream_id`` (b"" if it is gone); a pending entry is never
+    trimmed (backpressure), so a shard reads back what it did not keep (publisher.py)."""
+    found: Any = await r.xrange(key, stream_id, stream_id, count=1)
+    for _sid, fields in found or []:
+        if isinstance(fields, dict):
+            value = fields.get(ENTRY_FIELD, fields.get(ENTRY_FIELD.decode()))
+            return bytes(value or b"")
+        values = list(fields or [])
+        return bytes(values[1]) if len(values) == 2 and values[0] == ENTRY_FIELD else b""
+    return b""
+
+
 def agree_shard_count(r: redis.Redis, keys: Keys, shards: int) -> int | None:
     """Record ``shards`` as the count; refuse if entries wait in a stream it would misread.
 

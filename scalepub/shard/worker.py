@@ -65,8 +65,9 @@ class ShardWorker:
                            lambda: self._stop.is_set() and self._draining)
         self.batcher = Batcher(Caps(settings.batch_max_entries, settings.batch_max_bytes,
                                     settings.linger_ms / 1000))
-        # Entries held in memory (read, not yet confirmed): bounds RSS (~1 kB an entry).
-        max_buffer = settings.window * settings.batch_max_entries * 2
+        # Bytes of entries held in memory (read, not yet confirmed): bounds RSS, and how deep
+        # the reader reads ahead, i.e. how big per-node batches grow under a backlog.
+        max_buffer = settings.buffer_max_bytes
         self.acks = Acks(self._name, self.redis, self.keys, self.stats, self._meters,
                          self.health, retrying, self._spawn, self.lease)
         self.publisher = Publisher(

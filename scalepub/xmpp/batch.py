@@ -34,10 +34,11 @@ _PUBLISH_HEAD = (b'<iq type="set" id="%s" to="%s"><pubsub xmlns="%s">'
 # dict: half the cost of functools.lru_cache on this path).
 _NODE_CACHE = 65536
 _node_attrs: dict[bytes, bytes] = {}
-# Python's share of an entry held in memory besides its two byte strings: the Entry object,
-# its stream id and node reference, the two bytes headers, list slots (measured with
-# tracemalloc, rounded up).
-ENTRY_OVERHEAD_BYTES = 200
+# Python's share of an entry held in memory besides its part: the Entry object, its stream
+# id, seq and ts ints, the part's bytes header, list slots (tracemalloc, rounded up).
+ENTRY_OVERHEAD_BYTES = 250
+# Model labels repeat: each is escaped once (bounded like the node names).
+_model_attrs: dict[bytes, bytes] = {}
 
 
 @dataclass(slots=True)
@@ -49,7 +50,9 @@ class Entry:
     seq: int
     ts_ns: int
     part: bytes  # the <entry> element, ready to go inside the batch's CDATA section
-    raw: bytes  # the envelope as read, for the dead-letter stream
+    # The envelope as read. The shard does not keep it (b""): a third of an entry's memory
+    # for the rare dead letter, which reads it back from the stream by id (streams.py).
+    raw: bytes = b""
 
     @property
     def held(self) -> int:
@@ -62,7 +65,9 @@ def entry_part(*, node: bytes, seq: int, stream_id: bytes, ts_ns: int, model: by
     """``<entry ...>payload</entry>``: XML payloads kept as they are, JSON escaped as text."""
     body = payload if fmt == b"xml" else escape(payload)
     attr = _node_attrs.get(node) or node_attr(node)  # inline lookup: the per-entry path
-    part = _ENTRY % (attr, seq, stream_id, ts_ns, _attr(model), _attr(pk), fmt, body)
+    model_attr = _model_attrs.get(model) or _model_attr(model)
+    pk_attr = pk if pk.isalnum() else _attr(pk)  # digits or letters (pure ASCII): as is
+    part = _ENTRY % (attr, seq, stream_id, ts_ns, model_attr, pk_attr, fmt, body)
     if _CDATA_END in part:
         part = part.replace(_CDATA_END, _CDATA_END_SPLIT)
     return part
@@ -151,6 +156,13 @@ def node_attr(node: bytes) -> bytes:
         if len(_node_attrs) >= _NODE_CACHE:  # bounded: a shard normally sees far fewer
             _node_attrs.clear()
         attr = _node_attrs[node] = _attr(node)
+    return attr
+
+
+def _model_attr(model: bytes) -> bytes:
+    if len(_model_attrs) >= _NODE_CACHE:
+        _model_attrs.clear()
+    attr = _model_attrs[model] = _attr(model)
     return attr
 
 
