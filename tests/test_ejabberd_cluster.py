@@ -7,6 +7,7 @@ import base64
 import contextlib
 import os
 import re
+import signal
 import stat
 import subprocess
 import time
@@ -18,7 +19,14 @@ import pytest
 import redis
 
 from scalepub.settings import Settings, env_mapping
-from tests.e2e import Collector, PoolProcess, assert_complete_and_ordered, create_nodes
+from scalepub.sharding import Keys
+from tests.e2e import (
+    Collector,
+    PoolProcess,
+    assert_complete_and_ordered,
+    create_nodes,
+    wait_until,
+)
 from tests.rawxmpp import RawClient
 from tests.stack import STACK, Stack, new_stack, running
 from tests.streams import produce
@@ -165,3 +173,45 @@ def test_a_pool_on_node_1_reaches_subscribers_on_both_nodes_in_order(
             pool.kill()
     for sub in subs:
         assert_complete_and_ordered(sub.by_node(), dict.fromkeys(nodes, 100))
+
+
+def lease_owners(client: redis.Redis, settings: Settings) -> list[str]:
+    """Each shard's owner (the supervisor's --name), '' for none, read from its lease."""
+    keys = Keys(settings.key_prefix)
+    fences = [client.hget(keys.lease(s), "fence") for s in range(settings.shards)]
+    return [f.decode().partition(":")[2].rpartition("#")[0] if f else "" for f in fences]
+
+
+def test_supervisors_on_different_nodes_share_the_shards_and_hand_over_across_nodes(
+    cluster: Stack, cluster_redis: redis.Redis, tmp_path: Path,
+) -> None:
+    """Supervisor a connects to node 1, b to node 2, both with the same settings: they split
+    the 8 shards; a leaves by SIGTERM mid-stream and b, on the other node, takes its shards
+    over. Subscribers on both nodes get every entry in per-node order."""
+    prefix = f"s{uuid.uuid4().hex[:8]}"
+    nodes = [f"/cluster/{prefix}/n{i}" for i in range(32)]
+    create_nodes_one_by_one(cluster.env, nodes)
+    sups: dict[str, PoolProcess] = {}
+    with collectors(cluster, nodes) as subs:
+        try:
+            for name, node in (("a", 1), ("b", 2)):
+                settings = settings_on(cluster, node, prefix, shards=8).replace(
+                    lease_ttl_s=2.0, lease_renew_s=0.5)
+                sups[name] = PoolProcess(settings, tmp_path / f"{name}.log", "--name", name)
+            assert wait_until(lambda: sorted(lease_owners(cluster_redis, settings))
+                              == ["a"] * 4 + ["b"] * 4, 60), \
+                (lease_owners(cluster_redis, settings), sups["a"].output()[-2000:])
+            produce(settings, nodes, 60, chunk=20)
+            sups["a"].signal(signal.SIGTERM)
+            produce(settings, nodes, 60, chunk=20)
+            assert sups["a"].proc.wait(30) == 0, sups["a"].output()[-3000:]
+            assert wait_until(lambda: lease_owners(cluster_redis, settings) == ["b"] * 8, 10)
+            for sub in subs:
+                assert sub.wait_for(lambda got: len({(g.node, g.seq) for g in got}) >= 3840,
+                                    timeout=120), (sub.count(), sups["b"].output()[-2000:])
+            assert sups["b"].stop() == 0, sups["b"].output()[-3000:]
+        finally:
+            for sup in sups.values():
+                sup.kill()
+    for sub in subs:
+        assert_complete_and_ordered(sub.by_node(), dict.fromkeys(nodes, 120))
