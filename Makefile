@@ -35,6 +35,7 @@ bench: venv stack-up
 	eval "$$(ops/stack env)" && $(BIN)/python loadtest/bench_publish.py
 	eval "$$(ops/stack env)" && $(BIN)/python loadtest/bench_history.py
 	$(BIN)/python loadtest/bench_decode.py
+	$(BIN)/python loadtest/bench_cluster.py
 
 ## bench-storm: 500 anonymous BOSH clients reconnect at once with catch-up while publishing
 ##              (its own Redis + ejabberd on free ports, ~85 s; loads the whole box)
