@@ -260,10 +260,17 @@ def _clock(mode: str, pool: subprocess.Popen[bytes], client: redis.Redis, keys: 
 
 
 def shard_pids(parent: int) -> list[int]:
-    """The shard processes of a pool: the children of its forkserver."""
-    servers = [p for p in pids_of("", parent)
-               if b"forkserver" in Path(f"/proc/{p}/cmdline").read_bytes()]
-    return [p for server in servers for p in pids_of("", server)]
+    """The shard processes of a pool, spawned or forked by a forkserver (not the resource
+    tracker, not the forkserver itself)."""
+    import psutil
+
+    out = []
+    for child in psutil.Process(parent).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            cmdline = " ".join(child.cmdline())
+            if "spawn_main" in cmdline or ("forkserver" in cmdline and child.ppid() != parent):
+                out.append(child.pid)
+    return out
 
 
 def progress(mode: str, done: int, total: int, elapsed: float) -> None:

@@ -84,12 +84,15 @@ class PoolProcess:
         return self.log_path.read_text(errors="replace")
 
     def shard_pids(self) -> list[int]:
-        """PIDs of the shard processes (children of the supervisor)."""
-        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True,
-                             text=True, check=False).stdout
-        pids = [int(p) for p in out.split()]
-        # Not multiprocessing's resource tracker: shards run spawn_main.
-        return [p for p in pids if b"spawn_main" in _cmdline(p)]
+        """PIDs of the shard processes: the children of the supervisor's forkserver."""
+        servers = [p for p in _children(self.proc.pid) if b"forkserver" in _cmdline(p)]
+        return [p for server in servers for p in _children(server)]
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True,
+                         check=False).stdout
+    return [int(p) for p in out.split()]
 
 
 def _cmdline(pid: int) -> bytes:

@@ -55,10 +55,14 @@ def test_a_join_moves_little_more_than_the_newcomer_s_share(members: int) -> Non
     assert share <= moved <= 1.6 * share + 1, moved  # a round robin moves ~all of them
 
 
-def test_slots_one_per_shard_by_default_else_round_robin_over_processes() -> None:
+def test_slots_one_per_shard_by_default_else_shards_stay_in_their_process() -> None:
     assert slot_shards([3, 5], None) == {3: [3], 5: [5]}
     assert slot_shards([7, 1, 3, 5], 2) == {0: [1, 5], 1: [3, 7]}
     assert slot_shards([], 3) == {0: [], 1: [], 2: []}
+    # A shard never moves between two processes of one supervisor: both would be the same
+    # owner of its lease at once. Shards given up leave; new ones fill the emptiest slot.
+    assert slot_shards([1, 3, 4, 6], 2, {0: [1, 5], 1: [3, 7]}) == {0: [1, 4], 1: [3, 6]}
+    assert slot_shards([1, 5, 2], 2, {0: [1, 5], 1: [3, 7]}) == {0: [1, 5], 1: [2]}
 
 
 def test_timing_stops_before_the_lease_can_expire_in_redis() -> None:

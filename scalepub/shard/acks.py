@@ -81,7 +81,10 @@ class Acks:
 
     async def loop(self) -> None:
         """Flush whenever there is something to acknowledge, until cancelled."""
-        while True:
+        # A cancellation that arrives while redis-py's pipeline finishes can be swallowed in
+        # it (seen: the loop then waited for ever and held a graceful stop up for 3 s); the
+        # task still counts the request (Task.cancelling), so the loop ends anyway.
+        while not _cancelling():
             await self._wakeup.wait()
             self._wakeup.clear()
             await self.flush()
@@ -150,3 +153,8 @@ class Acks:
         if done == FENCED:
             log.warning("shard %d: entry %s not dead-lettered: the lease is no longer ours",
                         shard, sid.decode())
+
+
+def _cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

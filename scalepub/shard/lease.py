@@ -32,8 +32,10 @@ log = logging.getLogger(__name__)
 ACQUIRE_POLL_S = 0.1
 
 # KEYS: lease, fence counter. ARGV: owner, ttl ms. Takes the lease if nobody holds it, or if
-# the holder is the same owner (a restarted worker of this supervisor: its predecessor is
-# gone, and the new token fences it). Returns the new token, or 0 and the holder's fence.
+# the holder is the same owner: owners are process slots of one supervisor run
+# (``<id>#<run>/<slot>``, pool.py), and a slot's next worker starts only after the last one
+# ended (its process exited, or its worker returned). The new token fences the predecessor.
+# Returns the new token, or 0 and the holder's fence.
 ACQUIRE_LUA = """
 local held = redis.call('HGET', KEYS[1], 'fence')
 if held then

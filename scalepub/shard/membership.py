@@ -22,7 +22,7 @@ import redis
 from scalepub.sharding import Keys
 
 # KEYS: members (sorted set), info (hash). ARGV: id, ttl ms, info JSON. Refreshes the entry,
-# drops expired ones, returns the live ids.
+# drops expired ones, returns the Redis time (ms) and the live ids with their expiry times.
 HEARTBEAT_LUA = """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
@@ -33,7 +33,7 @@ if #gone > 0 then
   redis.call('ZREM', KEYS[1], unpack(gone))
   redis.call('HDEL', KEYS[2], unpack(gone))
 end
-return redis.call('ZRANGE', KEYS[1], 0, -1)
+return {now, redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')}
 """
 
 # KEYS: members, info. ARGV: id. A supervisor that stops leaves at once.
@@ -86,9 +86,17 @@ class Registry:
 
     def beat(self, info: dict[str, Any]) -> list[str]:
         """Refresh our entry (with ``info``) and return the live supervisors' ids."""
-        live = self.redis.eval(HEARTBEAT_LUA, 2, self.keys.supervisors, self.keys.supervisor_info,
-                               self.me, self.ttl_ms, json.dumps(info, sort_keys=True))
-        return [m.decode() if isinstance(m, bytes) else str(m) for m in cast(list[Any], live)]
+        return sorted(self.beat_timed(info)[0])
+
+    def beat_timed(self, info: dict[str, Any]) -> tuple[list[str], float | None]:
+        """``beat``, plus the seconds until another supervisor's entry expires (None: no
+        other one): beating again right then notices a dead one without waiting a period."""
+        now, flat = cast(list[Any], self.redis.eval(
+            HEARTBEAT_LUA, 2, self.keys.supervisors, self.keys.supervisor_info, self.me,
+            self.ttl_ms, json.dumps(info, sort_keys=True)))
+        ids = [m.decode() if isinstance(m, bytes) else str(m) for m in flat[0::2]]
+        others = [float(score) for m, score in zip(ids, flat[1::2], strict=True) if m != self.me]
+        return ids, (min(others) - int(now)) / 1000 if others else None
 
     def leave(self) -> None:
         """Remove our entry: the others take our shards at their next beat."""

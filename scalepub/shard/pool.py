@@ -6,12 +6,14 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import secrets
 import signal
 import socket
 import time
 from dataclasses import dataclass
+from multiprocessing import forkserver
 from multiprocessing.connection import Connection, wait
-from multiprocessing.context import SpawnProcess
+from multiprocessing.context import ForkServerProcess
 from multiprocessing.synchronize import Event
 from types import FrameType
 
@@ -40,7 +42,7 @@ class _Slot:
 
     index: int
     shards: list[int]
-    process: SpawnProcess | None = None
+    process: ForkServerProcess | None = None
     conn: Connection | None = None  # the supervisor's end of the process's pipe
     ready: Event | None = None
     started: float = 0.0
@@ -49,15 +51,20 @@ class _Slot:
     terminated: bool = False  # SIGTERM sent to the current process
 
 
-def slot_shards(target: list[int], processes: int | None) -> dict[int, list[int]]:
-    """Which shards each process slot works: one slot per shard by default (slot = shard),
-    else ``processes`` slots sharing the target round robin (pure, unit-tested)."""
+def slot_shards(target: list[int], processes: int | None,
+                current: dict[int, list[int]] | None = None) -> dict[int, list[int]]:
+    """Which shards each process slot works (pure, unit-tested): one slot per shard by
+    default (slot = shard), else ``processes`` slots. A shard stays in its slot while it
+    stays ours; a new one goes to the slot with the fewest."""
     if processes is None:
         return {shard: [shard] for shard in target}
-    out: dict[int, list[int]] = {i: [] for i in range(processes)}
-    for i, shard in enumerate(sorted(target)):
-        out[i % processes].append(shard)
-    return out
+    current = current or {}
+    out = {i: [s for s in current.get(i, []) if s in target] for i in range(processes)}
+    placed = {s for shards in out.values() for s in shards}
+    for shard in sorted(set(target) - placed):
+        emptiest = min(out, key=lambda i: (len(out[i]), i))
+        out[emptiest].append(shard)
+    return {i: sorted(shards) for i, shards in out.items()}
 
 
 class Pool:
@@ -73,10 +80,19 @@ class Pool:
         self.settings = settings
         self.processes = None if processes is None else max(1, min(processes, settings.shards))
         self.me = supervisor_id(name)
+        # The leases' owner is a slot of this run of the supervisor, ``<id>#<run>/<slot>``: only
+        # a slot's next process (started once the last one exited) takes over its lease at
+        # once. Another slot, or another run of the same --name (whose orphans may still
+        # drain), is another owner and waits for the release.
+        self.run_id = f"{self.me}#{secrets.token_hex(3)}"
         self.slots: dict[int, _Slot] = {}
         self.target: list[int] = []
         self.log_level = log_level
-        self._ctx = multiprocessing.get_context("spawn")
+        # Shard processes fork from a forkserver that imported the shard code once: a process
+        # for a shard taken over starts in tens of ms, where a spawn took 1.5-3 s of imports
+        # on a busy 2-core box, most of a takeover's TTL + 2 s budget.
+        self._ctx = multiprocessing.get_context("forkserver")
+        self._ctx.set_forkserver_preload(["scalepub.shard.process"])
         self._signals = 0
         self._ever_ready = False
         self._registry: Registry | None = None
@@ -86,6 +102,7 @@ class Pool:
     def run(self) -> int:
         """Supervise until a signal or a fatal shard error; returns the exit code."""
         try:
+            forkserver.ensure_running()  # before any thread (metrics): a clean process to fork
             self._serve_metrics()  # a port in use is a setting to change: say so before Redis
             self._preflight()
         except Exception as exc:
@@ -159,7 +176,8 @@ class Pool:
         slot.conn, child = self._ctx.Pipe()
         slot.process = self._ctx.Process(
             target=shard_main, name=f"shard-process-{slot.index}",
-            args=(self.settings, child, slot.index, slot.ready.set, self.log_level, self.me),
+            args=(self.settings, child, slot.index, slot.ready.set, self.log_level,
+                  f"{self.run_id}/{slot.index}"),
         )
         slot.process.start()
         child.close()
@@ -172,7 +190,8 @@ class Pool:
         backlog = BacklogGauges(self.settings)
         while not self._signals:
             sentinels = [s.process.sentinel for s in self.slots.values() if s.process is not None]
-            wait(sentinels, timeout=0.2)  # a dead child wakes us at once
+            # A dead child wakes us at once; a beat that is due, within 0.2 s.
+            wait(sentinels, timeout=min(0.2, max(self._next_beat - time.monotonic(), 0.0)))
             self._maybe_beat()
             backlog.maybe_update()
             self._ever_ready |= any(s.ready is not None and s.ready.is_set()
@@ -190,17 +209,21 @@ class Pool:
             return
         self._next_beat = now + self.settings.lease_renew_s
         try:
-            live = self._registry.beat({"host": socket.gethostname(), "pid": os.getpid(),
-                                        "shards": self.target, "started": self._started})
+            live, expiry = self._registry.beat_timed({
+                "host": socket.gethostname(), "pid": os.getpid(), "shards": self.target,
+                "started": self._started})
         except redis.RedisError as exc:  # the workers' leases decide; keep what we have
             log.warning("pool %s: cannot refresh its membership: %s", self.me, exc)
             return
+        if expiry is not None:  # a dead supervisor is noticed when its entry expires
+            self._next_beat = min(self._next_beat, now + max(expiry + 0.01, 0.05))
         target = spread(self.settings.shards, live).get(self.me, [])
         if target != self.target:
             log.info("pool %s: %d live supervisors; its shards now %s (were %s)", self.me,
                      len(live), target, self.target)
             self.target = target
-            self._assign(slot_shards(target, self.processes))
+            self._assign(slot_shards(target, self.processes,
+                                     {i: slot.shards for i, slot in self.slots.items()}))
 
     def _assign(self, wanted: dict[int, list[int]]) -> None:
         """Tell each slot its shards; start slots that get some, stop those left without."""

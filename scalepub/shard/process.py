@@ -34,7 +34,7 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 def shard_main(settings: Settings, conn: Connection, index: int,
                on_ready: Callable[[], None] | None, log_level: str, owner: str) -> None:
     """Run one shard process until SIGTERM; exits with an ``exitcodes`` value."""
-    configure_logging(log_level, owner)
+    configure_logging(log_level, owner.rpartition("#")[0] or owner)  # the supervisor's id
     # Own process group: Ctrl-C, `timeout` or `kill -- -PGID` reach only the supervisor, which
     # forwards one SIGTERM; otherwise a shard would count the group signal plus the forwarded
     # one as two, and the second means "stop at once".

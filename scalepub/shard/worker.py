@@ -114,9 +114,7 @@ class ShardWorker:
         await self._bounded("reader", asyncio.shield(tasks[0]))
         tasks[0].cancel()
         await self._drain()
-        for task in tasks[1:]:
-            task.cancel()
-        await self._bounded("tasks", asyncio.gather(*tasks, return_exceptions=True))
+        await self._bounded("tasks", _cancel_all(tasks), tasks)
         await self._close()
         if self.crashed is not None:
             raise self.crashed
@@ -166,13 +164,14 @@ class ShardWorker:
         await self._bounded("Redis close", self.redis.aclose())
         log.info("shard %s: stopped: %s", self._name, self.stats.summary())
 
-    async def _bounded(self, what: str, step: Awaitable[object]) -> None:
+    async def _bounded(self, what: str, step: Awaitable[object],
+                       own: Sequence[asyncio.Task[None]] = ()) -> None:
         """A shutdown step that may not hold the exit up for more than a moment."""
         try:
             await asyncio.wait_for(step, CLOSE_TIMEOUT_S)
         except TimeoutError:
-            stuck = [t.get_stack(limit=3) for t in asyncio.all_tasks()
-                     if t is not asyncio.current_task()]
+            stuck = [(t.get_coro(), t.get_stack(limit=3)) for t in own or asyncio.all_tasks()
+                     if t is not asyncio.current_task() and not t.done()]
             log.warning("shard %s: %s took over %.0f s; exiting anyway (tasks: %s)",
                         self._name, what, CLOSE_TIMEOUT_S, stuck)
         except Exception as exc:  # shutting down: report and go on with the next step
@@ -182,6 +181,16 @@ class ShardWorker:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+async def _cancel_all(tasks: Sequence[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` until they are done: redis-py was seen to swallow a cancellation that
+    arrived while a reply came in (the loop then ran on, holding a stop up for seconds)."""
+    pending = set(tasks)
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.1)
 
 
 def _one(shards: Sequence[int]) -> int:

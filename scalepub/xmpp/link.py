@@ -262,6 +262,12 @@ class XmppLink:
         self.up = False
         if self._client.transport is not None:
             await self._client.disconnect(wait=1.0)
+        # slixmpp cancels its output-filter task only when the client is garbage-collected:
+        # in a process that lives on (a shard's next worker) asyncio then logs it as
+        # "Task was destroyed but it is pending!".
+        filters = getattr(self._client, "_run_out_filters", None)
+        if filters is not None:
+            filters.cancel()
 
     def _started(self, _event: Any) -> None:
         self._live = True
