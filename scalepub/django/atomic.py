@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from django.db import connections, router, transaction
 from django.db.models import Model
 
+from scalepub.django import outbox
 from scalepub.django.announce import publish_many
 
 M = TypeVar("M", bound=Model)
@@ -40,8 +41,10 @@ def wrap_save(model: type[Model]) -> None:
             using = kwargs.get("using") or (args[3] if len(args) > 3 else None)
             using = using or router.db_for_write(type(self), instance=self)
             if connections[using].get_autocommit():  # not inside any transaction
-                with transaction.atomic(using=using):
-                    return original(self, *args, **kwargs)
+                with transaction.atomic(using=using), outbox.Held(using) as held:
+                    result = original(self, *args, **kwargs)
+                    held.commit()  # PostgreSQL: outbox rows and COMMIT in one round trip
+                return result
         return original(self, *args, **kwargs)
 
     setattr(save_base, _MARK, True)

@@ -7,6 +7,7 @@ commit is the caller's business (``announce``), so the relay can import this mod
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ _DELETE_CHUNK = 500  # below every backend's limit of query parameters
 # Rows per INSERT where the backend names no limit (PostgreSQL's protocol allows 65,535
 # parameters per statement: 6 per row).
 _MAX_ROWS = 1000
+_HELD = "scalepub_held_outbox_rows"  # attribute of Django's connection while Held holds rows
 
 
 class OutboxTableMissing(ImproperlyConfigured):
@@ -58,19 +60,80 @@ def write(entries: Sequence[PendingEntry], using: str, path: str = "transaction"
     _require_table(using)
     connection = connections[using]
     rows = [(e.node, e.ts_ns, e.model, e.pk, e.fmt, e.payload) for e in entries]
+    held = getattr(connection, _HELD, None)
+    if held is not None:
+        if not any(connection.savepoint_ids):  # no savepoint can roll them back alone
+            held.extend(rows)
+            _written(path).inc(len(rows))
+            return
+        _insert(connection, using, held)  # keep the id order: the held rows came first
+        held.clear()
+    _insert(connection, using, rows)
+    _written(path).inc(len(rows))
+
+
+def _insert(connection: Any, using: str, rows: list[tuple[Any, ...]]) -> None:
     if len(rows) == 1 and _direct(connection):
         # SQLite's module keeps the statement prepared (keyed by its text): one row costs a
         # bind and a step, not Django's cursor, query rewriting and wrappers (~40% of it).
         connection.validate_no_broken_transaction()
         with connection.wrap_database_errors:
             connection.connection.execute(_insert_sql(using, 1, qmark=True), rows[0])
-    else:
+    elif rows:
         size = min(max(connection.ops.bulk_batch_size(_FIELDS, rows), 1), _MAX_ROWS)
         with connection.cursor() as cursor:
             for start in range(0, len(rows), size):
                 chunk = rows[start:start + size]
                 cursor.execute(_insert_sql(using, len(chunk)), [v for r in chunk for v in r])
-    _written(path).inc(len(rows))
+
+
+class Held:
+    """Outbox rows of scalepub's own transaction around a save, held for ``commit``.
+
+    On PostgreSQL with psycopg 3 the rows and the COMMIT go out in one pipeline: the outbox
+    costs no round trip of its own. Only rows written outside any savepoint are held (a
+    savepoint's rollback could not take them back); a later write inside one first writes
+    the held rows, so ids keep the order of the writes. Elsewhere nothing is held.
+    """
+
+    def __init__(self, using: str) -> None:
+        self.using = using
+        self.connection = connections[using]
+        raw = self.connection.connection
+        self.active = (self.connection.vendor == "postgresql" and raw is not None
+                       and hasattr(raw, "pipeline") and _pipeline_supported(raw))
+
+    def __enter__(self) -> Held:
+        if self.active:
+            setattr(self.connection, _HELD, [])
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.active:
+            setattr(self.connection, _HELD, None)
+
+    def commit(self) -> None:
+        """Write the held rows and COMMIT in one round trip; Django's own commit then finds
+        nothing left to do. Raises Django's DatabaseError (the caller's atomic rolls back)."""
+        connection = self.connection
+        rows = getattr(connection, _HELD, None)
+        if not self.active or rows is None or connection.needs_rollback:
+            return  # Django's atomic commits (or rolls back) as usual
+        setattr(connection, _HELD, None)
+        raw = connection.connection
+        with connection.wrap_database_errors, raw.pipeline():
+            _insert(connection, self.using, rows)
+            # A COMMIT statement, not raw.commit(): that syncs the pipeline at once, and the
+            # pipeline's exit then syncs again, a second round trip. psycopg reads the
+            # transaction status from the server, so Django's commit() finds it idle.
+            raw.execute("COMMIT")
+
+
+def _pipeline_supported(raw: Any) -> bool:
+    """Whether psycopg's libpq can pipeline (libpq >= 14)."""
+    pipeline = getattr(type(raw), "pipeline", None)
+    support = getattr(sys.modules.get("psycopg"), "Pipeline", None)
+    return pipeline is not None and support is not None and bool(support.is_supported())
 
 
 def _direct(connection: Any) -> bool:

@@ -1,0 +1,117 @@
+"""How outbox rows reach the database (issue 17 §3): few statements, no round trip of their own.
+
+- ``publish_many`` of many rows (after ``bulk_create``) is one INSERT statement, ids in order.
+- PostgreSQL (psycopg 3): a registered create under autocommit sends its outbox row together
+  with the COMMIT in one pipeline, after the model's INSERT; the commit still notifies the
+  relays, and a row written inside a savepoint is not held (its rollback takes it back) while
+  the rows held before it keep their order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from django.db import IntegrityError, connection, transaction
+from django.db.models.signals import post_save
+from django.test.utils import CaptureQueriesContext
+from twitter.models import Tweet
+
+import scalepub
+from scalepub.django import notify
+from scalepub.django.models import OutboxEntry
+from scalepub.settings import Settings
+
+pytestmark = [pytest.mark.stack]
+
+
+def outbox_inserts(queries: list[dict[str, Any]]) -> list[str]:
+    return [q["sql"] for q in queries if q["sql"].startswith('INSERT INTO "scalepub_outbox"')]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_publish_many_writes_its_rows_in_one_statement(outbox_django: Settings) -> None:
+    rows = [Tweet(author=f"a{i % 7}", text=f"bulk {i}") for i in range(150)]
+    with CaptureQueriesContext(connection) as captured, transaction.atomic():
+        created = Tweet.objects.bulk_create(rows)
+        scalepub.publish_many(created)
+    assert len(outbox_inserts(captured.captured_queries)) == 1
+    entries = list(OutboxEntry.objects.order_by("id"))
+    assert [e.object_pk for e in entries] == [str(t.pk) for t in created]
+
+
+class Statements:
+    """Django ``execute_wrapper``: each statement with the pipeline status of psycopg."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, bool]] = []
+
+    def __call__(self, execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        raw = context["connection"].connection
+        piped = raw.pgconn.pipeline_status != psycopg.pq.PipelineStatus.OFF
+        self.seen.append((sql.split("(", maxsplit=1)[0].strip(), piped))
+        return execute(sql, params, many, context)
+
+
+def session() -> psycopg.Connection[Any]:
+    """Another session on the test database."""
+    d = connection.settings_dict
+    return psycopg.connect(dbname=str(d["NAME"]), user=str(d["USER"]), password=str(d["PASSWORD"]),
+                           host=str(d["HOST"]), port=int(str(d["PORT"])), autocommit=True)
+
+
+@pytest.fixture
+def listener() -> Iterator[psycopg.Connection[Any]]:
+    conn = session()
+    conn.execute(f"LISTEN {notify.CHANNEL}")
+    yield conn
+    conn.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_postgres_outbox_row_rides_with_the_commit(outbox_django: Settings,
+                                                   listener: psycopg.Connection[Any]) -> None:
+    statements = Statements()
+    with connection.execute_wrapper(statements):
+        tweet = Tweet.objects.create(author="ann", text="pipelined")
+    assert [s for s in statements.seen if s[0].startswith("INSERT")] == [
+        ('INSERT INTO "twitter_tweet"', False), ('INSERT INTO "scalepub_outbox"', True)]
+    assert [n.channel for n in listener.notifies(timeout=5, stop_after=1)] == [notify.CHANNEL]
+    other = session()
+    try:  # committed: another session sees the row and its entry
+        assert other.execute("SELECT count(*) FROM twitter_tweet WHERE id = %s",
+                             [tweet.pk]).fetchone() == (1,)
+        assert other.execute("SELECT count(*) FROM scalepub_outbox WHERE object_pk = %s",
+                             [str(tweet.pk)]).fetchone() == (1,)
+    finally:
+        other.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_postgres_savepoint_rows_are_not_held_and_order_is_kept(outbox_django: Settings) -> None:
+    def nested(sender: Any, instance: Tweet, created: bool, **kwargs: Any) -> None:
+        if created and instance.text == "outer":
+            Tweet.objects.create(author="ann", text="held too")
+            with transaction.atomic():  # a savepoint: the held rows are written first
+                Tweet.objects.create(author="ann", text="in a savepoint")
+            try:
+                with transaction.atomic():
+                    Tweet.objects.create(author="ann", text="rolled back")
+                    raise IntegrityError("the savepoint rolls back")
+            except IntegrityError:
+                pass
+
+    post_save.connect(nested, sender=Tweet, dispatch_uid="test-nested")
+    try:
+        Tweet.objects.create(author="ann", text="outer")
+    finally:
+        post_save.disconnect(sender=Tweet, dispatch_uid="test-nested")
+    rows = dict(Tweet.objects.values_list("pk", "text"))
+    assert sorted(rows.values()) == ["held too", "in a savepoint", "outer"]
+    announced = [rows[int(pk)] for pk in
+                 OutboxEntry.objects.order_by("id").values_list("object_pk", flat=True)]
+    assert announced == ["outer", "held too", "in a savepoint"]  # ids in announcement order
