@@ -71,9 +71,11 @@ class Listener:
                 self._listen(wrapper)
                 delay = 0.0
             except Exception as exc:  # a database error or a bug: retry, never end the thread
+                # once per episode at WARNING (retries repeat until the database is back)
+                level = logging.DEBUG if delay else logging.WARNING
+                log.log(level, "scalepub relay: LISTEN on %s lost, polling until it is back: "
+                        "%s", self.using, exc)
                 delay = min(max(delay * 2, 0.1), _RECONNECT_MAX_S)
-                log.debug("scalepub relay: LISTEN on %s failed, polling meanwhile: %s",
-                          self.using, exc)
             finally:
                 self.listening = False
                 _close(wrapper)
