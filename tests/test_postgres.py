@@ -225,3 +225,10 @@ def test_missing_migration_on_postgres_is_a_clear_error_at_the_first_save(
     with connection.cursor() as cursor:  # migration 0002 put the notify trigger back
         cursor.execute("SELECT tgname FROM pg_trigger WHERE tgname = 'scalepub_outbox_notify'")
         assert cursor.fetchall() == [("scalepub_outbox_notify",)]
+    call_command("migrate", "scalepub", "0001", verbosity=0)  # an install that lacks 0002
+    try:
+        [warned] = [m for m in run_checks(databases=["default"]) if m.id == "scalepub.W001"]
+        assert "0002_outbox_notify not applied" in warned.msg and "saves work" in warned.msg
+        Tweet.objects.create(author="ann", text="saved without the trigger")
+    finally:
+        call_command("migrate", "scalepub", verbosity=0)

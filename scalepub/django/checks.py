@@ -88,9 +88,15 @@ def check_migrations(app_configs: Any = None, databases: Sequence[str] | None = 
     for alias in aliases:
         missing = _unapplied(alias)
         if missing:
+            # without 0001 there is no outbox table; later ones (0002: PostgreSQL's commit
+            # notifications) leave saves working
+            effect = ("every save of a registered model will fail until they are"
+                      if "0001_initial" in missing else
+                      "saves work, but the relay is not woken by other processes' commits "
+                      "(it looks once a second) until they are")
             found.append(Warning(
                 f"scalepub migration(s) {', '.join(missing)} not applied to database "
-                f"{alias!r}: every save of a registered model will fail until they are",
+                f"{alias!r}: {effect}",
                 hint=f"Run `manage.py migrate` (or `manage.py migrate scalepub --database "
                      f"{alias}`).", id="scalepub.W001"))
     return found
