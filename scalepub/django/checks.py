@@ -92,8 +92,8 @@ def check_migrations(app_configs: Any = None, databases: Sequence[str] | None = 
             # notifications) leave saves working
             effect = ("every save of a registered model will fail until they are"
                       if "0001_initial" in missing else
-                      "saves work, but the relay is not woken by other processes' commits "
-                      "(it looks once a second) until they are")
+                      "saves work, but on PostgreSQL the relay is not woken by other "
+                      "processes' commits (it looks once a second) until they are")
             found.append(Warning(
                 f"scalepub migration(s) {', '.join(missing)} not applied to database "
                 f"{alias!r}: {effect}",
