@@ -187,6 +187,22 @@ def test_saved_rows_outbox_payload_is_djangos(use_tz: bool) -> None:
         assert_same(Wide.objects.get(pk=row.pk))  # as read back from the database
 
 
+class WideProxy(Wide):
+    """A proxy: Django labels its rows with the proxy's name, fields are the concrete model's."""
+
+    class Meta:
+        proxy = True
+        app_label = "fieldzoo"
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(values=st.fixed_dictionaries(WIDE_VALUES))
+def test_a_proxy_model_matches_django(values: dict[str, Any]) -> None:
+    row = WideProxy(**values)
+    assert '<object model="fieldzoo.wideproxy"' in fast_text(row, "xml")
+    assert_same(row)
+
+
 def test_prepared_once_per_model() -> None:
     forget(Wide)
     first = row_format(Wide)

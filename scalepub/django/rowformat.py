@@ -147,8 +147,12 @@ def _plain(model: type[Model], field: Field[Any, Any]) -> bool:
 
 
 def _stored(model: type[Model], field: Field[Any, Any]) -> bool:
-    """Whether the attribute is Django's plain deferred attribute (no custom descriptor)."""
-    return type(model.__dict__.get(field.attname)) is DeferredAttribute
+    """Whether the attribute is Django's plain deferred attribute (no custom descriptor),
+    looked up like ``getattr`` would (a proxy model inherits it)."""
+    for klass in model.__mro__:
+        if field.attname in klass.__dict__:
+            return type(klass.__dict__[field.attname]) is DeferredAttribute
+    return False
 
 
 def _xml_part(model: type[Model], field: Field[Any, Any]) -> XmlPart:
