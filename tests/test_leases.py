@@ -231,3 +231,40 @@ def test_membership_expires_and_status_shows_owners_and_supervisors(
     b.leave()
     assert collect_supervisors(settings_for, redis_client) == []
     assert parse_fence(f"{token}:sup-b:x") == (token, "sup-b:x")
+
+
+def test_reads_are_fenced_by_the_lease(settings_for: Settings, aclient: aredis.Redis,
+                                       redis_client: redis.Redis) -> None:
+    """An old owner's group read after a takeover takes nothing (it would leave entries
+    pending where the new owner, past its XAUTOCLAIM, never looks); the new owner's read gets
+    them; with nothing new, the read waits for the next entry."""
+    keys = Keys(settings_for.key_prefix)
+    stream = keys.stream(0)
+    settings = settings_for.replace(shards=1)
+    produce(settings, ["/lease/read"], 3)
+
+    async def go() -> None:
+        await streams.ensure_group(aclient, stream)
+        old = _lease(aclient, settings_for, "A")
+        assert await old.acquire(asyncio.Event())
+        [(_, first)] = await old.read_new(aclient, [stream], "shard-0", 1, 100)
+        assert len(first) == 1
+        await old.release()
+        new = _lease(aclient, settings_for, "B")
+        assert await new.acquire(asyncio.Event())
+        assert await old.read_new(aclient, [stream], "shard-0", 10, 100) == []
+        assert old.lost_reason.startswith("taken over")
+        assert redis_client.xpending(stream, CONSUMER_GROUP)["pending"] == 1
+        [(_, rest)] = await new.read_new(aclient, [stream], "shard-0", 10, 100)
+        assert len(rest) == 2
+        started = time.monotonic()
+        assert await new.read_new(aclient, [stream], "shard-0", 10, 300) == []
+        assert time.monotonic() - started >= 0.25  # it waited for a new entry
+        waiting = asyncio.create_task(new.read_new(aclient, [stream], "shard-0", 10, 5000))
+        await asyncio.sleep(0.1)
+        await asyncio.to_thread(produce, settings, ["/lease/read"], 1)
+        assert await asyncio.wait_for(waiting, 2) == []  # woken by the entry, not the timeout
+        [(_, last)] = await new.read_new(aclient, [stream], "shard-0", 10, 100)
+        assert len(last) == 1
+        await aclient.aclose()
+    asyncio.run(go())

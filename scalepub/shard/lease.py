@@ -17,13 +17,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 import redis.asyncio as aredis
 
-from scalepub.sharding import Keys
+from scalepub.sharding import CONSUMER_GROUP, Keys
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +77,20 @@ local function holds(lease_key, fence)
 end
 """
 
-
-class LeaseLost(RuntimeError):
-    """The shard's lease is no longer ours: stop publishing it."""
+# KEYS: stream, lease. ARGV: group, consumer, count, fence. New entries for the consumer only
+# while the lease holds: a reader that stalled between its own check and this read takes
+# nothing away from the next owner. Returns -1 (fenced), the XREADGROUP reply, or, when
+# nothing is new, the stream's last id (to wait for a newer one with a plain XREAD BLOCK,
+# which scripts cannot do).
+FENCED_READ_LUA = FENCE_CHECK_LUA + """
+if not holds(KEYS[2], ARGV[4]) then return -1 end
+local got = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3],
+                       'STREAMS', KEYS[1], '>')
+if got then return got end
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if #last > 0 then return last[1][1] end
+return '0-0'
+"""
 
 
 @dataclass(frozen=True)
@@ -203,6 +215,20 @@ class ShardLease:
                 self._on_renew_failure()
         elif not self.lost_reason:
             self.deadline = self.timing.valid_until(sent)
+
+    async def read_new(self, r: aredis.Redis, keys: Sequence[str], consumer: str, count: int,
+                       block_ms: int) -> list[tuple[bytes, Any]]:
+        """``streams.read_new`` under this lease: the group read is fenced in Redis."""
+        [key] = keys
+        reply = await r.eval(FENCED_READ_LUA, 2, key, self.key, CONSUMER_GROUP, consumer, count,
+                             self.fence)
+        if reply == -1:
+            self.lost_reason = self.lost_reason or "taken over: the lease is no longer ours"
+            return []
+        if isinstance(reply, list):
+            return [(stream, entries) for stream, entries in reply]
+        await r.xread({key: reply}, count=1, block=block_ms)  # wakes on a newer entry
+        return []
 
     async def release(self) -> None:
         """Let the next owner take the shard at once (only if the lease is still ours)."""

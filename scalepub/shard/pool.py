@@ -259,8 +259,8 @@ class Pool:
             log.error("pool %s: shard process %d failed at start (exit code %d); stopping",
                       self.me, slot.index, code)
             return code
-        if slot.terminated and code == exitcodes.OK and not self._wanted(slot):
-            return None  # it gave its shard up when told to
+        if slot.terminated and not self._wanted(slot):
+            return None  # it gave its shard up when told to (or died of the SIGTERM at birth)
         self._schedule_restart(slot, code, now)
         return None
 

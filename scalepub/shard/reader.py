@@ -76,6 +76,7 @@ class Reader:
         # Checked before each read: without the shard's lease, nothing more is taken from
         # the group (worker.py); what was read stays pending for the next owner.
         self.allowed: Callable[[], bool] = lambda: True
+        self.read_new = streams.read_new  # under a lease, its fenced read (worker.py)
 
     async def loop(self) -> None:
         """Claim what a predecessor left pending, then read new entries until stopped."""
@@ -105,8 +106,8 @@ class Reader:
                 return replies
             self._reread = False
         self._reread = True  # until the reply is in hand
-        replies = await streams.read_new(self.redis, list(self.shard_of), self.consumer,
-                                         READ_COUNT, READ_BLOCK_MS)
+        replies = await self.read_new(self.redis, list(self.shard_of), self.consumer,
+                                      READ_COUNT, READ_BLOCK_MS)
         self._reread = False
         return replies
 

@@ -12,6 +12,7 @@ acks.py (XACKs and dead letters), heartbeat.py (the hash `scalepub status` reads
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Sequence
@@ -81,6 +82,7 @@ class ShardWorker:
                                    self.health, retrying)
         if self.lease is not None:
             self.publisher.allowed = self.reader.allowed = self.lease.valid
+            self.reader.read_new = self.lease.read_new
 
     def _resource(self, consumer: str) -> str:
         """The XMPP resource: under a lease, the same for every owner of the shard, so a new
@@ -91,8 +93,8 @@ class ShardWorker:
 
     async def run(self) -> Stats:
         """Connect, publish until ``stop()``, then drain and return the counts."""
-        for key in self.reader.shard_of:
-            await streams.ensure_group(self.redis, key)
+        for key in self.reader.shard_of:  # through Redis hiccups, like every later call
+            await self.reader.retrying(functools.partial(streams.ensure_group, self.redis, key))
         if self.lease is not None and not await self.lease.acquire(self._stop):
             await self.redis.aclose()
             return self.stats
