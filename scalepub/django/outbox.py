@@ -75,7 +75,7 @@ def write(entries: Sequence[PendingEntry], using: str, path: str = "transaction"
 def _insert(connection: Any, using: str, rows: list[tuple[Any, ...]]) -> None:
     if len(rows) == 1 and _direct(connection):
         # SQLite's module keeps the statement prepared (keyed by its text): one row costs a
-        # bind and a step, not Django's cursor, query rewriting and wrappers (~40% of it).
+        # bind and a step, not Django's cursor, query rewriting and wrappers (most of it).
         connection.validate_no_broken_transaction()
         with connection.wrap_database_errors:
             connection.connection.execute(_insert_sql(using, 1, qmark=True), rows[0])
