@@ -9,6 +9,7 @@ which follows MOVED/ASK and failovers; every key of a shard shares the hash tag 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -128,23 +129,28 @@ class LazyCluster:
         self._settings = settings
         self._options = options
         self._client: RedisCluster | None = None
+        self._making = threading.Lock()  # request threads may share one producer
 
     @property
     def cluster(self) -> RedisCluster:
         """The RedisCluster, made now if needed."""
-        if self._client is None:
+        if self._client is not None:
+            return self._client
+        with self._making:
+            if self._client is not None:
+                return self._client
             try:
                 # A node that fails is retried after re-reading the slot map: that is how a
                 # failover or a moved slot is followed. Connection errors only: a timeout may
                 # mean the command ran, and appending twice would duplicate entries.
-                self._client = RedisCluster.from_url(
+                self._client = _NoTimeoutRetryCluster.from_url(
                     plain_url(self._settings.redis_url), **self._options,
                     retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), CLUSTER_RETRIES,
                                 supported_errors=(redis.ConnectionError,)),
                     require_full_coverage=False)
             except RedisClusterException as exc:
                 raise _cluster_error(self._settings, exc) from exc
-        return self._client
+            return self._client
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.cluster, name)
@@ -187,6 +193,16 @@ def raise_transport_error(reply: object) -> None:
         raise redis.ConnectionError(str(reply)) from reply
     if isinstance(reply, Exception) and not isinstance(reply, redis.ResponseError):
         raise reply
+
+
+class _NoTimeoutRetryCluster(RedisCluster):
+    """RedisCluster retries a timed-out command by itself whatever its ``retry`` says; an
+    append that timed out after Redis ran it would then be appended twice (in ``direct``
+    mode, which has no record to recognise it). Connection errors and CLUSTERDOWN still are
+    retried after re-reading the slot map."""
+
+    ERRORS_ALLOW_RETRY = tuple(  # type: ignore[assignment]
+        e for e in RedisCluster.ERRORS_ALLOW_RETRY if e is not redis.TimeoutError)
 
 
 def cluster_of(client: object) -> RedisCluster | None:
