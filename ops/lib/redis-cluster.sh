@@ -152,7 +152,11 @@ cluster_down() {
     wait_for 60 pid_dead "$pid" || die "redis cluster: node $p (pid $pid) did not exit within 60 s"
     stopped+=" $p"
   done
-  say "redis cluster: ${stopped:+stopped (nodes$stopped)}${stopped:-not running}"
+  if [[ -n $stopped ]]; then
+    say "redis cluster: stopped (nodes$stopped)"
+  else
+    say "redis cluster: not running"
+  fi
 }
 
 # One line per node (port, pid, role, slots) and the cluster state; 1 if a node is down
