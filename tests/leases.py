@@ -50,18 +50,26 @@ class Supervisor(PoolProcess):
         helpers), deepest first, then the supervisor."""
         return [*descendants(self.proc.pid), self.proc.pid]
 
-    def kill_tree(self) -> None:
-        """kill -9 of the whole host's share: children first, so none can hand over."""
-        for pid in self.tree():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+    def kill_tree(self) -> float:
+        """kill -9 of the whole host's share: children first, so none can hand over.
+        Returns when (monotonic) the first signal went: the processes are listed before."""
+        at = self.signal_tree(signal.SIGKILL)
         self.proc.wait(10)
+        return at
 
-    def pause_tree(self, signum: int) -> None:
-        """SIGSTOP or SIGCONT to the supervisor and every child (a stalled host)."""
-        for pid in self.tree():
+    def pause_tree(self, signum: int) -> float:
+        """SIGSTOP or SIGCONT to the supervisor and every child (a stalled host); returns when
+        the first signal went."""
+        return self.signal_tree(signum)
+
+    def signal_tree(self, signum: int) -> float:
+        """``signum`` to every process of the tree at once (listed first: pgrep is slow)."""
+        pids = self.tree()
+        at = time.monotonic()
+        for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
+        return at
 
 
 def descendants(pid: int) -> list[int]:

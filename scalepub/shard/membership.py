@@ -10,16 +10,23 @@ owning a shard at once while their views of the membership briefly differ.
 from __future__ import annotations
 
 import json
+import logging
+import multiprocessing
 import os
 import secrets
 import socket
+import threading
+import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import redis
+import redis.asyncio as aredis
 
 from scalepub.sharding import Keys
+
+log = logging.getLogger(__name__)
 
 # KEYS: members (sorted set), info (hash). ARGV: id, ttl ms, info JSON. Refreshes the entry,
 # drops expired ones, returns the Redis time (ms) and the live ids with their expiry times.
@@ -41,6 +48,26 @@ LEAVE_LUA = """
 redis.call('ZREM', KEYS[1], ARGV[1])
 return redis.call('HDEL', KEYS[2], ARGV[1])
 """
+
+
+# KEYS: members, info. ARGV: id, host, pid. Removes the entry only if it is still the one of
+# that process (a supervisor restarted under the same --name keeps its new entry).
+LEAVE_DEAD_LUA = """
+local raw = redis.call('HGET', KEYS[2], ARGV[1])
+if not raw then return 0 end
+local info = cjson.decode(raw)
+if info['host'] ~= ARGV[2] or tostring(info['pid']) ~= ARGV[3] then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+return redis.call('HDEL', KEYS[2], ARGV[1])
+"""
+
+
+async def leave_for_dead(client: aredis.Redis, keys: Keys, me: str, pid: int) -> bool:
+    """Remove the entry of supervisor ``me`` (process ``pid`` on this host), which its shard
+    processes saw die: the others take its shards now rather than when the entry expires."""
+    gone = await client.eval(LEAVE_DEAD_LUA, 2, keys.supervisors, keys.supervisor_info, me,
+                             socket.gethostname(), str(pid))
+    return bool(gone)
 
 
 def supervisor_id(name: str | None = None) -> str:
@@ -102,3 +129,47 @@ class Registry:
         """Remove our entry: the others take our shards at their next beat."""
         self.redis.eval(LEAVE_LUA, 2, self.keys.supervisors, self.keys.supervisor_info, self.me)
 
+
+class Beater(threading.Thread):
+    """Beats for the supervisor in a thread of its own and sends each new list of live ids
+    down a pipe: a supervisor busy starting processes on a loaded box must not miss beats
+    and drop out of the membership (seen at load average 17 with beats in its main loop)."""
+
+    def __init__(self, registry: Registry, renew_s: float,
+                 info: Callable[[], dict[str, Any]]) -> None:
+        super().__init__(name="membership", daemon=True)
+        self.registry = registry
+        self.renew_s = renew_s
+        self.info = info
+        self.changes, self._send = multiprocessing.Pipe(duplex=False)
+        self._halt = threading.Event()  # not _stop: Thread has a method of that name
+        self._last: list[str] | None = None
+
+    def run(self) -> None:
+        """Beat every ``renew_s``, and when another supervisor's entry expires."""
+        next_at = 0.0
+        while not self._halt.wait(max(next_at - time.monotonic(), 0.0)):
+            now = time.monotonic()
+            next_at = now + self.renew_s
+            try:
+                live, expiry = self.registry.beat_timed(self.info())
+            except redis.RedisError as exc:  # the workers' leases decide meanwhile
+                log.warning("cannot refresh the membership of %s: %s", self.registry.me, exc)
+                continue
+            if expiry is not None:  # a dead supervisor is noticed when its entry expires
+                next_at = min(next_at, now + max(expiry + 0.01, 0.05))
+            if live != self._last:
+                self._last = live
+                self._send.send(live)
+
+    def latest(self) -> list[str] | None:
+        """The newest list of live ids sent since the last call (None: no change)."""
+        live = None
+        while self.changes.poll():
+            live = self.changes.recv()
+        return live
+
+    def stop(self) -> None:
+        """Stop beating (then ``registry.leave()`` takes our entry out)."""
+        self._halt.set()
+        self.join(5)

@@ -16,6 +16,7 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.context import ForkServerProcess
 from multiprocessing.synchronize import Event
 from types import FrameType
+from typing import Any
 
 import redis
 
@@ -24,7 +25,7 @@ from scalepub.backlog import stream_backlog
 from scalepub.connections import check_mode, sync_client
 from scalepub.settings import Settings, SettingsError
 from scalepub.shard import metrics
-from scalepub.shard.membership import Registry, spread, supervisor_id
+from scalepub.shard.membership import Beater, Registry, spread, supervisor_id
 from scalepub.shard.process import shard_main
 from scalepub.shard.streams import agree_shard_count
 from scalepub.sharding import Keys
@@ -96,7 +97,7 @@ class Pool:
         self._signals = 0
         self._ever_ready = False
         self._registry: Registry | None = None
-        self._next_beat = 0.0
+        self._beater: Beater | None = None
         self._started = time.time()
 
     def run(self) -> int:
@@ -113,6 +114,9 @@ class Pool:
                                   self.me, self.settings.lease_ttl_s)
         for index in slot_shards([], self.processes):  # --processes: all start at once
             self._spawn(self._slot(index))
+        # Joined only now: the others give shards up to us as soon as they see us.
+        self._beater = Beater(self._registry, self.settings.lease_renew_s, self._info)
+        self._beater.start()
         log.info("pool %s: %d shards shared with the other live supervisors (lease TTL %.1f s)",
                  self.me, self.settings.shards, self.settings.lease_ttl_s)
         code = self._supervise()
@@ -177,7 +181,7 @@ class Pool:
         slot.process = self._ctx.Process(
             target=shard_main, name=f"shard-process-{slot.index}",
             args=(self.settings, child, slot.index, slot.ready.set, self.log_level,
-                  f"{self.run_id}/{slot.index}"),
+                  f"{self.run_id}/{slot.index}", os.getpid()),
         )
         slot.process.start()
         child.close()
@@ -190,9 +194,10 @@ class Pool:
         backlog = BacklogGauges(self.settings)
         while not self._signals:
             sentinels = [s.process.sentinel for s in self.slots.values() if s.process is not None]
-            # A dead child wakes us at once; a beat that is due, within 0.2 s.
-            wait(sentinels, timeout=min(0.2, max(self._next_beat - time.monotonic(), 0.0)))
-            self._maybe_beat()
+            assert self._beater is not None
+            # A dead child or a change of the live supervisors wakes us at once.
+            wait([*sentinels, self._beater.changes], timeout=0.2)
+            self._follow(self._beater.latest())
             backlog.maybe_update()
             self._ever_ready |= any(s.ready is not None and s.ready.is_set()
                                     for s in self.slots.values())
@@ -202,21 +207,15 @@ class Pool:
                     return code
         return exitcodes.OK
 
-    def _maybe_beat(self) -> None:
-        """Every renew interval: refresh our entry, and follow the spread of the live ones."""
-        now = time.monotonic()
-        if now < self._next_beat or self._registry is None:
+    def _info(self) -> dict[str, Any]:
+        """What this supervisor reports with each beat (`scalepub status`)."""
+        return {"host": socket.gethostname(), "pid": os.getpid(), "shards": self.target,
+                "started": self._started}
+
+    def _follow(self, live: list[str] | None) -> None:
+        """Work our share of the spread over ``live`` (None: unchanged)."""
+        if live is None:
             return
-        self._next_beat = now + self.settings.lease_renew_s
-        try:
-            live, expiry = self._registry.beat_timed({
-                "host": socket.gethostname(), "pid": os.getpid(), "shards": self.target,
-                "started": self._started})
-        except redis.RedisError as exc:  # the workers' leases decide; keep what we have
-            log.warning("pool %s: cannot refresh its membership: %s", self.me, exc)
-            return
-        if expiry is not None:  # a dead supervisor is noticed when its entry expires
-            self._next_beat = min(self._next_beat, now + max(expiry + 0.01, 0.05))
         target = spread(self.settings.shards, live).get(self.me, [])
         if target != self.target:
             log.info("pool %s: %d live supervisors; its shards now %s (were %s)", self.me,
@@ -282,6 +281,8 @@ class Pool:
         ours drain and release them."""
         if self._registry is None:
             return
+        if self._beater is not None:
+            self._beater.stop()
         try:
             self._registry.leave()
         except redis.RedisError as exc:  # our entry expires by itself within the TTL

@@ -18,10 +18,15 @@ import sys
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
+import redis
+
 from scalepub import exitcodes
+from scalepub.connections import shard_client
 from scalepub.logsetup import configure_logging
 from scalepub.settings import Settings
+from scalepub.shard.membership import leave_for_dead
 from scalepub.shard.worker import ShardWorker
+from scalepub.sharding import Keys
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +37,8 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def shard_main(settings: Settings, conn: Connection, index: int,
-               on_ready: Callable[[], None] | None, log_level: str, owner: str) -> None:
+               on_ready: Callable[[], None] | None, log_level: str, owner: str,
+               supervisor_pid: int = 0) -> None:
     """Run one shard process until SIGTERM; exits with an ``exitcodes`` value."""
     configure_logging(log_level, owner.rpartition("#")[0] or owner)  # the supervisor's id
     # Own process group: Ctrl-C, `timeout` or `kill -- -PGID` reach only the supervisor, which
@@ -40,7 +46,7 @@ def shard_main(settings: Settings, conn: Connection, index: int,
     # one as two, and the second means "stop at once".
     os.setpgrp()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    host = ShardHost(settings, owner, on_ready)
+    host = ShardHost(settings, owner, on_ready, supervisor_pid)
     sys.exit(asyncio.run(host.run(conn)))
 
 
@@ -48,14 +54,16 @@ class ShardHost:
     """The workers of one shard process, one per shard it was given."""
 
     def __init__(self, settings: Settings, owner: str,
-                 on_ready: Callable[[], None] | None = None) -> None:
+                 on_ready: Callable[[], None] | None = None, supervisor_pid: int = 0) -> None:
         self.settings = settings
         self.owner = owner
+        self.supervisor_pid = supervisor_pid
         self.on_ready = on_ready
         self.assigned: set[int] = set()
         self.workers: dict[int, ShardWorker] = {}
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.failed: BaseException | None = None
+        self._leaving: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._signals = 0
 
@@ -64,11 +72,13 @@ class ShardHost:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._on_term)
         loop.add_reader(conn.fileno(), self._on_message, conn)
-        watch = asyncio.create_task(_stop_when_orphaned(self.stop, self.owner))
+        watch = asyncio.create_task(_stop_when_orphaned(self.orphaned, self.owner))
         try:
             await self._stopping.wait()
             self.assign(set())
             await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+            if self._leaving is not None:
+                await asyncio.wait([self._leaving], timeout=2.0)
         finally:
             loop.remove_reader(conn.fileno())
             watch.cancel()
@@ -79,6 +89,26 @@ class ShardHost:
     def stop(self) -> None:
         """Stop every worker gracefully, then exit."""
         self._stopping.set()
+
+    def orphaned(self) -> None:
+        """The supervisor died: drain and release our shards, and take its entry out of the
+        live supervisors, so the others spread its shards now rather than at its expiry."""
+        if not self._stopping.is_set() and self.supervisor_pid:
+            self._leaving = asyncio.get_running_loop().create_task(self._leave_for_dead())
+        self.stop()
+
+    async def _leave_for_dead(self) -> None:
+        me = self.owner.rpartition("#")[0]
+        client = shard_client(self.settings)
+        try:
+            if await leave_for_dead(client, Keys(self.settings.key_prefix), me,
+                                    self.supervisor_pid):
+                log.warning("%s: its supervisor (pid %d) died; removed it from the live "
+                            "supervisors", me, self.supervisor_pid)
+        except redis.RedisError as exc:  # its entry expires by itself
+            log.warning("%s: could not remove the dead supervisor's entry: %s", me, exc)
+        finally:
+            await client.aclose()
 
     def assign(self, shards: set[int]) -> None:
         """Start workers for new shards; drain and release the ones given up."""
@@ -117,7 +147,7 @@ class ShardHost:
         except (EOFError, OSError):  # the supervisor is gone
             asyncio.get_running_loop().remove_reader(conn.fileno())
             log.warning("%s: the supervisor is gone; stopping gracefully", self.owner)
-            self.stop()
+            self.orphaned()
             return
         if not self._stopping.is_set():
             self.assign(set(shards))
