@@ -23,8 +23,15 @@ import scalepub
 from scalepub.django import notify
 from scalepub.django.models import OutboxEntry
 from scalepub.settings import Settings
+from tests.conftest import django_side
 
 pytestmark = [pytest.mark.stack]
+
+
+@pytest.fixture
+def outbox_kept(settings_for: Settings) -> Iterator[Settings]:
+    """``outbox`` delivery with no relay thread: rows stay in the outbox for the checks."""
+    yield from django_side(settings_for.replace(delivery="outbox", outbox_relay="external"))
 
 
 def outbox_inserts(queries: list[dict[str, Any]]) -> list[str]:
@@ -32,7 +39,7 @@ def outbox_inserts(queries: list[dict[str, Any]]) -> list[str]:
 
 
 @pytest.mark.django_db(transaction=True)
-def test_publish_many_writes_its_rows_in_one_statement(outbox_django: Settings) -> None:
+def test_publish_many_writes_its_rows_in_one_statement(outbox_kept: Settings) -> None:
     rows = [Tweet(author=f"a{i % 7}", text=f"bulk {i}") for i in range(150)]
     with CaptureQueriesContext(connection) as captured, transaction.atomic():
         created = Tweet.objects.bulk_create(rows)
@@ -72,7 +79,7 @@ def listener() -> Iterator[psycopg.Connection[Any]]:
 
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
-def test_postgres_outbox_row_rides_with_the_commit(outbox_django: Settings,
+def test_postgres_outbox_row_rides_with_the_commit(outbox_kept: Settings,
                                                    listener: psycopg.Connection[Any]) -> None:
     statements = Statements()
     with connection.execute_wrapper(statements):
@@ -81,7 +88,7 @@ def test_postgres_outbox_row_rides_with_the_commit(outbox_django: Settings,
         ('INSERT INTO "twitter_tweet"', False), ('INSERT INTO "scalepub_outbox"', True)]
     assert [n.channel for n in listener.notifies(timeout=5, stop_after=1)] == [notify.CHANNEL]
     other = session()
-    try:  # committed: another session sees the row and its entry
+    try:  # committed: another session sees the row and its entry (no relay moves it)
         assert other.execute("SELECT count(*) FROM twitter_tweet WHERE id = %s",
                              [tweet.pk]).fetchone() == (1,)
         assert other.execute("SELECT count(*) FROM scalepub_outbox WHERE object_pk = %s",
@@ -92,7 +99,7 @@ def test_postgres_outbox_row_rides_with_the_commit(outbox_django: Settings,
 
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
-def test_postgres_savepoint_rows_are_not_held_and_order_is_kept(outbox_django: Settings) -> None:
+def test_postgres_savepoint_rows_are_not_held_and_order_is_kept(outbox_kept: Settings) -> None:
     def nested(sender: Any, instance: Tweet, created: bool, **kwargs: Any) -> None:
         if created and instance.text == "outer":
             Tweet.objects.create(author="ann", text="held too")
