@@ -1,6 +1,6 @@
 """Forged publish replies and other stanzas sent to a shard's XMPP session (issue 13 part 1).
 
-A publisher session's full JID is predictable (``pub@DOMAIN/scalepub-<host>-<shard>``), and
+A publisher session's full JID is predictable (``pub@DOMAIN/scalepub-<KEY_PREFIX>-shard-<N>``), and
 anyone who can log in anonymously can send it stanzas. The link (scalepub/xmpp/link.py) takes
 an IQ answer only for an id it waits for and only from the pubsub service (errors also from
 the server itself); everything else is dropped and counted in
