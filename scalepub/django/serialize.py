@@ -30,6 +30,7 @@ from django.utils.xmlutils import SimplerXMLGenerator
 
 from scalepub import metrics
 from scalepub.django.rowformat import row_format
+from scalepub.django.runtime import runtime
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +78,7 @@ def serialize(instance: Model, fmt: str, max_bytes: int | None = None) -> bytes:
 
 def payload_limit() -> int:
     """The largest payload the Django side sends: what fits one batch with its entry tag."""
-    from scalepub.django.producer import get_settings
-
-    return max(get_settings().batch_max_bytes - ENTRY_OVERHEAD_BYTES, 0)
+    return max(runtime.settings().batch_max_bytes - ENTRY_OVERHEAD_BYTES, 0)
 
 
 def wire_size(data: bytes, fmt: str) -> int:
