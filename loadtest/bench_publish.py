@@ -194,12 +194,15 @@ def remaining(client: redis.Redis, keys: Keys, shards: int) -> int:
     return sum(sum(stream_backlog(client, keys.stream(shard))) for shard in range(shards))
 
 
-def run_pool(mode: str, settings: Settings, entries: int, args: list[str]) -> Result:
-    """Start `scalepub run`, time from the first ack to the last, then stop it."""
+def run_pool(mode: str, settings: Settings, entries: int, args: list[str],
+             pythonpath: str = "") -> Result:
+    """Start `scalepub run` (from ``pythonpath`` if given), watch it drain, then stop it."""
     client = client_for_url(settings.redis_url)
     keys = Keys(settings.key_prefix)
     env = {**os.environ, **{f"SCALEPUB_{k.upper()}": str(v)
                             for k, v in dataclasses.asdict(settings).items()}}
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
     log_path = Path(f"/tmp/scalepub-bench-{settings.key_prefix}.log")
     with log_path.open("w") as log:
         pool = subprocess.Popen([str(Path(sys.executable).parent / "scalepub"), "run",
@@ -238,7 +241,8 @@ def _clock(mode: str, pool: subprocess.Popen[bytes], client: redis.Redis, keys: 
         if pool.poll() is not None:
             raise RuntimeError(f"{mode}: pool exited with {pool.returncode}")
     started = time.monotonic()
-    groups = (shard_pids(pool.pid), server_pids("beam.smp"), server_pids("redis-server"))
+    servers = (server_pids("beam.smp"), server_pids("redis-server"))
+    groups: tuple[list[int], ...] = ()
     full = [sum(stream_backlog(client, keys.stream(s))) for s in range(shards)]
     first_ack: dict[int, float] = {}
     marks: list[tuple[float, int, list[int]]] = []  # (time, done, cpu ticks) at 10 % and 90 %
@@ -251,6 +255,8 @@ def _clock(mode: str, pool: subprocess.Popen[bytes], client: redis.Redis, keys: 
                           if s not in first_ack and per_shard[s] < full[s]})
         done = entries - left
         if len(marks) < 2 and done >= entries * (0.1 if not marks else 0.9):
+            if not marks:  # every shard process has started by now (see start skew)
+                groups = (shard_pids(pool.pid), *servers)
             marks.append((now, done, [cpu_ticks(g) for g in groups]))
         progress(mode, done, entries, now - started)
     (t0, d0, c0), (t1, d1, c1) = marks
@@ -315,7 +321,7 @@ def cleanup(settings: Settings) -> None:
 
 
 def measure(base: Settings, mode: str, shards: int, entries: int, nodes: int,
-            args: list[str]) -> Result:
+            args: list[str], pythonpath: str = "") -> Result:
     # MAXLEN must not trim the pre-filled backlog, or the count would be wrong.
     settings = fresh(base, shards).replace(stream_maxlen=entries + 100_000)
     print(f"{mode}: pre-filling {entries} entries over {nodes} nodes", file=sys.stderr)
@@ -326,7 +332,7 @@ def measure(base: Settings, mode: str, shards: int, entries: int, nodes: int,
     if stored != entries:
         raise RuntimeError(f"pre-filled {stored} entries, expected {entries}")
     try:
-        return run_pool(mode, settings, entries, ["--shards", str(shards), *args])
+        return run_pool(mode, settings, entries, ["--shards", str(shards), *args], pythonpath)
     finally:
         cleanup(settings)
 
@@ -363,6 +369,8 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="",
                         help="also (d): 8 shards with these BATCH_MAX_ENTRIES (the CPU curve)")
     parser.add_argument("--pool-args", default="", help="more `scalepub run` options for (c)")
+    parser.add_argument("--baseline-rev", default="",
+                        help="before each (c), the same drain by the pool of this git revision")
     parser.add_argument("--own-stack", action="store_true",
                         help="a private Redis + ejabberd on free ports, RDB saves off")
     opts = parser.parse_args()
@@ -372,6 +380,18 @@ def main() -> None:
     finally:
         if stop:
             stop()
+
+
+def baseline_tree(rev: str) -> str:
+    """The ``scalepub`` package of ``rev`` in a temporary directory (git archive; the
+    checkout is left alone), for PYTHONPATH."""
+    import tempfile
+
+    tree = tempfile.mkdtemp(prefix="bench-publish-rev-")
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "scalepub"],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
+    return tree
 
 
 def run_all(opts: argparse.Namespace) -> None:
@@ -385,6 +405,10 @@ def run_all(opts: argparse.Namespace) -> None:
                            opts.single * 3, opts.nodes,
                            ["--batch-max-entries", "1", "--window", "32", "--linger-ms", "0"]))
     for shards in (int(s) for s in opts.shards.split(",")):
+        if opts.baseline_rev:  # the same drain by an older pool, just before: a before/after
+            results.append(measure(base, f"(c) pool of {opts.baseline_rev}, {shards} shard(s)",
+                                   shards, opts.entries, opts.nodes, [],
+                                   baseline_tree(opts.baseline_rev)))
         results.append(measure(base, f"(c) scalepub, {shards} shard(s)", shards, opts.entries,
                                opts.nodes, opts.pool_args.split()))
     for size in (int(b) for b in opts.batch_sizes.split(",") if b):

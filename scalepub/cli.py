@@ -76,7 +76,7 @@ def main() -> None:
 @click.option("--linger-ms", type=float, help="least age of a batch before it goes [default 0]")
 @click.option("--window", type=int, help="publish IQs in flight per connection [default 32]")
 @click.option("--buffer-max-bytes", type=int, help="memory per shard process for entries read "
-              "and not yet confirmed [default 16000000]")
+              "and not yet confirmed [default 8000000]")
 @click.option("--metrics-port", type=int, help="Prometheus endpoint port, 0 = none "
               "[env SCALEPUB_METRICS_PORT, default 9464]")
 @click.option("--metrics-host", help="Prometheus endpoint address [default 127.0.0.1]")

@@ -207,9 +207,10 @@ class Settings:
     # (scalepub/shard/batcher.py); more: also at least this old.
     linger_ms: float = _setting(0.0, lambda v: None if v >= 0 else "must be 0 or more")
     window: int = _setting(32, _positive)
-    # Per shard process: memory for entries read and not yet confirmed (~730 B an entry of a
-    # 300 B row). The deeper it reads, the bigger each node's batch under a backlog.
-    buffer_max_bytes: int = _setting(16_000_000, _positive)
+    # Per shard process: entries read and not yet confirmed, counted as their XML plus 250 B
+    # (~730 B for a 300 B row). The deeper it reads, the bigger each node's batch under a
+    # backlog; 8 MB kept a shard's peak RSS at ~57 MB (docs/benchmarks.md).
+    buffer_max_bytes: int = _setting(8_000_000, _positive)
 
     # Shard leases (scalepub/shard/lease.py): a shard's owner renews its lease every
     # LEASE_RENEW_S and stops publishing before LEASE_TTL_S ran out without a renewal; a dead

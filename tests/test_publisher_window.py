@@ -92,3 +92,21 @@ def test_a_full_batch_goes_while_others_are_in_flight() -> None:
         batcher.add(entry("/b", seq), 0, now=0.0)
     pub.pump()
     assert [len(seqs) for _, seqs in _nodes_and_seqs(link)] == [1, 250]
+
+
+def test_reading_ahead_into_a_backlog_holds_open_batches_until_the_reader_stops() -> None:
+    pub, link, batcher = _publisher()
+    for node in ("/a", "/b"):
+        batcher.add(entry(node, 1), 0, now=0.0)
+    pub.pump()
+    assert len(link.sent) == 2
+    batcher.reading_ahead = True  # the reader's last read was full: a backlog
+    for seq in (2, 3):
+        batcher.add(entry("/a", seq), 0, now=0.0)
+        batcher.add(entry("/b", seq), 0, now=0.0)
+    for iq_id in list(pub.inflight):
+        pub._on_reply(Reply(iq_id, ok=True))
+    assert len(link.sent) == 2 and not pub.inflight  # read deeper first, even idle
+    batcher.reading_ahead = False  # buffer full or caught up; the reader then pumps
+    pub.pump()
+    assert _nodes_and_seqs(link)[2:] == [("/a", [2, 3]), ("/b", [2, 3])]

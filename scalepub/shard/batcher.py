@@ -8,7 +8,10 @@ When an open (not full) batch goes is the publisher's call, driven by the server
 rather than a timer (the TCP_CORK / Nagle idea): with nothing in flight it goes at once, so
 a quiet site pays no linger; with IQs in flight it keeps filling until a reply frees the
 window, so batches grow exactly when the server is the bottleneck. ``linger_s`` (default 0)
-can add a minimum age on top.
+can add a minimum age on top. Under a backlog (``reading_ahead``: the reader's last read was
+full and the buffer has room) open batches wait until the reader filled the buffer or caught
+up, so each node's batch holds what the memory bound allows rather than what one read
+brought (2,000 entries over all of a shard's nodes); full batches still go at once.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ class Batcher:
         self._open_nodes: OrderedDict[str, None] = OrderedDict()
         self.buffered = 0  # entries held (open, ready or in flight)
         self.held_bytes = 0  # their memory, roughly (Entry.held): the reader's bound
+        # Set by the reader: more is waiting in the stream and the buffer has room for it.
+        self.reading_ahead = False
 
     def add(self, entry: Entry, shard: int, now: float) -> bool:
         """Add an entry; False if it alone exceeds the byte cap (the caller dead-letters it)."""

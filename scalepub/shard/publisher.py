@@ -86,8 +86,10 @@ class Publisher:
         Open (not full) batches go only if nothing is in flight or a reply just came
         (``replied``): while the server works, entries accumulate into bigger batches and
         are sent together when a reply frees the window, like TCP_CORK, paced by replies.
+        While the reader reads ahead into a backlog they wait for it to fill the buffer (or
+        catch up): each node's batch then holds what memory allows, not what one read brought.
         """
-        open_ok = replied or not self.inflight
+        open_ok = not self.batcher.reading_ahead and (replied or not self.inflight)
         while (self.link.up and not self.draining
                and len(self.inflight) < self.settings.window and self.allowed()):
             batch = self.batcher.next_batch(time.monotonic(), open_ok)
