@@ -40,16 +40,25 @@ def wrap_save(model: type[Model]) -> None:
         if not kwargs.get("raw", args[0] if args else False):
             using = kwargs.get("using") or (args[3] if len(args) > 3 else None)
             using = using or router.db_for_write(type(self), instance=self)
-            if connections[using].get_autocommit():  # not inside any transaction
-                with transaction.atomic(using=using), outbox.Held(using) as held:
-                    result = original(self, *args, **kwargs)
-                    held.commit()  # PostgreSQL: outbox rows and COMMIT in one round trip
-                return result
+            connection = connections[using]
+            if connection.get_autocommit():  # not inside any transaction
+                return _atomic(connection.vendor, using, lambda: original(self, *args, **kwargs))
         return original(self, *args, **kwargs)
 
     setattr(save_base, _MARK, True)
     save_base.scalepub_own = own  # type: ignore[attr-defined]
     model.save_base = save_base
+
+
+def _atomic(vendor: str, using: str, save: Callable[[], Any]) -> Any:
+    """``save()`` in a new transaction; on PostgreSQL its outbox rows ride with the COMMIT."""
+    if vendor != "postgresql":  # nothing to hold elsewhere: skip outbox.Held's checks
+        with transaction.atomic(using=using):
+            return save()
+    with transaction.atomic(using=using), outbox.Held(using) as held:
+        result = save()
+        held.commit()  # outbox rows and COMMIT in one round trip
+    return result
 
 
 def unwrap_save(model: type[Model]) -> None:
