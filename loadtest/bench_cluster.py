@@ -40,7 +40,8 @@ import redis
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from loadtest.bench_publish import payload  # noqa: E402
+from loadtest.bench_publish import CLK_TCK, cpu_ticks, payload  # noqa: E402
+from loadtest.run import ejabberd_pids  # noqa: E402
 from scalepub.backlog import stream_backlog  # noqa: E402
 from scalepub.connections import cluster_of, sync_client  # noqa: E402
 from scalepub.producer import PendingEntry, StreamProducer  # noqa: E402
@@ -64,6 +65,9 @@ class Figures:
     relay_append: float = 0.0  # entries/s, with WAIT
     publish: float = 0.0  # entries/s
     bytes_per_entry: float = 0.0
+    # CPU per published entry in the publish window, in us: shards, ejabberd, Redis (all
+    # the target's redis-server processes: masters and replicas)
+    cpu_us: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
 def entries(n: int, start: int = 0) -> list[PendingEntry]:
@@ -131,8 +135,28 @@ def append_rates(base: Settings, count: int) -> tuple[float, float, float]:
     return batched, single, relay_rate
 
 
-def memory_and_publish(base: Settings, count: int) -> tuple[float, float]:
-    """(bytes per waiting entry, publish entries/s between 10 % and 90 %)."""
+STACK: Stack | None = None  # the bench's own stack (for its process ids)
+
+
+def redis_pids(settings: Settings) -> list[int]:
+    """The target's redis-server processes: the single one, or all six cluster nodes."""
+    assert STACK is not None
+    files = (STACK.state_dir.glob("redis-cluster/*/redis.pid") if "+cluster" in settings.redis_url
+             else [STACK.state_dir / "redis.pid"])
+    return [int(f.read_text().strip()) for f in files]
+
+
+def shard_pids(parent: int) -> list[int]:
+    """Every process under the pool (shards, forkserver): psutil-free, from /proc."""
+    out = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True,
+                         check=False).stdout
+    kids = [int(p) for p in out.split()]
+    return kids + [g for k in kids for g in shard_pids(k)]
+
+
+def memory_and_publish(base: Settings, count: int
+                       ) -> tuple[float, float, tuple[float, float, float]]:
+    """(bytes per waiting entry, publish entries/s between 10 % and 90 %, CPU us/entry)."""
     settings = fresh(base, count + 100_000)
     before = used_memory(settings)
     producer = StreamProducer(settings)
@@ -142,12 +166,12 @@ def memory_and_publish(base: Settings, count: int) -> tuple[float, float]:
     producer.close()
     per_entry = (used_memory(settings) - before) / count
     try:
-        return per_entry, publish(settings, count)
+        return (per_entry, *publish(settings, count))
     finally:
         cleanup(settings)
 
 
-def publish(settings: Settings, count: int) -> float:
+def publish(settings: Settings, count: int) -> tuple[float, tuple[float, float, float]]:
     client = sync_client(settings, timeout=10)
     keys = Keys(settings.key_prefix)
     env = {**os.environ, **{f"SCALEPUB_{k.upper()}": str(v)
@@ -156,13 +180,16 @@ def publish(settings: Settings, count: int) -> float:
     pool = subprocess.Popen([str(Path(sys.executable).parent / "scalepub"), "run",
                              "--metrics-port", "0", "--shards", str(SHARDS)],
                             env=env, stderr=log)
-    marks: list[tuple[float, int]] = []
+    marks: list[tuple[float, int, list[int]]] = []
+    assert STACK is not None
+    servers = (ejabberd_pids(STACK), redis_pids(settings))
     try:
         while True:
             left = sum(sum(stream_backlog(client, keys.stream(s))) for s in range(SHARDS))
             done = count - left
             if len(marks) < 2 and done >= count * (0.1 if not marks else 0.9):
-                marks.append((time.monotonic(), done))
+                groups = (shard_pids(pool.pid), *servers)
+                marks.append((time.monotonic(), done, [cpu_ticks(g) for g in groups]))
             if len(marks) == 2 or pool.poll() is not None:
                 break
             time.sleep(0.05)
@@ -173,26 +200,28 @@ def publish(settings: Settings, count: int) -> float:
         client.close()
     if len(marks) < 2:
         raise RuntimeError(f"the pool exited early ({pool.returncode}): see {log.name}")
-    (t0, d0), (t1, d1) = marks
-    return (d1 - d0) / (t1 - t0)
+    (t0, d0, c0), (t1, d1, c1) = marks
+    per_entry = tuple((b - a) / CLK_TCK / (d1 - d0) * 1e6 for a, b in zip(c0, c1, strict=True))
+    return (d1 - d0) / (t1 - t0), (per_entry[0], per_entry[1], per_entry[2])
 
 
 def measure(target: str, base: Settings, count: int) -> Figures:
     print(f"{target}: appends", file=sys.stderr)
     batched, single, relay = append_rates(base, count)
     print(f"{target}: memory and publish", file=sys.stderr)
-    per_entry, rate = memory_and_publish(base, count)
-    return Figures(target, batched, single, relay, rate, per_entry)
+    per_entry, rate, cpu = memory_and_publish(base, count)
+    return Figures(target, batched, single, relay, rate, per_entry, cpu)
 
 
 def table(rounds: list[list[Figures]]) -> str:
     lines = ["| target | append, 500/call | append, 1/call | relay append + WAIT "
-             "| publish (8 shards) | bytes/waiting entry |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| publish (8 shards) | CPU us/entry shards+ejabberd+Redis | bytes/waiting entry |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for figures in rounds:
         for f in figures:
             lines.append(f"| {f.target} | {f.append_batched:,.0f}/s | {f.append_single:,.0f}/s "
                          f"| {f.relay_append:,.0f}/s | {f.publish:,.0f}/s "
+                         f"| {'+'.join(f'{c:.1f}' for c in f.cpu_us)} "
                          f"| {f.bytes_per_entry:,.0f} |")
     ratios = {name: statistics.median(
         getattr(r[1], name) / getattr(r[0], name) for r in rounds if getattr(r[0], name))
@@ -205,7 +234,8 @@ def table(rounds: list[list[Figures]]) -> str:
 
 
 def start() -> Stack:
-    stack = new_stack(SCALEPUB_REDIS_CLUSTER="on",
+    global STACK  # one stack per run, read by the process-id helpers
+    stack = STACK = new_stack(SCALEPUB_REDIS_CLUSTER="on",
                       SCALEPUB_REDIS_CLUSTER_PORT=str(free_cluster_port()))
     stack.up()
     single = redis.Redis(port=int(stack.control["SCALEPUB_REDIS_PORT"]))
