@@ -70,8 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--measure-s", type=float, default=20.0)
     p.add_argument("--variant", action="append", default=[],
                    help='"label=pool options", e.g. "linger 5 ms=--linger-ms 5" (repeatable)')
-    p.add_argument("--baseline-rev", default="",
-                   help="also run the pool of this git revision with its own defaults")
+    p.add_argument("--baseline-rev", action="append", default=[],
+                   help="also run the pool of this git revision with its own defaults "
+                        "(repeatable; run first, in the order given)")
     p.add_argument("--json", default="", help="write the results to this file too")
     p.add_argument("--subscribe", default="", help=argparse.SUPPRESS)  # internal
     return p.parse_args(argv)
@@ -294,8 +295,7 @@ def run(args: argparse.Namespace, work: Path, cleanup: contextlib.ExitStack) -> 
     variants = [Variant("defaults", [])]
     variants += [Variant(lbl, opts.split()) for lbl, _, opts in
                  (s.partition("=") for s in args.variant)]
-    if args.baseline_rev:
-        variants.insert(0, baseline(args.baseline_rev, work))
+    variants[:0] = [baseline(rev, work) for rev in args.baseline_rev]
     stack = new_stack(SCALEPUB_POSTGRES="off")  # not needed: the producer appends itself
     cleanup.callback(shutil.rmtree, stack.state_dir, True)
     cleanup.callback(stack.down)
