@@ -37,6 +37,7 @@ bench: venv stack-up
 	eval "$$(ops/stack env)" && $(BIN)/python loadtest/bench_history.py
 	$(BIN)/python loadtest/bench_decode.py
 	$(BIN)/python loadtest/bench_cluster.py
+	$(BIN)/python loadtest/bench_scaleout.py
 
 ## bench-storm: 500 anonymous BOSH clients reconnect at once with catch-up while publishing
 ##              (its own Redis + ejabberd on free ports, ~85 s; loads the whole box)
