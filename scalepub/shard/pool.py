@@ -93,7 +93,8 @@ class Pool:
         # for a shard taken over starts in tens of ms, where a spawn took 1.5-3 s of imports
         # on a busy 2-core box, most of a takeover's TTL + 2 s budget.
         self._ctx = multiprocessing.get_context("forkserver")
-        self._ctx.set_forkserver_preload(["scalepub.shard.process"])
+        # scalepub.cli too: a child re-runs the `scalepub` script as __mp_main__ (its imports).
+        self._ctx.set_forkserver_preload(["scalepub.shard.process", "scalepub.cli"])
         self._signals = 0
         self._ever_ready = False
         self._registry: Registry | None = None
