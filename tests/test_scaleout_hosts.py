@@ -19,7 +19,7 @@ import pytest
 import redis
 
 from scalepub.settings import Settings, env_mapping
-from scalepub.sharding import shard_for
+from scalepub.sharding import Keys, shard_for
 from tests.e2e import (
     Collector,
     PoolProcess,
@@ -119,15 +119,32 @@ class Scene:
             self.sups[name] = Supervisor(self.settings(host), self.log_dir, name)
 
     def moved(self, what: str, shards: list[int], since: float, to: set[str]) -> None:
-        """Assert ``shards`` got an owner in ``to`` within TTL + 2 s of ``since``."""
+        """Wait until ``shards`` got an owner in ``to``; record how long after ``since`` (the
+        bound, TTL + 2 s, is checked at the end, after the loss and order checks)."""
         assert self.log is not None
-        bound = LEASE_TTL_S + MOVE_SLACK_S
         assert wait_until(lambda: all(self.log and self.log.moved_at(s, since, to)
-                                      for s in shards), bound + 3, step=0.05), \
+                                      for s in shards), LEASE_TTL_S + 20, step=0.05), \
             (what, shards, self.log.owners())
-        slowest = max(self.log.moved_at(s, since, to) or 0.0 for s in shards) - since
-        assert slowest <= bound, f"{what}: shards {shards} moved after {slowest:.2f} s"
-        self.figures[what] = slowest
+        self.figures[what] = max(self.log.moved_at(s, since, to) or 0.0 for s in shards) - since
+
+    def late(self) -> dict[str, float]:
+        """Moves slower than TTL + 2 s."""
+        return {k: v for k, v in self.figures.items() if v > LEASE_TTL_S + MOVE_SLACK_S}
+
+    def join(self, what: str, name: str, host: str, live: str) -> None:
+        """Start ``name`` on ``host``; record the time from its entry in the membership (its
+        processes are up then) until the ``live`` supervisors own the shards evenly."""
+        self.start(name, host)
+        members = redis.Redis.from_url(self.settings("client").redis_url)
+        key = Keys(self.prefix).supervisors
+        try:
+            assert wait_until(lambda: members.zscore(key, name) is not None, 60, step=0.02), \
+                self.sups[name].output()[-2000:]
+        finally:
+            members.close()
+        t0 = time.monotonic()
+        self.live(live)
+        self.figures[what] = time.monotonic() - t0
 
     def live(self, names: str, timeout: float = 60) -> None:
         """Assert the live supervisors ``names`` own the shards evenly (3/3/2 or 4/4 ...)."""
@@ -147,12 +164,8 @@ def _kill_and_join(scene: Scene) -> None:
     t0 = time.monotonic()
     scene.sups["a"].kill_tree()
     scene.moved("kill -9", victim, t0, {"b"})
-    scene.start("c", "h3")
-    scene.live("bc")
-    t0 = time.monotonic()
-    scene.start("d", "h1")
-    scene.live("bcd")
-    scene.figures["third joins (incl. start-up)"] = time.monotonic() - t0
+    scene.join("c joins", "c", "h3", "bc")
+    scene.join("third joins", "d", "h1", "bcd")
 
 
 def _stall_and_cut(scene: Scene) -> None:
@@ -202,8 +215,10 @@ def _run_scenarios(scene: Scene, nodes: list[str], collector: Collector) -> dict
     total = sum(sent.values())
     assert collector.wait_for(lambda got: len({(g.node, g.seq) for g in got}) >= total, 90), \
         (collector.count(), total)
-    for name in "bc":
-        assert scene.sups[name].stop() == 0, scene.sups[name].output()[-3000:]
+    for name in "bc":  # both at once: one stopping alone hands its shards to the other
+        scene.sups[name].signal(signal.SIGTERM)
+    for name in "bc":  # a second SIGTERM (stop()) would mean "stop now"
+        assert scene.sups[name].proc.wait(30) == 0, scene.sups[name].output()[-3000:]
     return sent
 
 
@@ -234,4 +249,6 @@ def test_supervisors_on_hosts_survive_kill_stall_cut_join_and_leave(tmp_path: Pa
     runs = assert_rewinds_only_at_handovers(collector.by_node(), scene.log, SHARDS)
     print(f"{sum(sent.values())} entries over {len(nodes)} nodes: 0 lost, {duplicates} "
           f"duplicates in {runs} re-delivery runs; shards moved after: "
-          + ", ".join(f"{k} {v:.2f} s" for k, v in scene.figures.items()))
+          + ", ".join(f"{k} {v:.2f} s" for k, v in scene.figures.items())
+          + f" (load average {os.getloadavg()[0]:.1f})")
+    assert not scene.late(), f"moved later than TTL + {MOVE_SLACK_S} s: {scene.late()}"
