@@ -26,6 +26,7 @@ import re
 import secrets
 import subprocess
 import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
@@ -292,6 +293,8 @@ def simulated_hosts(*names: str, loopback: bool = False,
         for name in names:
             hosts.add(name)
         print(f"\nhosts: {hosts.describe()}")
+        if isinstance(hosts, Loopback) and not loopback:  # in the summary, not only with -s
+            warnings.warn(f"scale-out hosts: {hosts.describe()}", stacklevel=3)
         yield hosts, server
     finally:
         try:
