@@ -77,6 +77,9 @@ local function holds(lease_key, fence)
 end
 """
 
+# An idle shard's waits between two fenced reads (each up to the reader's block, 100 ms).
+IDLE_WAITS = 10
+
 # KEYS: stream, lease. ARGV: group, consumer, count, fence. New entries for the consumer only
 # while the lease holds: a reader that stalled between its own check and this read takes
 # nothing away from the next owner. Returns -1 (fenced), the XREADGROUP reply, or, when
@@ -147,6 +150,8 @@ class ShardLease:
         self.lost_reason = ""
         self._on_renew_failure = on_renew_failure
         self._on_acquired = on_acquired
+        self._idle_after: bytes | None = None  # the stream's last id when a read found nothing
+        self._idle_waits = 0
 
     @property
     def fence(self) -> str:
@@ -218,8 +223,19 @@ class ShardLease:
 
     async def read_new(self, r: aredis.Redis, keys: Sequence[str], consumer: str, count: int,
                        block_ms: int) -> list[tuple[bytes, Any]]:
-        """``streams.read_new`` under this lease: the group read is fenced in Redis."""
+        """``streams.read_new`` under this lease: the group read is fenced in Redis.
+
+        An idle shard only waits (a plain XREAD BLOCK, one command a wait as before leases);
+        the fenced script runs when there is something to take.
+        """
         [key] = keys
+        # The script again at least every IDLE_WAITS waits: a stream recreated with lower ids
+        # (Redis restarted without its data, its clock behind) would not wake the wait.
+        if self._idle_after is not None and self._idle_waits < IDLE_WAITS:
+            self._idle_waits += 1
+            if not await r.xread({key: self._idle_after}, count=1, block=block_ms):
+                return []
+        self._idle_after, self._idle_waits = None, 0
         reply = await r.eval(FENCED_READ_LUA, 2, key, self.key, CONSUMER_GROUP, consumer, count,
                              self.fence)
         if reply == -1:
@@ -227,7 +243,7 @@ class ShardLease:
             return []
         if isinstance(reply, list):
             return [(stream, entries) for stream, entries in reply]
-        await r.xread({key: reply}, count=1, block=block_ms)  # wakes on a newer entry
+        self._idle_after = reply
         return []
 
     async def release(self) -> None:
