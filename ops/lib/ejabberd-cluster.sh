@@ -51,7 +51,8 @@ ejc_save_settings() {
   {
     say "SCALEPUB_EJABBERD_NODES=$EJ_NODES"
     for ((k = 2; k <= EJ_NODES; k++)); do
-      say "SCALEPUB_XMPP_PORT_$k=$(ejc_port XMPP "$k")" "SCALEPUB_HTTP_PORT_$k=$(ejc_port HTTP "$k")"
+      say "SCALEPUB_XMPP_PORT_$k=$(ejc_port XMPP "$k")"
+      say "SCALEPUB_HTTP_PORT_$k=$(ejc_port HTTP "$k")"
     done
   } >"$EJC_FILE.tmp"
   mv -f -- "$EJC_FILE.tmp" "$EJC_FILE"
