@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 import redis
 import redis.asyncio as aredis
 
-from scalepub.backlog import CAUGHT_UP_LUA, meta_of
+from scalepub.backlog import meta_of
 from scalepub.shard import streams
 from scalepub.shard.heartbeat import Health, Retrying
 from scalepub.shard.lease import FENCE_CHECK_LUA, ShardLease
@@ -26,18 +26,9 @@ FENCED = -1  # what the fenced scripts return when the lease is not (or no longe
 # streams.ACK_LUA under a lease. KEYS: stream, meta, lease. ARGV: group, fence, then ids.
 # The check and the XACK are one script: no other owner can come in between (docs/
 # reliability.md, fencing). All three keys carry the shard's hash tag: one cluster slot.
-FENCED_ACK_LUA = CAUGHT_UP_LUA + FENCE_CHECK_LUA + """
+FENCED_ACK_LUA = streams.ACK_FUNCTION_LUA + FENCE_CHECK_LUA + """
 if not holds(KEYS[3], ARGV[2]) then return -1 end
-local n = 0
-for i = 3, #ARGV, 1000 do
-  n = n + redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
-end
-if n > 0 then redis.call('HINCRBY', KEYS[2], 'done', n) end
-if caught_up(KEYS[1], ARGV[1]) then
-  local appended = redis.call('HGET', KEYS[2], 'appended')
-  if appended then redis.call('HSET', KEYS[2], 'done', appended) end
-end
-return n
+return ack(KEYS[1], KEYS[2], ARGV[1], 3)
 """
 
 # streams.dead_letter under a lease. KEYS: stream, meta, lease, dead-letter stream. ARGV:

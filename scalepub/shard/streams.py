@@ -26,23 +26,28 @@ StreamEntries = list[tuple[bytes, list[bytes] | None]]
 
 ACK_CHUNK = 10_000
 
-# KEYS: stream, meta hash. ARGV: group, then ids. XACK, and count in the meta hash's 'done'
+# ack(stream, meta, group, first): XACK ARGV[first..], and count in the meta hash's 'done'
 # what XACK really removed (a repeated ack counts nothing), so appended - done stays the number
 # of waiting entries across Redis restarts (scalepub/backlog.py). When nothing is left waiting,
 # done is set to appended: drift (an upgrade, pending entries trimmed away) heals by itself.
-# Lua's unpack takes at most ~8000 values: XACK in slices.
-ACK_LUA = CAUGHT_UP_LUA + """
-local n = 0
-for i = 2, #ARGV, 1000 do
-  n = n + redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+# Lua's unpack takes at most ~8000 values: XACK in slices. Shared with the fenced script
+# (acks.py), which checks the lease first.
+ACK_FUNCTION_LUA = CAUGHT_UP_LUA + """
+local function ack(stream, meta, group, first)
+  local n = 0
+  for i = first, #ARGV, 1000 do
+    n = n + redis.call('XACK', stream, group, unpack(ARGV, i, math.min(i + 999, #ARGV)))
+  end
+  if n > 0 then redis.call('HINCRBY', meta, 'done', n) end
+  if caught_up(stream, group) then
+    local appended = redis.call('HGET', meta, 'appended')
+    if appended then redis.call('HSET', meta, 'done', appended) end
+  end
+  return n
 end
-if n > 0 then redis.call('HINCRBY', KEYS[2], 'done', n) end
-if caught_up(KEYS[1], ARGV[1]) then
-  local appended = redis.call('HGET', KEYS[2], 'appended')
-  if appended then redis.call('HSET', KEYS[2], 'done', appended) end
-end
-return n
 """
+# KEYS: stream, meta hash. ARGV: group, then ids.
+ACK_LUA = ACK_FUNCTION_LUA + "return ack(KEYS[1], KEYS[2], ARGV[1], 2)\n"
 assert DONE_FIELD == "done", "ACK_LUA's counter field"
 
 
