@@ -33,6 +33,17 @@ def read_all(client: redis.Redis, settings: Settings) -> list[StoredEntry]:
     return out
 
 
+def wait_for_entries(client: redis.Redis, settings: Settings, count: int,
+                     timeout: float = 30.0) -> list[StoredEntry]:
+    """``read_all`` once it has at least ``count`` entries, or what is there at ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        entries = read_all(client, settings)
+        if len(entries) >= count or time.monotonic() > deadline:
+            return entries
+        time.sleep(0.02)
+
+
 def row(i: int, size: int = 300) -> bytes:
     """A serialized row of about ``size`` bytes."""
     text = (f"entry {i} " * (size // 8))[:size]

@@ -24,20 +24,9 @@ from scalepub.sharding import CONSUMER_GROUP, Keys, shard_for
 from tests.conftest import django_side
 from tests.e2e import Collector, PoolProcess, assert_complete_and_ordered, create_nodes, wait_until
 from tests.stack import Stack
-from tests.streams import StoredEntry, read_all
+from tests.streams import StoredEntry, read_all, wait_for_entries
 
 pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
-
-
-def wait_for_entries(client: redis.Redis, settings: Settings, count: int,
-                     timeout: float = 60.0) -> list[StoredEntry]:
-    deadline = time.monotonic() + timeout
-    while True:
-        entries = read_all(client, settings)
-        if len(entries) >= count or time.monotonic() > deadline:
-            return entries
-        time.sleep(0.05)
-
 
 
 def assert_creation_order(entries: list[StoredEntry], per_node: int) -> None:
@@ -68,7 +57,7 @@ def test_thousand_saves_relayed_in_creation_order(outbox_django: Settings,
                                                   redis_client: redis.Redis) -> None:
     for i in range(1000):
         Tweet.objects.create(author=f"w{i % 50}", text=f"tweet {i}")
-    entries = wait_for_entries(redis_client, outbox_django, 1000)
+    entries = wait_for_entries(redis_client, outbox_django, 1000, timeout=60)
     assert len(entries) == 1000
     assert all(e.shard == shard_for(e.env.node, outbox_django.shards) for e in entries)
     assert_creation_order(entries, 20)

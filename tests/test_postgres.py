@@ -26,19 +26,9 @@ from scalepub.django.outbox import OutboxTableMissing
 from scalepub.settings import Settings
 from tests.conftest import django_side
 from tests.stack import STACK, Stack, free_port, new_stack
-from tests.streams import StoredEntry, read_all
+from tests.streams import read_all, wait_for_entries
 
 pytestmark = [pytest.mark.stack]
-
-
-def wait_for(client: redis.Redis, settings: Settings, count: int,
-             timeout: float = 20.0) -> list[StoredEntry]:
-    deadline = time.monotonic() + timeout
-    while True:
-        entries = read_all(client, settings)
-        if len(entries) >= count or time.monotonic() > deadline:
-            return entries
-        time.sleep(0.02)
 
 
 def test_the_stack_serves_the_example_projects_database(stack: Stack) -> None:
@@ -122,10 +112,10 @@ def polling_never(outbox_django: Settings, monkeypatch: pytest.MonkeyPatch) -> I
 def test_the_relay_is_woken_by_another_sessions_commit(polling_never: Settings,
                                                       redis_client: redis.Redis) -> None:
     Tweet.objects.create(author="ann", text="starts this process's relay")
-    assert len(wait_for(redis_client, polling_never, 1)) == 1
+    assert len(wait_for_entries(redis_client, polling_never, 1)) == 1
     time.sleep(1.0)  # the relay is idle now, LISTENing, its poll 60 s away
     _insert_raw("/twitter/Tweet/raw")  # no in-process wake-up exists for another session
-    entries = wait_for(redis_client, polling_never, 2, timeout=15)
+    entries = wait_for_entries(redis_client, polling_never, 2, timeout=15)
     assert [e.env.node for e in entries][-1] == "/twitter/Tweet/raw"
 
 
@@ -145,13 +135,13 @@ def _insert_raw(node: str) -> None:
 def test_the_relay_listens_again_after_postgres_restarts(
         polling_never: Settings, redis_client: redis.Redis, stack: Stack) -> None:
     Tweet.objects.create(author="ann", text="starts this process's relay")
-    assert len(wait_for(redis_client, polling_never, 1)) == 1
+    assert len(wait_for_entries(redis_client, polling_never, 1)) == 1
     restarted = stack.run("restart", "postgres")
     assert restarted.returncode == 0, restarted.stderr
     connection.close()  # this thread's session died with the server
     time.sleep(2.0)  # the relay's own session and its LISTEN session reconnect meanwhile
     _insert_raw("/twitter/Tweet/after-restart")
-    entries = wait_for(redis_client, polling_never, 2, timeout=15)
+    entries = wait_for_entries(redis_client, polling_never, 2, timeout=15)
     assert [e.env.node for e in entries][-1] == "/twitter/Tweet/after-restart"
 
 
@@ -204,7 +194,7 @@ def test_connection_lost_in_the_middle_of_a_save_leaves_nothing_half_written(
     assert not Tweet.objects.exists() and not OutboxEntry.objects.exists()
     assert read_all(redis_client, outbox_django) == []
     Tweet.objects.create(author="ann", text="whole")  # the next save works
-    assert len(wait_for(redis_client, outbox_django, 1)) == 1
+    assert len(wait_for_entries(redis_client, outbox_django, 1)) == 1
 
 
 @pytest.mark.postgres

@@ -23,19 +23,9 @@ from twitter.models import Tweet
 
 from scalepub.django.models import OutboxEntry
 from scalepub.settings import Settings
-from tests.streams import StoredEntry, read_all
+from tests.streams import StoredEntry, read_all, wait_for_entries
 
 pytestmark = [pytest.mark.stack, pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
-
-
-def wait_for(client: redis.Redis, settings: Settings, count: int,
-             timeout: float = 30.0) -> list[StoredEntry]:
-    deadline = time.monotonic() + timeout
-    while True:
-        entries = read_all(client, settings)
-        if len(entries) >= count or time.monotonic() > deadline:
-            return entries
-        time.sleep(0.02)
 
 
 class HeldWriter(threading.Thread):
@@ -71,14 +61,14 @@ def test_a_lower_id_that_commits_last_is_neither_skipped_nor_reordered(
     assert first.pk is not None and first.pk < second.pk
     # The relay runs meanwhile: it moves the committed higher id without waiting for the
     # lower one (which it cannot see yet).
-    [moved] = wait_for(redis_client, outbox_django, 1)
+    [moved] = wait_for_entries(redis_client, outbox_django, 1)
     assert (moved.env.pk, moved.env.seq) == (str(second.pk), 1)
     time.sleep(0.3)  # more relay rounds while the lower id is still uncommitted
     assert len(read_all(redis_client, outbox_django)) == 1
     first.commit.set()
     first.join(30)
     assert first.error is None, first.error
-    entries = wait_for(redis_client, outbox_django, 2)
+    entries = wait_for_entries(redis_client, outbox_django, 2)
     # every row once; the node's order is the order the rows became visible (commit order)
     assert [(e.env.pk, e.env.seq) for e in entries] == [(str(second.pk), 1), (str(first.pk), 2)]
     deadline = time.monotonic() + 10
@@ -113,7 +103,7 @@ def test_concurrent_writers_committing_in_random_order_lose_and_repeat_nothing(
         t.join(120)
     assert not errors, errors
     total = writers * per_writer
-    entries = wait_for(redis_client, outbox_django, total, timeout=60)
+    entries = wait_for_entries(redis_client, outbox_django, total, timeout=60)
     pks = [e.env.pk for e in entries]
     assert len(pks) == total and len(set(pks)) == total  # none lost, none twice
     assert set(pks) == {str(pk) for pk in Tweet.objects.values_list("pk", flat=True)}
