@@ -79,6 +79,19 @@ class PoolProcess:
             self.proc.wait(10)
         self._log.close()
 
+    def kill_tree(self) -> None:
+        """kill -9 of the supervisor and every process under it at once: nothing publishes
+        after this returns (a supervisor killed alone leaves its shard processes to notice)."""
+        tree, todo = [], [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            tree.append(pid)
+            todo += _children(pid)
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.kill()
+
     def output(self) -> str:
         """Everything the pool logged so far."""
         return self.log_path.read_text(errors="replace")

@@ -29,7 +29,7 @@ def test_page_catches_up_a_quiet_node_behind_a_busy_shard(
     [node] = d.nodes
     d.tweet(0, "live")
     d.wait_distinct(1, timeout=30)
-    d.pool.kill()  # from now on nothing is published: only the history has what follows
+    d.pool.kill_tree()  # from now on nothing is published: only the history has what follows
     d.tweet(0, "missed 1")
     d.tweet(0, "missed 2")
     bury(scalepub_django, node, 200_000)
@@ -41,7 +41,9 @@ def test_page_catches_up_a_quiet_node_behind_a_busy_shard(
     assert [(e["seq"], e["text"]) for e in received] == [
         (1, "live"), (2, "missed 1"), (3, "missed 2")], d.page.diagnose()
     assert d.page.state()["lost"] == []
-    assert "subscribed" in d.page.statuses()[before:]
+    # the catch-up may finish before the subscription's answer: wait for the latter too
+    assert d.page.wait_for(lambda: "subscribed" in d.page.statuses()[before:], 30), \
+        d.page.statuses()[before:]
     fetches = d.page.history_fetches()
     assert [(f["status"], f["entries"]) for f in fetches] == [(200, 2)], fetches
     assert "after=1" in fetches[0]["url"]
