@@ -47,13 +47,17 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from loadtest.bench_storm import cpu_seconds, free_port, pct, start, stop, wait_until  # noqa: E402
+from loadtest.bench_storm import (  # noqa: E402
+    append_paced,
+    cpu_seconds,
+    free_port,
+    pct,
+    start,
+    stop,
+    wait_until,
+)
 
 PREFIX = "latency"
-MODEL = "twitter.tweet"
-PAYLOAD = ('<django-objects version="1.0"><object model="twitter.tweet" pk="{pk}"><field '
-           'name="text" type="TextField">a benchmark tweet of a realistic size, some words, '
-           'a link https://example.com/x/y</field></object></django-objects>')
 POOL_HOPS = ("append_to_read", "read_to_send", "send_to_result")
 
 
@@ -118,23 +122,10 @@ class Probe:
 
 def produce(settings: Any, nodes: list[str], rate: float, probe: Probe) -> None:
     """One entry per append call at ``rate``/s, round robin over ``nodes``."""
-    from scalepub.producer import PendingEntry, StreamProducer
+    def count(_node: str) -> None:
+        probe.appended += 1
 
-    producer = StreamProducer(settings)
-    started, i = time.monotonic(), 0
-    try:
-        while not probe.stop.is_set():
-            delay = started + i / rate - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            entry = PendingEntry(nodes[i % len(nodes)], time.time_ns(), MODEL, str(i), "xml",
-                                 PAYLOAD.format(pk=i).encode())
-            if producer.append([entry]).failures:
-                raise SystemExit("append refused")
-            probe.appended += 1
-            i += 1
-    finally:
-        producer.close()
+    append_paced(settings, nodes, rate, probe.stop, count)
 
 
 def collect(proc: subprocess.Popen[bytes], probe: Probe) -> None:

@@ -40,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,14 +187,16 @@ class Probe:
     stop: threading.Event = field(default_factory=threading.Event)
 
 
-def produce(settings: Any, nodes: list[str], rate: float, probe: Probe) -> None:
-    """One entry per append call at ``rate``/s, round robin over ``nodes`` (catching up late)."""
+def append_paced(settings: Any, nodes: list[str], rate: float, stop: threading.Event,
+                 appended: Callable[[str], None]) -> None:
+    """One entry per append call at ``rate``/s, round robin over ``nodes`` (catching up late),
+    ``appended(node)`` after each; until ``stop``. Also bench_latency's producer."""
     from scalepub.producer import PendingEntry, StreamProducer
 
     producer = StreamProducer(settings)
     started, i = time.monotonic(), 0
     try:
-        while not probe.stop.is_set():
+        while not stop.is_set():
             delay = started + i / rate - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
@@ -203,12 +206,20 @@ def produce(settings: Any, nodes: list[str], rate: float, probe: Probe) -> None:
             result = producer.append([entry])
             if result.failures:
                 raise SystemExit(f"append refused: {result.failures[0].message}")
-            with probe.lock:
-                probe.appended += 1
-                probe.per_node[node] = probe.per_node.get(node, 0) + 1
+            appended(node)
             i += 1
     finally:
         producer.close()
+
+
+def produce(settings: Any, nodes: list[str], rate: float, probe: Probe) -> None:
+    """``append_paced`` counting per node."""
+    def count(node: str) -> None:
+        with probe.lock:
+            probe.appended += 1
+            probe.per_node[node] = probe.per_node.get(node, 0) + 1
+
+    append_paced(settings, nodes, rate, probe.stop, count)
 
 
 def subscribe(env: dict[str, str], nodes: list[str], probe: Probe,
