@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -278,6 +278,25 @@ class Watch:
         return self.result
 
 
+def under_fault(stack: Stack, settings: Settings, log: Path, entries: int, authors: int,
+                fault_at: int, fault: Callable[[Collector], Any]) -> tuple[Any, float, tuple[int, int]]:
+    """``entries`` saves over ``authors`` authors through outbox → relay → pool → subscriber,
+    ``fault(collector)`` once ``fault_at`` arrived: every entry arrives in per-node order, the
+    outbox empties and the pool stops cleanly. Returns what the fault returned, the seconds
+    from the first save to the last delivery and ``complete_in_order``'s counts."""
+    with pipeline(stack, settings, authors, log) as (prefix, _nodes, pool, collector):
+        watch = Watch(collector, fault_at, lambda: fault(collector))
+        started = time.monotonic()
+        tweet(prefix, entries, authors)
+        result = watch.wait()
+        assert collector.wait_for(lambda got: distinct(collector) >= entries, timeout=300), \
+            (distinct(collector), pool.output()[-3000:])
+        elapsed = time.monotonic() - started
+        assert wait_until(outbox_empty, 60)
+        assert pool.stop() == 0, pool.output()[-3000:]
+    return result, elapsed, complete_in_order(collector.by_node(), entries // authors)
+
+
 @pytest.mark.slow
 def test_kill_minus_nine_of_a_master_under_load_loses_nothing(
         cluster_stack: Stack, cluster_settings: Settings, tmp_path: Path) -> None:
@@ -288,7 +307,7 @@ def test_kill_minus_nine_of_a_master_under_load_loses_nothing(
     [replica] = [n for n in cluster.nodes(cluster_stack)
                  if n.master_id == _node_id(cluster_stack, victim)]
 
-    def kill() -> dict[str, float]:
+    def kill(collector: Collector) -> dict[str, float]:
         started = time.monotonic()
         cluster.kill_node(cluster_stack, victim)
         promoted = wait_until(lambda: _is_master(cluster_stack, replica.port), 60, 0.05)
@@ -300,19 +319,9 @@ def test_kill_minus_nine_of_a_master_under_load_loses_nothing(
         return {"failover_s": failover, "promoted": float(promoted), "at": distinct(collector),
                 "back_s": time.monotonic() - started}
 
-    with pipeline(cluster_stack, cluster_settings, 200, tmp_path / "pool.log") as (
-            prefix, _nodes, pool, collector):
-        watch = Watch(collector, 3_000, kill)
-        started = time.monotonic()
-        tweet(prefix, 20_000, 200)
-        figures = watch.wait()
-        assert figures["promoted"], "the replica never became master"
-        assert collector.wait_for(lambda got: distinct(collector) >= 20_000, timeout=300), \
-            (distinct(collector), pool.output()[-3000:])
-        elapsed = time.monotonic() - started
-        assert wait_until(outbox_empty, 60)
-        assert pool.stop() == 0, pool.output()[-3000:]
-    duplicates, reappended = complete_in_order(collector.by_node(), 100)
+    figures, elapsed, (duplicates, reappended) = under_fault(
+        cluster_stack, cluster_settings, tmp_path / "pool.log", 20_000, 200, 3_000, kill)
+    assert figures["promoted"], "the replica never became master"
     assert wait_until(lambda: cluster_stack.run("status").returncode == 0, 60)
     print(f"\nmaster {victim} killed after {figures['at']:.0f} of 20,000 entries: replica "
           f"{replica.port} master after {figures['failover_s']:.2f} s, old master back as its "
@@ -340,21 +349,12 @@ def test_a_replica_killed_under_load_loses_nothing(
     [replica] = [n for n in cluster.nodes(cluster_stack)
                  if n.master_id == _node_id(cluster_stack, master)]
 
-    def kill() -> None:
+    def kill(_collector: Collector) -> None:
         cluster.kill_node(cluster_stack, replica.port)
         time.sleep(3)
         cluster.restart_node(cluster_stack, replica.port)
 
-    with pipeline(cluster_stack, cluster_settings, 100, tmp_path / "pool.log") as (
-            prefix, _nodes, pool, collector):
-        watch = Watch(collector, 1_000, kill)
-        tweet(prefix, 5_000, 100)
-        watch.wait()
-        assert collector.wait_for(lambda got: distinct(collector) >= 5_000, timeout=300), \
-            (distinct(collector), pool.output()[-3000:])
-        assert wait_until(outbox_empty, 60)
-        assert pool.stop() == 0, pool.output()[-3000:]
-    complete_in_order(collector.by_node(), 50)
+    under_fault(cluster_stack, cluster_settings, tmp_path / "pool.log", 5_000, 100, 1_000, kill)
     assert wait_until(lambda: cluster_stack.run("status").returncode == 0, 60)
 
 
@@ -371,7 +371,7 @@ def test_a_shard_slot_migrated_under_load_loses_nothing(
     target = next(n for n in cluster.nodes(cluster_stack)
                   if n.master and not n.failed and n.port != source.port)
 
-    def reshard() -> str:
+    def reshard(_collector: Collector) -> str:
         done = subprocess.run(
             ["redis-cli", "--cluster", "reshard", f"127.0.0.1:{source.port}",
              "--cluster-from", source.node_id, "--cluster-to", target.node_id,
@@ -380,14 +380,5 @@ def test_a_shard_slot_migrated_under_load_loses_nothing(
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
         return done.stdout
 
-    with pipeline(cluster_stack, cluster_settings, 100, tmp_path / "pool.log") as (
-            prefix, _nodes, pool, collector):
-        watch = Watch(collector, 1_000, reshard)
-        tweet(prefix, 5_000, 100)
-        watch.wait()
-        assert collector.wait_for(lambda got: distinct(collector) >= 5_000, timeout=300), \
-            (distinct(collector), pool.output()[-3000:])
-        assert wait_until(outbox_empty, 60)
-        assert pool.stop() == 0, pool.output()[-3000:]
-    complete_in_order(collector.by_node(), 50)
+    under_fault(cluster_stack, cluster_settings, tmp_path / "pool.log", 5_000, 100, 1_000, reshard)
     assert cluster.master_of_slot(cluster_stack, slot).port == target.port
