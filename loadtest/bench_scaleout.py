@@ -51,6 +51,7 @@ import redis
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from loadtest.bench_publish import prefill  # noqa: E402
 from scalepub.backlog import stream_backlog  # noqa: E402
 from scalepub.producer import PendingEntry, StreamProducer  # noqa: E402
 from scalepub.settings import Settings, env_mapping  # noqa: E402
@@ -75,21 +76,6 @@ def payload(i: int) -> bytes:
             f'<field name="author" type="CharField">bench{i % NODES}</field>'
             f'<field name="text" type="CharField">{text}</field>'
             '</object></django-objects>').encode()
-
-
-def prefill(settings: Settings, entries: int) -> None:
-    """Append ``entries`` entries over NODES nodes."""
-    producer = StreamProducer(settings)
-    chunk: list[PendingEntry] = []
-    for i in range(entries):
-        chunk.append(PendingEntry(f"/bench/Tweet/bench{i % NODES}", time.time_ns(),
-                                  "twitter.tweet", str(i), "xml", payload(i)))
-        if len(chunk) == 2000:
-            producer.enqueue(chunk)
-            chunk = []
-    if chunk:
-        producer.enqueue(chunk)
-    producer.close()
 
 
 def tree(pid: int) -> list[int]:
@@ -243,7 +229,7 @@ def drain(bench: Bench, count: int, cluster: bool, entries: int, batch: int) -> 
     keys = Keys(prefix)
     label = "2-node cluster" if cluster else "one ejabberd"
     settings = bench.settings(1, key_prefix=prefix, shards=SHARDS)
-    prefill(settings, entries)
+    prefill(settings, entries, NODES)  # bench_publish's backlog, over the same node names
     close_gate(bench.redis, keys)
     with supervisors(bench, prefix, count, cluster, 5.0, 1.0,
                      "--batch-max-entries", str(batch)) as sups:
