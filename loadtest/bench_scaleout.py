@@ -243,7 +243,10 @@ def drain(bench: Bench, count: int, cluster: bool, entries: int, batch: int) -> 
         total = time.monotonic() - t0
         cpu = {k: (cpu_ticks(v) - before[k]) / CLK_TCK for k, v in pids.items()}
     cleanup(bench.redis, prefix)
-    window = max(marks[1][0] - marks[0][0], 1e-6)
+    window = marks[1][0] - marks[0][0]
+    if window <= 0:  # the 10 % and 90 % marks in one sample: no steady rate to report
+        raise SystemExit(f"bench_scaleout: {label}, {count} supervisor(s) drained {entries:,} "
+                         "entries within one sample; give more --entries")
     return Drain(label, count, entries, 0.8 * entries / window, total, cpu,
                  (marks[1][1] - marks[0][1]) / window)
 
