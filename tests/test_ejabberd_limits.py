@@ -4,19 +4,33 @@ An anonymous connection is shaped (anon_c2s, 20,000 B/s after a 20,000 B burst);
 publisher account never is; an account other than the publisher keeps at most 10 sessions,
 the publisher many more. Times here are lower bounds of a limit and a ratio measured in the
 same run, not speed claims.
+
+Per-address limits are the kernel's (ejabberd 23.01 has none): ops/ejabberd/firewall loads
+ops/ejabberd/per-address-limits.nft. Tested on simulated hosts (network namespaces,
+tests/hosts.py): the ruleset is loaded in the server host's namespace only, clients log in
+from two other hosts, so the machine's own firewall is never touched.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import socket
+import subprocess
 import time
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
 from scalepub.settings import Settings, env_mapping
 from scalepub.xmpp.batch import publish_iq
 from scalepub.xmpp.link import Reply, XmppLink
+from tests.e2e import wait_until
+from tests.hosts import Namespaces, Server, netns_unavailable, simulated_hosts
 from tests.rawxmpp import RawClient
 from tests.stack import Stack
 from tests.test_amplification import big_batch
@@ -120,3 +134,135 @@ def test_sessions_per_account_are_bounded_except_for_the_publisher(stack: Stack)
     finally:
         for client in clients:
             client.close()
+
+
+# --- per-address limits: ops/ejabberd/firewall (nftables) ----------------------------------
+
+FIREWALL = Path(__file__).resolve().parent.parent / "ops" / "ejabberd" / "firewall"
+REFUSED = (ConnectionRefusedError, ConnectionResetError, ConnectionError)
+
+
+def load_limits(hosts: Namespaces, server: Server, **limits: str) -> None:
+    """``ops/ejabberd/firewall apply`` inside the server host, with SCALEPUB_FW_<name> limits."""
+    env = server.env_for("server")
+    ports = {"SCALEPUB_XMPP_PORT": env["SCALEPUB_XMPP_PORT"],
+             "SCALEPUB_HTTP_PORT": str(urlsplit(env["SCALEPUB_BOSH_URL"]).port)}
+    settings = {f"SCALEPUB_FW_{name}": value for name, value in limits.items()}
+    done = subprocess.run(["ip", "netns", "exec", hosts.ns("server"), str(FIREWALL), "apply"],
+                          env={**os.environ, **ports, **settings}, capture_output=True,
+                          text=True, timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+
+
+def anonymous_logins(env: dict[str, str], attempts: int) -> tuple[list[RawClient], int]:
+    """Anonymous sessions opened one after the other (kept open), and how many were refused."""
+    opened: list[RawClient] = []
+    refused = 0
+    for _ in range(attempts):
+        try:
+            client = RawClient(env["SCALEPUB_XMPP_HOST"], int(env["SCALEPUB_XMPP_PORT"]), 10)
+        except REFUSED:
+            refused += 1
+            continue
+        client.login_anonymous(env["SCALEPUB_ANON_DOMAIN"])
+        opened.append(client)
+    return opened, refused
+
+
+def connects(address: tuple[str, int], attempts: int) -> int:
+    """How many of ``attempts`` quick TCP connections (opened and closed) were accepted."""
+    accepted = 0
+    for _ in range(attempts):
+        try:
+            socket.create_connection(address, timeout=5).close()
+            accepted += 1
+        except REFUSED:
+            pass
+    return accepted
+
+
+def close_all(clients: list[RawClient]) -> None:
+    for client in clients:
+        client.close()
+
+
+@pytest.fixture(scope="module")
+def limited_hosts() -> Iterator[tuple[Namespaces, Server]]:
+    """A server host (Redis + ejabberd) and client hosts a and b, as network namespaces."""
+    reason = netns_unavailable()
+    if reason:
+        pytest.fail(f"network namespaces needed for the per-address limits test: {reason}")
+    if shutil.which("nft") is None:
+        pytest.fail("nft missing: run `ops/stack install` as root (installs nftables)")
+    with simulated_hosts("a", "b") as (hosts, server):
+        assert isinstance(hosts, Namespaces)
+        yield hosts, server
+
+
+def test_open_connections_per_address_are_bounded(limited_hosts: tuple[Namespaces, Server],
+                                                   ) -> None:
+    hosts, server = limited_hosts
+    load_limits(hosts, server, MAX_CONNS="5", NEW_PER_S="1000", NEW_BURST="1000")
+    env_a, env_b = server.env_for("a"), server.env_for("b")
+    http = (env_a["SCALEPUB_XMPP_HOST"], int(urlsplit(env_a["SCALEPUB_BOSH_URL"]).port or 0))
+    with hosts.enter("a"):
+        clients, refused = anonymous_logins(env_a, 8)
+    try:
+        assert (len(clients), refused) == (5, 3)
+        with hosts.enter("a"):  # BOSH/WebSocket's port counts towards the same address
+            assert connects(http, 1) == 0
+        with hosts.enter("b"):  # another address is not affected
+            others, refused_b = anonymous_logins(env_b, 2)
+            assert (len(others), refused_b) == (2, 0)
+            assert connects(http, 1) == 1
+            close_all(others)
+        clients.pop().close()
+        with hosts.enter("a"):  # a closed connection frees its place
+            again: list[RawClient] = []
+
+            def one_more() -> bool:
+                opened, _ = anonymous_logins(env_a, 1)
+                again.extend(opened)
+                return bool(opened)
+
+            assert wait_until(one_more, 15, step=0.5)
+            clients.extend(again)
+    finally:
+        close_all(clients)
+
+
+def test_new_connections_per_address_are_rate_limited(limited_hosts: tuple[Namespaces, Server],
+                                                      ) -> None:
+    hosts, server = limited_hosts
+    load_limits(hosts, server, MAX_CONNS="1000", NEW_PER_S="1", NEW_BURST="5")
+    env = server.env_for("b")
+    c2s = (env["SCALEPUB_XMPP_HOST"], int(env["SCALEPUB_XMPP_PORT"]))
+    with hosts.enter("b"):
+        start = time.monotonic()
+        accepted = connects(c2s, 20)
+        elapsed = time.monotonic() - start
+    # The burst, plus at most one token per second that passed meanwhile.
+    assert 5 <= accepted <= 5 + int(elapsed) + 1, (accepted, elapsed)
+
+
+def test_exempt_addresses_are_never_limited(limited_hosts: tuple[Namespaces, Server]) -> None:
+    hosts, server = limited_hosts
+    load_limits(hosts, server, MAX_CONNS="2", NEW_PER_S="1", NEW_BURST="2",
+                EXEMPT=hosts.hosts["a"])  # e.g. the pool's host
+    env = server.env_for("a")
+    with hosts.enter("a"):
+        clients, refused = anonymous_logins(env, 8)
+    close_all(clients)
+    assert (len(clients), refused) == (8, 0)
+
+
+def test_a_bad_limit_is_refused_naming_the_setting() -> None:
+    done = subprocess.run([str(FIREWALL), "render"], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "SCALEPUB_FW_MAX_CONNS": "lots"}, check=False)
+    assert done.returncode == 2
+    assert "SCALEPUB_FW_MAX_CONNS must be a whole number" in done.stderr
+    done = subprocess.run([str(FIREWALL), "render"], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "SCALEPUB_FW_EXEMPT": "10.0.0.1, pool-host"},
+                          check=False)
+    assert done.returncode == 2
+    assert "SCALEPUB_FW_EXEMPT: 'pool-host' is not an IPv4 or IPv6 address" in done.stderr
