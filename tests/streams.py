@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from types import TracebackType
 
 import redis
 
 from scalepub.backlog import backlogs
+from scalepub.connections import shard_client
 from scalepub.envelope import Envelope, decode
 from scalepub.producer import PendingEntry, StreamProducer
 from scalepub.settings import Settings
+from scalepub.shard import acks, streams
+from scalepub.shard.lease import LeaseTiming, ShardLease
 from scalepub.sharding import ENTRY_FIELD, Keys
 
 
@@ -83,3 +89,43 @@ def drained(settings: Settings, client: redis.Redis | None = None) -> bool:
     finally:
         if own:
             client.close()
+
+
+class FencedConsumer:
+    """One shard's group reads, acks and dead letters as a shard process makes them, under the
+    shard's lease (``async with``): for tests of what producers and `status` count."""
+
+    def __init__(self, settings: Settings, shard: int = 0, owner: str = "tests") -> None:
+        self.keys = Keys(settings.key_prefix)
+        self.shard = shard
+        self.key = self.keys.stream(shard)
+        self.redis = shard_client(settings)
+        self.lease = ShardLease(self.redis, self.keys, shard, owner,
+                                LeaseTiming(settings.lease_ttl_s, settings.lease_renew_s))
+
+    async def __aenter__(self) -> FencedConsumer:
+        await streams.ensure_group(self.redis, self.key)
+        assert await self.lease.acquire(asyncio.Event())
+        return self
+
+    async def __aexit__(self, *exc: type[BaseException] | BaseException | TracebackType | None
+                        ) -> None:
+        await self.lease.release()
+        await self.redis.aclose()
+
+    async def read(self, count: int, consumer: str = "c") -> streams.StreamEntries:
+        """Up to ``count`` new entries for ``consumer`` (the fenced group read)."""
+        replies = await self.lease.read_new(self.redis, [self.key], consumer, count, 100)
+        return [entry for _, entries in replies for entry in entries]
+
+    async def ack(self, ids: Sequence[bytes]) -> int:
+        """The fenced ack script: how many ids XACK removed."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            acks.queue_acks(pipe, self.keys, self.shard, self.lease.fence, ids)
+            replies = await pipe.execute()
+        return sum(int(r) for r in replies)
+
+    async def dead_letter(self, stream_id: bytes, envelope: bytes, reason: str) -> int:
+        """The fenced dead-letter script for one entry."""
+        return await acks.dead_letter(self.redis, self.keys, self.shard, self.lease.fence,
+                                      stream_id=stream_id, envelope=envelope, reason=reason)

@@ -97,21 +97,20 @@ def test_entries_of_a_lost_read_reply_are_found_again(settings_for: Settings) ->
     """A shard whose XREADGROUP reply was lost finds those entries among its own pending."""
     import asyncio
 
-    from scalepub.connections import shard_client
     from scalepub.shard import streams
+    from tests.streams import FencedConsumer
 
     StreamProducer(settings_for.replace(shards=1)).enqueue(
         [entry("/n/lost", j) for j in range(30)])
     key = Keys(settings_for.key_prefix).stream(0)
 
     async def scenario() -> tuple[list[bytes], list[bytes]]:
-        r = shard_client(settings_for)
-        await streams.ensure_group(r, key)
-        [(_, seen)] = await streams.read_new(r, [key], "c1", 10, 100)
-        await streams.read_new(r, [key], "c1", 15, 100)  # delivered, reply "lost"
-        [(_, found)] = await streams.read_own_pending(r, {key: seen[-1][0]}, "c1", 100)
-        [(_, rest)] = await streams.read_new(r, [key], "c1", 100, 100)
-        await r.aclose()
+        async with FencedConsumer(settings_for) as shard:
+            seen = await shard.read(10, "c1")
+            await shard.read(15, "c1")  # delivered, reply "lost"
+            [(_, found)] = await streams.read_own_pending(shard.redis, {key: seen[-1][0]},
+                                                          "c1", 100)
+            rest = await shard.read(100, "c1")
         return [sid for sid, _ in found], [sid for sid, _ in seen + rest]
 
     found, others = asyncio.run(scenario())
@@ -125,8 +124,7 @@ def test_counters_count_what_waits(settings_for: Settings, redis_client: redis.R
     import asyncio
 
     from scalepub.backlog import stream_backlog
-    from scalepub.connections import shard_client
-    from scalepub.shard import streams
+    from tests.streams import FencedConsumer
 
     settings = settings_for.replace(shards=1)
     keys = Keys(settings.key_prefix)
@@ -134,15 +132,10 @@ def test_counters_count_what_waits(settings_for: Settings, redis_client: redis.R
     StreamProducer(settings).enqueue([entry("/n/c", j) for j in range(10)])
 
     async def scenario() -> None:
-        r = shard_client(settings)
-        await streams.ensure_group(r, key)
-        [(_, got)] = await streams.read_new(r, [key], "c", 8, 100)  # 2 stay unread
-        for _ in range(2):
-            async with r.pipeline(transaction=False) as pipe:
-                streams.queue_acks(pipe, key, [sid for sid, _ in got[:5]])
-                await pipe.execute()
-        await streams.dead_letter(r, keys, 0, stream_id=got[5][0], envelope=b"x", reason="t")
-        await r.aclose()
+        async with FencedConsumer(settings) as shard:
+            got = await shard.read(8)  # 2 stay unread
+            assert [await shard.ack([sid for sid, _ in got[:5]]) for _ in range(2)] == [5, 0]
+            assert await shard.dead_letter(got[5][0], b"x", "t") == 1
 
     asyncio.run(scenario())
     counts = redis_client.hmget(keys.meta(0), ["appended", "done"])

@@ -18,15 +18,13 @@ import redis
 
 from scalepub import exitcodes
 from scalepub.backlog import stream_backlog
-from scalepub.connections import shard_client
 from scalepub.producer import PendingEntry, Refusal, StreamProducer
 from scalepub.settings import Settings, env_mapping
-from scalepub.shard import streams
 from scalepub.sharding import CONSUMER_GROUP, Keys
 from scalepub.status import RelayStatus, ShardStatus, healthy, relay_lines, table
 from tests.e2e import PoolProcess, create_nodes, settings_env, wait_until
 from tests.stack import Stack, running
-from tests.streams import produce
+from tests.streams import FencedConsumer, produce
 
 SCALEPUB = str(Path(sys.executable).parent / "scalepub")
 
@@ -191,13 +189,8 @@ def test_backlog_ignores_the_group_lag_redis_reports(settings_for: Settings,
     key = Keys(settings.key_prefix).stream(0)
 
     async def deliver(count: int) -> None:
-        r = shard_client(settings)
-        await streams.ensure_group(r, key)
-        [(_, got)] = await streams.read_new(r, [key], "c", count, 100)
-        async with r.pipeline(transaction=False) as pipe:
-            streams.queue_acks(pipe, key, [sid for sid, _ in got])
-            await pipe.execute()
-        await r.aclose()
+        async with FencedConsumer(settings) as shard:
+            await shard.ack([sid for sid, _ in await shard.read(count)])
 
     def entries(n: int) -> list[PendingEntry]:
         return [PendingEntry("/n/lag", time.time_ns(), "t.row", str(i), "xml", b"<x/>")

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 _ACK_RETRY_S = 0.5
 FENCED = -1  # what the fenced scripts return when the lease is not (or no longer) ours
 
-# streams.ACK_LUA under a lease. KEYS: stream, meta, lease. ARGV: group, fence, then ids.
+# The ack under the shard's lease. KEYS: stream, meta, lease. ARGV: group, fence, then ids.
 # The check and the XACK are one script: no other owner can come in between (docs/
 # reliability.md, fencing). All three keys carry the shard's hash tag: one cluster slot.
 FENCED_ACK_LUA = streams.ACK_FUNCTION_LUA + FENCE_CHECK_LUA + """
@@ -31,8 +31,8 @@ if not holds(KEYS[3], ARGV[2]) then return -1 end
 return ack(KEYS[1], KEYS[2], ARGV[1], 3)
 """
 
-# streams.dead_letter under a lease. KEYS: stream, meta, lease, dead-letter stream. ARGV:
-# group, fence, stream id, envelope, reason, at_ns, maxlen.
+# One entry to the dead-letter stream with its ack, under the lease. KEYS: stream, meta, lease,
+# dead-letter stream. ARGV: group, fence, stream id, envelope, reason, at_ns, maxlen.
 FENCED_DEAD_LETTER_LUA = FENCE_CHECK_LUA + """
 if not holds(KEYS[3], ARGV[2]) then return -1 end
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', 'e', ARGV[4], 'reason', ARGV[5],
@@ -46,14 +46,37 @@ assert ENTRY_FIELD == b"e", "FENCED_DEAD_LETTER_LUA's entry field"
 Spawn = Callable[[Awaitable[None]], None]
 
 
+def queue_acks(pipe: aredis.client.Pipeline, keys: Keys, shard: int, fence: str,
+               ids: Sequence[bytes]) -> None:
+    """Add fenced acks of ``ids`` (entries the server confirmed) to a pipeline; each reply is
+    the count acknowledged, or ``FENCED``."""
+    key = keys.stream(shard)
+    for start in range(0, len(ids), streams.ACK_CHUNK):
+        # EVAL rather than EVALSHA: a pipeline with scripts would first ask SCRIPT EXISTS, one
+        # more round trip per flush; Redis finds the cached script by its hash either way.
+        pipe.eval(FENCED_ACK_LUA, 3, key, meta_of(key), keys.lease(shard), CONSUMER_GROUP,
+                  fence, *ids[start:start + streams.ACK_CHUNK])
+
+
+async def dead_letter(client: aredis.Redis, keys: Keys, shard: int, fence: str, *,
+                      stream_id: bytes, envelope: bytes, reason: str) -> int:
+    """Move one entry to the shard's dead-letter stream with its ack; ``FENCED`` if the lease
+    is not ``fence``'s, else the count acknowledged."""
+    key = keys.stream(shard)
+    return int(await client.eval(
+        FENCED_DEAD_LETTER_LUA, 4, key, meta_of(key), keys.lease(shard), keys.dead(shard),
+        CONSUMER_GROUP, fence, stream_id, envelope, reason.encode("utf-8", "replace"),
+        str(time.time_ns()), streams.DEAD_LETTER_MAXLEN))
+
+
 class Acks:
     """XACKs gathered while replies arrive and sent in one pipeline; dead letters."""
 
     def __init__(self, name: str, client: aredis.Redis, keys: Keys, stats: Stats,
                  meters: Meters, health: Health, retrying: Retrying, spawn: Spawn,
-                 lease: ShardLease | None = None) -> None:
+                 lease: ShardLease) -> None:
         self.name = name
-        self.lease = lease  # with one, every ack and dead letter is fenced by it
+        self.lease = lease  # every ack and dead letter is fenced by it
         self.retrying = retrying
         self.spawn = spawn
         self.redis = client
@@ -88,7 +111,7 @@ class Acks:
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for shard, shard_ids in ids.items():
-                    self._queue(pipe, shard, shard_ids)
+                    queue_acks(pipe, self.keys, shard, self.lease.fence, shard_ids)
                 replies = await pipe.execute()
         except redis.RedisError as exc:
             # Unacked entries are re-published after a restart: duplicates, never losses.
@@ -102,18 +125,9 @@ class Acks:
         self._set_failing(False)
         self._count_fenced(replies, sum(len(v) for v in ids.values()))
 
-    def _queue(self, pipe: aredis.client.Pipeline, shard: int, ids: Sequence[bytes]) -> None:
-        if self.lease is None:
-            streams.queue_acks(pipe, self.keys.stream(shard), ids)
-            return
-        key = self.keys.stream(shard)
-        for start in range(0, len(ids), streams.ACK_CHUNK):
-            pipe.eval(FENCED_ACK_LUA, 3, key, meta_of(key), self.keys.lease(shard),
-                      CONSUMER_GROUP, self.lease.fence, *ids[start:start + streams.ACK_CHUNK])
-
     def _count_fenced(self, replies: list[object], count: int) -> None:
         """Acks refused by the fence are dropped: the shard's new owner re-publishes them."""
-        if self.lease is not None and any(r == FENCED for r in replies):
+        if any(r == FENCED for r in replies):
             log.warning("shard %s: %d acks refused: the lease is no longer ours (%s); the next "
                         "owner re-publishes those entries", self.name, count,
                         self.lease.lost_reason or "taken over")
@@ -128,19 +142,11 @@ class Acks:
         self.stats.dead_lettered += 1
         self.meters.dead_letter(shard)
         log.error("shard %d: entry %s dead-lettered: %s", shard, sid.decode(), reason)
-        if self.lease is None:
-            self.spawn(self.retrying(lambda: streams.dead_letter(
-                self.redis, self.keys, shard, stream_id=sid, envelope=raw, reason=reason)))
-        else:
-            self.spawn(self.retrying(lambda: self._fenced_dead_letter(shard, sid, raw, reason)))
+        self.spawn(self.retrying(lambda: self._dead_letter(shard, sid, raw, reason)))
 
-    async def _fenced_dead_letter(self, shard: int, sid: bytes, raw: bytes, reason: str) -> None:
-        assert self.lease is not None
-        key = self.keys.stream(shard)
-        done = await self.redis.eval(
-            FENCED_DEAD_LETTER_LUA, 4, key, meta_of(key), self.keys.lease(shard),
-            self.keys.dead(shard), CONSUMER_GROUP, self.lease.fence, sid, raw,
-            reason.encode("utf-8", "replace"), str(time.time_ns()), streams.DEAD_LETTER_MAXLEN)
+    async def _dead_letter(self, shard: int, sid: bytes, raw: bytes, reason: str) -> None:
+        done = await dead_letter(self.redis, self.keys, shard, self.lease.fence, stream_id=sid,
+                                 envelope=raw, reason=reason)
         if done == FENCED:
             log.warning("shard %d: entry %s not dead-lettered: the lease is no longer ours",
                         shard, sid.decode())

@@ -127,8 +127,7 @@ class ShardHost:
         """Work ``shard`` while it is ours to work: a lost lease is asked for again."""
         try:
             while shard in self.assigned and not self._stopping.is_set():
-                worker = ShardWorker(self.settings, [shard], f"shard-{shard}",
-                                     on_ready=self.on_ready, owner=self.owner)
+                worker = ShardWorker(self.settings, shard, self.owner, on_ready=self.on_ready)
                 self.workers[shard] = worker
                 if shard not in self.assigned or self._stopping.is_set():
                     worker.stop()

@@ -19,6 +19,7 @@ from scalepub.nodes import InvalidNodeName, validate_node
 from scalepub.shard import streams
 from scalepub.shard.acks import Acks
 from scalepub.shard.batcher import Batcher
+from scalepub.shard.lease import ShardLease
 from scalepub.shard.policy import Failure, History, decide
 from scalepub.shard.retry import Retrier
 from scalepub.shard.stats import Stats
@@ -57,7 +58,8 @@ class Reader:
     """Feeds the batcher from the streams of a process's shards, within the buffer bound."""
 
     def __init__(self, client: aredis.Redis, shard_of: Mapping[str, int], consumer: str,
-                 batcher: Batcher, acks: Acks, retrying: Retrier, stats: Stats, *,
+                 batcher: Batcher, acks: Acks, retrying: Retrier, stats: Stats,
+                 lease: ShardLease, *,
                  max_buffer: int, stop: asyncio.Event, space: asyncio.Event,
                  on_taken: Callable[[], None]) -> None:
         self.redis = client
@@ -75,10 +77,9 @@ class Reader:
         self._nodes: dict[bytes, str] = {}
         self._last_taken: dict[str, bytes] = {}  # stream → newest id read from it
         self._reread = False
-        # Checked before each read: without the shard's lease, nothing more is taken from
-        # the group (worker.py); what was read stays pending for the next owner.
-        self.allowed: Callable[[], bool] = lambda: True
-        self.read_new = streams.read_new  # under a lease, its fenced read (worker.py)
+        # Checked before each read, and the read itself is fenced: without the shard's lease
+        # nothing more is taken from the group; what was read stays pending for the next owner.
+        self.lease = lease
 
     async def loop(self) -> None:
         """Claim what a predecessor left pending, then read new entries until stopped."""
@@ -101,7 +102,7 @@ class Reader:
             self.on_taken()
 
     async def _read_new(self) -> list[tuple[bytes, streams.StreamEntries]]:
-        if not self.allowed():
+        if not self.lease.valid():
             await asyncio.sleep(0.05)
             return []
         if self._reread:  # the last read failed: its reply may be lost, its entries pending
@@ -112,8 +113,8 @@ class Reader:
                 return replies
             self._reread = False
         self._reread = True  # until the reply is in hand
-        replies = await self.read_new(self.redis, list(self.shard_of), self.consumer,
-                                      READ_COUNT, READ_BLOCK_MS)
+        replies = await self.lease.read_new(self.redis, list(self.shard_of), self.consumer,
+                                            READ_COUNT, READ_BLOCK_MS)
         self._reread = False
         return replies
 

@@ -1,4 +1,5 @@
-"""The shard's side of the Redis streams: consumer group reads, acks, dead letters.
+"""The shard's side of the Redis streams: the consumer group, claims and re-reads, the ack
+script's body (fenced by the lease in acks.py), reading back an envelope.
 
 Also the start-up check that the pool runs with the shard count the producers wrote for.
 """
@@ -6,8 +7,7 @@ Also the start-up check that the pool runs with the shard count the producers wr
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, cast
 
 import redis
@@ -30,8 +30,8 @@ ACK_CHUNK = 10_000
 # what XACK really removed (a repeated ack counts nothing), so appended - done stays the number
 # of waiting entries across Redis restarts (scalepub/backlog.py). When nothing is left waiting,
 # done is set to appended: drift (an upgrade, pending entries trimmed away) heals by itself.
-# Lua's unpack takes at most ~8000 values: XACK in slices. Shared with the fenced script
-# (acks.py), which checks the lease first.
+# Lua's unpack takes at most ~8000 values: XACK in slices. The fenced ack script (acks.py)
+# calls it after checking the lease.
 ACK_FUNCTION_LUA = CAUGHT_UP_LUA + """
 local function ack(stream, meta, group, first)
   local n = 0
@@ -46,9 +46,7 @@ local function ack(stream, meta, group, first)
   return n
 end
 """
-# KEYS: stream, meta hash. ARGV: group, then ids.
-ACK_LUA = ACK_FUNCTION_LUA + "return ack(KEYS[1], KEYS[2], ARGV[1], 2)\n"
-assert DONE_FIELD == "done", "ACK_LUA's counter field"
+assert DONE_FIELD == "done", "ACK_FUNCTION_LUA's counter field"
 
 
 class ShardCountMismatch(RuntimeError):
@@ -80,12 +78,6 @@ async def claim_pending(r: aredis.Redis, key: str, consumer: str, cursor: bytes,
     return next_cursor, cast(StreamEntries, entries), len(deleted)
 
 
-async def read_new(r: aredis.Redis, keys: Sequence[str], consumer: str, count: int,
-                   block_ms: int) -> list[tuple[bytes, StreamEntries]]:
-    """New entries for this consumer from several streams, waiting up to ``block_ms``."""
-    return await _read_group(r, consumer, dict.fromkeys(keys, ">"), count, block_ms)
-
-
 async def read_own_pending(r: aredis.Redis, after: Mapping[str, bytes], consumer: str,
                            count: int) -> list[tuple[bytes, StreamEntries]]:
     """This consumer's pending entries with ids after ``after[stream]``, oldest first.
@@ -93,45 +85,16 @@ async def read_own_pending(r: aredis.Redis, after: Mapping[str, bytes], consumer
     After a read whose reply was lost (Redis went away while answering), the entries it
     delivered are pending for this consumer but were never seen: they are found here.
     """
-    return await _read_group(r, consumer, dict(after), count, None)
-
-
-async def _read_group(r: aredis.Redis, consumer: str, ids: Mapping[str, bytes | str],
-                      count: int, block_ms: int | None) -> list[tuple[bytes, StreamEntries]]:
-    if len(ids) > 1 and isinstance(r, RedisCluster):
+    if len(after) > 1 and isinstance(r, RedisCluster):
         # One XREADGROUP may only name keys of one hash slot: one read per stream, at once.
-        parts = await asyncio.gather(*(_read_group(r, consumer, {key: at}, count, block_ms)
-                                       for key, at in ids.items()))
+        parts = await asyncio.gather(*(read_own_pending(r, {key: at}, consumer, count)
+                                       for key, at in after.items()))
         return [reply for part in parts for reply in part]
-    streams: dict[Any, Any] = dict(ids)  # redis-py's key type is invariant
-    reply = await r.xreadgroup(CONSUMER_GROUP, consumer, streams, count=count, block=block_ms)
+    streams: dict[Any, Any] = dict(after)  # redis-py's key type is invariant
+    reply = await r.xreadgroup(CONSUMER_GROUP, consumer, streams, count=count)
     if isinstance(reply, dict):  # RESP3 (redis-py 8's default) maps stream → entries
         return cast(list[tuple[bytes, StreamEntries]], list(reply.items()))
     return cast(list[tuple[bytes, StreamEntries]], reply or [])
-
-
-def queue_acks(pipe: aredis.client.Pipeline, key: str, ids: Sequence[bytes]) -> None:
-    """Add acks of ``ids`` (entries the server confirmed) to a pipeline (the ack script)."""
-    for start in range(0, len(ids), ACK_CHUNK):
-        _queue_ack(pipe, key, ids[start:start + ACK_CHUNK])
-
-
-def _queue_ack(pipe: aredis.client.Pipeline, key: str, ids: Sequence[bytes]) -> None:
-    # EVAL rather than EVALSHA: a pipeline with scripts would first ask SCRIPT EXISTS, one more
-    # round trip per flush; Redis finds the cached script by its hash either way.
-    pipe.eval(ACK_LUA, 2, key, meta_of(key), CONSUMER_GROUP, *ids)
-
-
-async def dead_letter(r: aredis.Redis, keys: Keys, shard: int, *, stream_id: bytes,
-                      envelope: bytes, reason: str) -> None:
-    """Move one entry to the shard's dead-letter stream, atomically with its ack."""
-    async with r.pipeline(transaction=True) as pipe:  # same hash tag: one slot
-        pipe.xadd(keys.dead(shard), {
-            ENTRY_FIELD: envelope, b"reason": reason.encode("utf-8", "replace"),
-            b"stream_id": stream_id, b"at_ns": str(time.time_ns()).encode(),
-        }, maxlen=DEAD_LETTER_MAXLEN, approximate=True)
-        _queue_ack(pipe, keys.stream(shard), [stream_id])
-        await pipe.execute()
 
 
 async def envelope_of(r: aredis.Redis, key: str, stream_id: bytes) -> bytes:

@@ -1,4 +1,4 @@
-"""One shard process's work: stream → batches → pipelined publish IQs → XACK.
+"""One shard's work under its lease: stream → batches → pipelined publish IQs → XACK.
 
 At-least-once and per-node order: an entry is acknowledged in Redis only after the server's
 IQ result for its batch; a batch lost with the connection is re-published before anything
@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import socket
 from collections.abc import Awaitable, Callable, Sequence
 
 from scalepub.connections import shard_client
@@ -37,14 +36,18 @@ CLOSE_TIMEOUT_S = 3.0
 
 
 class ShardWorker:
-    """Publishes the streams of ``shards`` over one XMPP connection until stopped."""
+    """Publishes one shard's stream over one XMPP connection while it holds the shard's lease.
 
-    def __init__(self, settings: Settings, shards: Sequence[int], consumer: str,
-                 on_ready: Callable[[], None] | None = None, owner: str | None = None) -> None:
+    ``owner`` is the lease owner (a process slot of a supervisor run, pool.py): nothing is
+    read, sent or acknowledged without the lease (scalepub/shard/lease.py).
+    """
+
+    def __init__(self, settings: Settings, shard: int, owner: str,
+                 on_ready: Callable[[], None] | None = None) -> None:
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
-        shard_of = {self.keys.stream(s): s for s in shards}
-        self._name = ",".join(str(s) for s in shard_of.values())
+        stream = self.keys.stream(shard)
+        self._name = str(shard)
         self.stats = Stats()
         self.crashed: BaseException | None = None
         self.redis = shard_client(settings)
@@ -55,14 +58,12 @@ class ShardWorker:
         self._background: set[asyncio.Task[None]] = set()
         self._meters = Meters(self._name)
         self.health = Health()
-        # With an owner (a supervisor's id), the worker publishes its one shard only while
-        # it holds the shard's lease (scalepub/shard/lease.py).
-        self.lease = None if owner is None else ShardLease(
-            self.redis, self.keys, _one(shards), owner,
+        self.lease = ShardLease(
+            self.redis, self.keys, shard, owner,
             LeaseTiming(settings.lease_ttl_s, settings.lease_renew_s),
             on_renew_failure=metrics.LEASE_RENEW_FAILURES.labels(self._name).inc,
             on_acquired=metrics.OWNER_CHANGES.labels(self._name).inc)
-        retrying = Retrier(self._name, self.redis, list(shard_of), self._meters, self.health,
+        retrying = Retrier(self._name, self.redis, [stream], self._meters, self.health,
                            lambda: self._stop.is_set() and self._draining)
         self.batcher = Batcher(Caps(settings.batch_max_entries, settings.batch_max_bytes,
                                     settings.linger_ms / 1000))
@@ -71,31 +72,25 @@ class ShardWorker:
         max_buffer = settings.buffer_max_bytes
         self.acks = Acks(self._name, self.redis, self.keys, self.stats, self._meters,
                          self.health, retrying, self._spawn, self.lease)
+        # The same XMPP resource for every owner of the shard: a new owner's login replaces
+        # its predecessor's session (docs/reliability.md, fencing).
+        resource = f"scalepub-{settings.key_prefix}-shard-{shard}"
         self.publisher = Publisher(
-            settings, self._name, self._resource(consumer), self.batcher,
+            settings, self._name, resource, self.batcher,
             self.acks, self.stats, self._meters, self.health, max_buffer=max_buffer,
             stop=self._stop, space=self._space, spawn=self._spawn)
-        self.reader = Reader(self.redis, shard_of, consumer, self.batcher, self.acks, retrying,
-                             self.stats, max_buffer=max_buffer, stop=self._stop,
-                             space=self._space, on_taken=self.publisher.pump)
-        self.heartbeat = Heartbeat(self.redis, self.keys, list(shard_of.values()), self.stats,
-                                   self.health, retrying)
-        if self.lease is not None:
-            self.publisher.allowed = self.reader.allowed = self.lease.valid
-            self.reader.read_new = self.lease.read_new
-
-    def _resource(self, consumer: str) -> str:
-        """The XMPP resource: under a lease, the same for every owner of the shard, so a new
-        owner's login replaces its predecessor's session (docs/reliability.md, fencing)."""
-        if self.lease is None:
-            return f"scalepub-{socket.gethostname()}-{consumer}"
-        return f"scalepub-{self.settings.key_prefix}-shard-{self.lease.shard}"
+        self.publisher.allowed = self.lease.valid
+        self.reader = Reader(self.redis, {stream: shard}, f"shard-{shard}", self.batcher,
+                             self.acks, retrying, self.stats, self.lease, max_buffer=max_buffer,
+                             stop=self._stop, space=self._space, on_taken=self.publisher.pump)
+        self.heartbeat = Heartbeat(self.redis, self.keys, [shard], self.stats, self.health,
+                                   retrying)
 
     async def run(self) -> Stats:
         """Connect, publish until ``stop()``, then drain and return the counts."""
         for key in self.reader.shard_of:  # through Redis hiccups, like every later call
             await self.reader.retrying(functools.partial(streams.ensure_group, self.redis, key))
-        if self.lease is not None and not await self.lease.acquire(self._stop):
+        if not await self.lease.acquire(self._stop):
             await self.redis.aclose()
             return self.stats
         await self.publisher.link.connect()
@@ -104,9 +99,7 @@ class ShardWorker:
         if self._on_ready:
             self._on_ready()
         loops = [self.reader.loop(), self.publisher.linger_loop(), self.acks.loop(),
-                 self.heartbeat.loop()]
-        if self.lease is not None:
-            loops.append(self.lease.keep(self._lease_lost))
+                 self.heartbeat.loop(), self.lease.keep(self._lease_lost)]
         tasks = [asyncio.create_task(c) for c in loops]
         for task in tasks:
             task.add_done_callback(self._loop_ended)
@@ -158,10 +151,9 @@ class ShardWorker:
                                 asyncio.gather(*self._background, return_exceptions=True))
 
     async def _close(self) -> None:
-        if self.lease is None or self.lease.valid():  # a new owner's heartbeat is not ours
+        if self.lease.valid():  # a new owner's heartbeat is not ours
             await self._bounded("heartbeat", self.heartbeat.remove())
-        if self.lease is not None:
-            await self._bounded("lease release", self.lease.release())
+        await self._bounded("lease release", self.lease.release())
         await self._bounded("XMPP close", self.publisher.link.close())
         await self._bounded("Redis close", self.redis.aclose())
         log.info("shard %s: stopped: %s", self._name, self.stats.summary())
@@ -194,9 +186,3 @@ async def _cancel_all(tasks: Sequence[asyncio.Task[None]]) -> None:
             task.cancel()
         _, pending = await asyncio.wait(pending, timeout=0.1)
 
-
-def _one(shards: Sequence[int]) -> int:
-    """The single shard of a worker under a lease (one lease, one XMPP session per shard)."""
-    if len(shards) != 1:
-        raise ValueError(f"a worker under a lease publishes one shard, got {list(shards)}")
-    return shards[0]
