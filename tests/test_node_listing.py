@@ -70,6 +70,38 @@ def test_listing_on_lists_the_nodes(listing_stack: Stack) -> None:
         assert f"node='{node}'".encode() in answer, answer
 
 
+@pytest.fixture
+def switched_stack() -> Iterator[Stack]:
+    yield from running(SCALEPUB_NODE_LISTING="on")
+
+
+def test_turning_listing_off_hides_the_nodes_created_while_it_was_on(
+    switched_stack: Stack,
+) -> None:
+    """The option is the service's, not the nodes': nodes made under ``on`` are hidden once
+    ejabberd runs with ``off`` (no migration needed, unlike send_last_published_item)."""
+    tag = uuid.uuid4().hex[:10]
+    node = make_node(switched_stack, tag)
+    assert f"node='{node}'".encode() in anonymous_disco_items(switched_stack.env)
+    done = subprocess.run([str(STACK), "restart", "ejabberd"], text=True, capture_output=True,
+                          timeout=180, check=False,
+                          env={**os.environ, **switched_stack.control,
+                               "SCALEPUB_NODE_LISTING": "off"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    answer = anonymous_disco_items(switched_stack.env)
+    assert tag.encode() not in answer and not re.search(rb"<item\b", answer), answer
+    # Hidden, not gone: the node outlived the restart and can still be subscribed to.
+    env = switched_stack.env
+    client = RawClient(env["SCALEPUB_XMPP_HOST"], int(env["SCALEPUB_XMPP_PORT"]))
+    try:
+        client.login_anonymous(env["SCALEPUB_ANON_DOMAIN"])
+        subscribed = client.subscribe(env["SCALEPUB_PUBSUB_SERVICE"], node)
+    finally:
+        client.close()
+    assert b"type='result'" in subscribed and b"subscription='subscribed'" in subscribed, \
+        subscribed
+
+
 def test_a_bad_listing_value_is_refused_naming_the_setting() -> None:
     with pytest.raises(SettingsError, match="SCALEPUB_NODE_LISTING: must be one of off, on"):
         Settings.from_env({"SCALEPUB_NODE_LISTING": "yes"})
