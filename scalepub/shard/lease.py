@@ -223,7 +223,8 @@ class ShardLease:
 
     async def read_new(self, r: aredis.Redis, keys: Sequence[str], consumer: str, count: int,
                        block_ms: int) -> list[tuple[bytes, Any]]:
-        """``streams.read_new`` under this lease: the group read is fenced in Redis.
+        """New entries of the shard's stream for ``consumer`` (XREADGROUP ``>``) while the lease
+        holds: the group read is fenced in Redis.
 
         An idle shard only waits (a plain XREAD BLOCK, one command a wait as before leases);
         the fenced script runs when there is something to take.
