@@ -382,6 +382,11 @@ def test_a_flood_of_forged_replies_loses_nothing(
             produce(settings, nodes, 10)
             time.sleep(0.3)
         assert wait_until(lambda: len(attackers) == 4, 30), attackers
+        # Each shard session's full JID is the predictable one (the same for every owner of
+        # the shard, since the fenced leases): nothing rests on its secrecy, only on the ids
+        # and the sender check (docs/security.md).
+        assert set(attackers) == {f"{settings.xmpp_jid}/scalepub-{settings.key_prefix}-shard-{n}"
+                                  for n in range(4)}, attackers
         flood_the_rest(attackers, pool.shard_pids())
         assert collector.wait_for(
             lambda got: len({(g.node, g.seq) for g in got}) >= 5000, 180), collector.count()
