@@ -1,6 +1,7 @@
 """Which processes run the outbox relay (issue 12.2): every serving process from its start,
 no one-shot command; rows an exited process left while Redis was down are relayed by a web
-process that saves nothing, within 2 s of Redis answering again."""
+process that saves nothing, within 2 s of Redis answering again; `scalepub status` lists the
+backlog of a relay that moves nothing, and a report nobody renews as stale."""
 
 from __future__ import annotations
 
@@ -12,19 +13,22 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from scalepub import exitcodes
 from scalepub.settings import Settings
 from scalepub.sharding import Keys
 from tests.e2e import REPO, settings_env, wait_until
 from tests.stack import Stack, free_port
 from tests.streams import read_all
+from tests.test_status import status_document
 
 pytestmark = [pytest.mark.stack]
 
@@ -118,6 +122,44 @@ def test_rows_of_an_exited_process_relayed_by_an_idle_web_process(
     assert dict(by_node) == {f"/twitter/Tweet/w{a}": list(range(1, 11)) for a in range(3)}
     print(f"rows in Redis {arrived - answered:.2f} s after Redis answered again")
     assert arrived - answered <= 2.0
+
+
+def test_status_lists_an_idle_relay_and_marks_a_dead_ones_report_stale(
+    example_env: dict[str, str], settings_for: Settings, tmp_path: Path,
+) -> None:
+    """An idle web process's relay reports an empty outbox, then the rows Redis refuses; once
+    it is killed -9 its last report (20 rows waiting) turns stale and status exits 7."""
+    settings = settings_for.replace(stream_maxlen=10)  # no pool: the 11th entry is refused
+    env = {**example_env, "SCALEPUB_STREAM_MAXLEN": "10"}
+    with WebProcess(env, tmp_path / "web.log") as web:
+        idle = wait_for_relay(settings, lambda r: r["pid"] == web.proc.pid)
+        assert idle["rows"] == 0 and idle["state"] == "ok" and not idle["stale"], idle
+        first = float(relay_state(settings)["at"])
+        assert wait_until(lambda: float(relay_state(settings)["at"]) > first, timeout=5)
+        manage(env, "shell", "-c", "from twitter.models import Tweet\n"
+               "for i in range(30): Tweet.objects.create(author='idle', text=str(i))")
+        refusing = wait_for_relay(settings, lambda r: r["rows"] == 20 and r["refusing"])
+        assert refusing["refused_reason"] == "backpressure" and refusing["state"] == "ok"
+        assert refusing["pid"] == web.proc.pid, refusing
+        web.proc.kill()  # no drain, no last report: the 20 rows wait with nobody to move them
+        web.proc.wait(20)
+        gone = wait_for_relay(settings, lambda r: r["stale"], timeout=30)
+    assert gone["state"] == "stale" and gone["rows"] == 20, gone
+    assert status_document(settings)[0] == exitcodes.UNHEALTHY
+    assert outbox_rows(env) == 20
+
+
+def wait_for_relay(settings: Settings, predicate: Callable[[dict[str, Any]], bool],
+                   timeout: float = 15) -> dict[str, Any]:
+    """The one relay `scalepub status --json` lists, once ``predicate`` holds for it."""
+    seen: list[dict[str, Any]] = []
+
+    def listed() -> bool:
+        seen[:] = status_document(settings)[1]["relays"]
+        return len(seen) == 1 and predicate(seen[0])
+
+    assert wait_until(listed, timeout=timeout, step=0.3), seen
+    return seen[0]
 
 
 def outbox_rows(env: dict[str, str]) -> int:
