@@ -179,17 +179,19 @@ class Pool:
     def _spawn(self, slot: _Slot) -> None:
         slot.ready = self._ctx.Event()
         slot.conn, child = self._ctx.Pipe()
+        # Reset before the start: a signal handled right after it marks this process.
+        slot.restart_at = None
+        slot.terminated = False
         slot.process = self._ctx.Process(
             target=shard_main, name=f"shard-process-{slot.index}",
             args=(self.settings, child, slot.index, slot.ready.set, self.log_level,
                   f"{self.run_id}/{slot.index}", os.getpid()),
         )
+        slot.started = time.monotonic()
         slot.process.start()
         child.close()
-        slot.conn.send(slot.shards)
-        slot.started = time.monotonic()
-        slot.restart_at = None
-        slot.terminated = False
+        with contextlib.suppress(OSError):  # already dead (a SIGTERM at birth): judged later
+            slot.conn.send(slot.shards)
 
     def _supervise(self) -> int:
         backlog = BacklogGauges(self.settings)
@@ -242,6 +244,8 @@ class Pool:
                     slot.conn.send(shards)
 
     def _check(self, slot: _Slot) -> int | None:
+        if self._signals:
+            return None  # stopping: _stop_all judges every process, none is restarted
         now = time.monotonic()
         if slot.process is None:
             if slot.restart_at is not None and now >= slot.restart_at:
@@ -291,10 +295,11 @@ class Pool:
         self._registry.redis.close()
 
     def _stop_all(self) -> int:
-        for slot in self.slots.values():
+        """Stop every shard process gracefully; FAILURE if one did not stop cleanly."""
+        slots = [s for s in self.slots.values() if s.process is not None]
+        for slot in slots:
             self._terminate(slot)
-        alive = [s.process for s in self.slots.values()
-                 if s.process is not None and s.process.is_alive()]
+        alive = [s.process for s in slots if s.process is not None]
         deadline = None
         while any(p.is_alive() for p in alive):
             if self._signals >= 2 and deadline is None:
@@ -303,10 +308,24 @@ class Pool:
                 for process in alive:
                     process.kill()
             wait([p.sentinel for p in alive if p.is_alive()], timeout=0.2)
-        for process in alive:
-            log.info("pool %s: %s exited with %s", self.me, process.name, process.exitcode)
-        failed = [p for p in alive if p.exitcode not in (0, None)]
+        failed = 0
+        for slot in slots:
+            assert slot.process is not None
+            code = slot.process.exitcode
+            log.info("pool %s: %s exited with %s", self.me, slot.process.name, code)
+            failed += not stopped_cleanly(code, slot.terminated)
         return exitcodes.FAILURE if failed else exitcodes.OK
+
+
+def stopped_cleanly(exitcode: int | None, terminated: bool) -> bool:
+    """Whether a shard process told to stop ended as a graceful stop should (pure).
+
+    0 is a drained stop. Killed by the SIGTERM the supervisor sent (``-SIGTERM``) is one too:
+    a shard process handles SIGTERM from the first thing it does (process.ShardHost.run),
+    before it asks for any lease, so dying of it means it was still starting and had
+    nothing to drain or release.
+    """
+    return exitcode == exitcodes.OK or (terminated and exitcode == -signal.SIGTERM)
 
 
 class BacklogGauges:
