@@ -10,6 +10,7 @@ import redis
 from django.test import Client
 from twitter.models import Tweet
 
+from scalepub.history import read_history
 from scalepub.producer import PendingEntry, StreamProducer
 from scalepub.settings import Settings
 from scalepub.sharding import Keys, shard_for
@@ -113,6 +114,33 @@ def test_no_history_when_history_maxlen_is_0(settings_for: Settings,
     assert body == {"node": "/twitter/Tweet/nohistory", "lost": True, "last_seq": 1,
                     "entries": []}
     assert not list(redis_client.scan_iter(match=f"{off.key_prefix}:*:h:*"))
+
+
+def test_a_history_older_than_its_seq_counter_does_not_block_the_shard(
+    settings_for: Settings, redis_client: redis.Redis,
+) -> None:
+    """A node whose counter was reset (deleted by hand, a key prefix reused) while its history
+    stayed: the history's ids are then above the new seqs, and an XADD below them would fail
+    the whole append script, every entry of the shard refused. The script starts it again."""
+    node = "/n/reset"
+    keys, shard = Keys(settings_for.key_prefix), shard_for(node, settings_for.shards)
+    producer = StreamProducer(settings_for)
+
+    def append(count: int) -> list[int]:
+        result = producer.append([PendingEntry(node, time.time_ns(), "t.row", str(i), "xml",
+                                               b"<x/>") for i in range(count)])
+        assert not result.failures, result.failures[0].message
+        return [a.seq for a in result.appended]
+
+    try:
+        assert append(5) == [1, 2, 3, 4, 5]
+        redis_client.hdel(keys.seqs(shard), node)  # the counter goes, the history (5-0) stays
+        assert append(2) == [1, 2]
+    finally:
+        producer.close()
+    assert [sid for sid, _ in redis_client.xrange(keys.history(shard, node))] == [b"1-0", b"2-0"]
+    found = read_history(redis_client, keys, settings_for.shards, node, 0, 100)
+    assert [e.seq for e in found.entries] == [1, 2] and not found.lost and found.last_seq == 2
 
 
 def test_bad_requests(scalepub_django: Settings) -> None:
