@@ -24,7 +24,7 @@ from scalepub.connections import (
     unreplicated,
     wait_replicas,
 )
-from scalepub.envelope import split_encode
+from scalepub.envelope import VERSION, split_encode
 from scalepub.settings import Settings
 from scalepub.sharding import CONSUMER_GROUP, ENTRY_FIELD, Keys, shard_for
 
@@ -203,6 +203,9 @@ class StreamProducer:
         self._append = self.client.register_script(APPEND_LUA)
         # Replicas that must have an outbox row's entry before the row is deleted.
         self.wait_replicas = wait_replicas(settings)
+        # Version 2 (the entry's XML as the shard sends it) needs a pool that reads it;
+        # version 1 is for a pool older than that (upgrade the pool first, docs/protocol.md).
+        self.envelope_version = VERSION
 
     def enqueue(self, entries: Sequence[PendingEntry],
                 spill: Spill | None = None) -> list[Appended] | None:
@@ -312,7 +315,8 @@ class StreamProducer:
                                          self.settings.history_ttl_s]
         for e in batch:
             head, tail = split_encode(
-                e.node, ts_ns=e.ts_ns, model=e.model, pk=e.pk, fmt=e.fmt, payload=e.payload
+                e.node, ts_ns=e.ts_ns, model=e.model, pk=e.pk, fmt=e.fmt, payload=e.payload,
+                version=self.envelope_version,
             )
             args += [e.node, head, tail]
         reply: list[object] = run_script(self._append, keys, args, client)

@@ -7,7 +7,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scalepub.envelope import Envelope, EnvelopeError, decode, decode_fields, encode
+from scalepub.envelope import (
+    Envelope,
+    EnvelopeError,
+    decode,
+    decode_fields,
+    decode_wire,
+    encode,
+)
 from scalepub.nodes import InvalidNodeName
 from scalepub.shard import reader
 from scalepub.shard.reader import build_entry
@@ -28,14 +35,18 @@ def test_fields_are_the_envelopes_as_bytes(env: Envelope) -> None:
         env.fmt.encode(), env.payload)
 
 
-@given(envelopes, st.binary(max_size=40))
-def test_a_payload_is_accepted_exactly_when_it_is_utf8(env: Envelope, payload: bytes) -> None:
-    raw = encode(Envelope(env.node, env.seq, env.ts_ns, env.model, env.pk, env.fmt, payload))
+@given(envelopes, st.binary(max_size=40), st.sampled_from([1, 2]))
+def test_a_payload_is_accepted_exactly_when_it_is_utf8(env: Envelope, payload: bytes,
+                                                       version: int) -> None:
+    raw = encode(Envelope(env.node, env.seq, env.ts_ns, env.model, env.pk, env.fmt, payload),
+                 version)
     try:
         payload.decode("utf-8")
     except UnicodeDecodeError:
-        with pytest.raises(EnvelopeError, match="payload is not UTF-8"):
-            decode_fields(raw)
+        what = "payload" if version == 1 else "envelope field 'w'"
+        for decoder in (decode_fields, decode_wire):
+            with pytest.raises(EnvelopeError, match=f"{what} is not UTF-8"):
+                decoder(raw)
     else:
         assert decode_fields(raw)[6] == payload
 
@@ -55,7 +66,8 @@ def packed(**changes: object) -> bytes:
     (packed() + b"\x00", "not msgpack: unpack(b) received extra data"),
     (msgpack.packb([1, 2]), "envelope is not a map: list"),
     (msgpack.packb(7), "envelope is not a map: int"),
-    (packed(v=2), "unsupported envelope version 2 (this reader: 1)"),
+    (packed(v=3), "unsupported envelope version 3 (this reader: 1, 2)"),
+    (packed(v=2), "envelope lacks field 'w'"),
     (packed(v=None), "unsupported envelope version None"),
     (packed(payload=None), "envelope lacks field 'payload'"),
     (packed(node=None), "envelope lacks field 'node'"),
@@ -79,11 +91,12 @@ def test_unknown_keys_are_ignored_and_non_ascii_text_accepted() -> None:
                                   "ü".encode())
 
 
-@given(envelopes.filter(lambda e: e.node.isascii() and e.node.isalnum()))
-def test_entry_is_built_as_from_the_decoded_envelope(env: Envelope) -> None:
+@given(envelopes.filter(lambda e: e.node.isascii() and e.node.isalnum()),
+       st.sampled_from([1, 2]))
+def test_entry_is_built_as_from_the_decoded_envelope(env: Envelope, version: int) -> None:
     env = Envelope("/n/" + env.node, env.seq, env.ts_ns, env.model, env.pk, env.fmt,
                    env.payload)
-    raw = encode(env)
+    raw = encode(env, version)
     entry = build_entry(b"1-2", raw, {})
     d = decode(raw)
     # The envelope itself is not kept (a dead letter reads it back from the stream).
@@ -105,3 +118,27 @@ def test_node_names_are_validated_once_and_the_cache_is_bounded(
         assert build_entry(b"1-1", packed(node=f"/n/{i}"), nodes).node == f"/n/{i}"
         assert len(nodes) <= 2
     assert nodes[b"/n/4"] == "/n/4"
+
+
+@given(envelopes.map(lambda e: Envelope("/" + e.node, e.seq, e.ts_ns, e.model, e.pk, e.fmt,
+                                         e.payload)))
+def test_both_versions_give_the_same_entry_bytes(env: Envelope) -> None:
+    """An entry written before the upgrade (version 1) and after (version 2) goes out alike:
+    subscribers see the same bytes, and a resend of either is the same item."""
+    try:
+        old = build_entry(b"9-1", encode(env, 1), {})
+    except InvalidNodeName:
+        return
+    new = build_entry(b"9-1", encode(env, 2), {})
+    assert (new.part, new.node, new.seq, new.ts_ns) == (old.part, old.node, old.seq, old.ts_ns)
+    assert decode_wire(encode(env, 1)) == decode_wire(encode(env, 2))
+
+
+def test_a_tail_with_a_raw_cdata_end_cannot_close_the_batch_early() -> None:
+    """Any Redis writer may put a version 2 envelope in a stream: its XML still stays inside
+    the batch's CDATA section."""
+    raw = packed(v=2, payload=None, w=b'" ts="5" model="a.b" pk="1" fmt="xml">]]></batch>'
+                                    b"</entry>")
+    part = build_entry(b"1-1", raw, {}).part
+    assert b"]]></batch>" not in part
+    assert part.replace(b"]]]]><![CDATA[>", b"]]>").endswith(b">]]></batch></entry>")

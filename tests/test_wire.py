@@ -37,24 +37,38 @@ envelopes = st.builds(
     ts_ns=st.integers(0, 2**63 - 1), model=st.text(), pk=st.text(),
     fmt=st.sampled_from(["xml", "json"]), payload=st.binary(),
 )
+versions = st.sampled_from([1, 2])
 
 
-@given(envelopes)
-def test_envelope_round_trip(env: Envelope) -> None:
-    assert decode(encode(env)) == env
+@given(envelopes, versions)
+def test_envelope_round_trip(env: Envelope, version: int) -> None:
+    assert decode(encode(env, version)) == env
 
 
-@given(envelopes)
-def test_split_encoding_splices_the_seq(env: Envelope) -> None:
+@given(envelopes, versions)
+def test_split_encoding_splices_the_seq(env: Envelope, version: int) -> None:
     head, tail = split_encode(env.node, ts_ns=env.ts_ns, model=env.model, pk=env.pk,
-                              fmt=env.fmt, payload=env.payload)
+                              fmt=env.fmt, payload=env.payload, version=version)
     assert decode(head + msgpack.packb(env.seq) + tail) == env
 
 
+def test_producers_write_version_2_with_the_entry_xml() -> None:
+    env = Envelope("/a", 3, 5, "a.b", "7", "json", b'{"x": "<&>"}')
+    raw = msgpack.unpackb(encode(env))
+    assert raw["v"] == 2 and "payload" not in raw
+    assert raw["w"] == b'" ts="5" model="a.b" pk="7" fmt="json">{"x": "&lt;&amp;&gt;"}</entry>'
+
+
 def test_decode_rejects_other_versions_and_garbage() -> None:
-    with pytest.raises(EnvelopeError, match="version 2"):
-        decode(msgpack.packb({"v": 2}))
+    with pytest.raises(EnvelopeError, match="version 3"):
+        decode(msgpack.packb({"v": 3}))
     with pytest.raises(EnvelopeError):
         decode(b"\xc1")
     with pytest.raises(EnvelopeError, match="lacks field"):
         decode(msgpack.packb({"v": 1, "seq": 1}))
+    with pytest.raises(EnvelopeError, match="lacks field 'w'"):
+        decode(msgpack.packb({"v": 2, "seq": 1, "node": "/a", "ts": 1, "model": "a.b",
+                              "pk": "1", "fmt": "xml", "payload": b"<p/>"}))
+    with pytest.raises(EnvelopeError, match="does not match its fields"):
+        decode(msgpack.packb({"v": 2, "seq": 1, "node": "/a", "ts": 1, "model": "a.b",
+                              "pk": "1", "fmt": "xml", "w": b'" ts="2" model="a.b">x</entry>'}))

@@ -24,7 +24,10 @@ _ATTR_SPECIAL = re.compile(rb'[&"<\x00-\x1f]|\xef\xbf[\xbe\xbf]')
 # rest of these XML 1.0 cannot carry at all: a text pk holding them gets U+FFFD instead.
 _ATTR_CHARS = re.compile(rb"[\x00-\x1f]|\xef\xbf[\xbe\xbf]")
 _ATTR_REFS = {b"\t": b"&#9;", b"\n": b"&#10;", b"\r": b"&#13;"}
-_ENTRY = b'<entry node="%s" seq="%d" id="%s" ts="%d" model="%s" pk="%s" fmt="%s">%s</entry>'
+# An entry: head (node, seq, stream id: known only once Redis appended it) + tail (the rest).
+_ENTRY_HEAD = b'<entry node="%s" seq="%d" id="%s%s'
+_ENTRY_TAIL = b'" ts="%d" model="%s" pk="%s" fmt="%s">%s</entry>'
+_ENTRY_END = b"</entry>"
 _CDATA_END = b"]]>"
 _CDATA_END_SPLIT = b"]]]]><![CDATA[>"  # "]]>" inside a CDATA section, split in two
 _BATCH_HEAD = b'<batch xmlns="%s" node="%s" first="%d" last="%d" count="%d"><![CDATA['
@@ -63,14 +66,43 @@ class Entry:
 def entry_part(*, node: bytes, seq: int, stream_id: bytes, ts_ns: int, model: bytes,
                pk: bytes, fmt: bytes, payload: bytes) -> bytes:
     """``<entry ...>payload</entry>``: XML payloads kept as they are, JSON escaped as text."""
+    return entry_from_tail(node, seq, stream_id, entry_tail(ts_ns=ts_ns, model=model, pk=pk,
+                                                            fmt=fmt, payload=payload))
+
+
+def entry_tail(*, ts_ns: int, model: bytes, pk: bytes, fmt: bytes, payload: bytes) -> bytes:
+    """The part of an ``<entry>`` after its ``id`` value: what the producer stores (envelope
+    version 2), so the shard only splices node, seq and stream id in front of it."""
     body = payload if fmt == b"xml" else escape(payload)
-    attr = _node_attrs.get(node) or node_attr(node)  # inline lookup: the per-entry path
     model_attr = _model_attrs.get(model) or _model_attr(model)
     pk_attr = pk if pk.isalnum() else _attr(pk)  # digits or letters (pure ASCII): as is
-    part = _ENTRY % (attr, seq, stream_id, ts_ns, model_attr, pk_attr, fmt, body)
+    tail = _ENTRY_TAIL % (ts_ns, model_attr, pk_attr, fmt, body)
+    if _CDATA_END in tail:
+        tail = tail.replace(_CDATA_END, _CDATA_END_SPLIT)
+    return tail
+
+
+def entry_from_tail(node: bytes, seq: int, stream_id: bytes, tail: bytes) -> bytes:
+    """The whole ``<entry>`` element: the shard's per-entry work on a version 2 envelope."""
+    attr = _node_attrs.get(node) or node_attr(node)  # inline lookup: the per-entry path
+    part = _ENTRY_HEAD % (attr, seq, stream_id, tail)
+    # "]]>" must not end the batch's CDATA section early. entry_tail split the tail's; a node
+    # name may hold one too, and so may a tail some other Redis writer made. Rare: undo the
+    # tail's splits and split the whole element once.
     if _CDATA_END in part:
-        part = part.replace(_CDATA_END, _CDATA_END_SPLIT)
+        part = part.replace(_CDATA_END_SPLIT, _CDATA_END).replace(_CDATA_END, _CDATA_END_SPLIT)
     return part
+
+
+def payload_of_tail(tail: bytes, *, ts_ns: int, model: bytes, pk: bytes, fmt: bytes) -> bytes:
+    """The payload inside ``tail`` (entry_tail's inverse); ValueError if it does not hold one."""
+    head = entry_tail(ts_ns=ts_ns, model=model, pk=pk, fmt=fmt, payload=b"")
+    prefix, suffix = head[: -len(_ENTRY_END)], _ENTRY_END
+    if not (tail.startswith(prefix) and tail.endswith(suffix)
+            and len(tail) >= len(prefix) + len(suffix)):
+        raise ValueError("the entry's XML does not match its fields")
+    body = tail[len(prefix): len(tail) - len(suffix)].replace(_CDATA_END_SPLIT, _CDATA_END)
+    return body if fmt == b"xml" else unescape(body)
 
 
 @dataclass(slots=True)
@@ -143,6 +175,11 @@ def escape(data: bytes) -> bytes:
     for raw, escaped in _ESCAPES:
         data = data.replace(raw, escaped)
     return data
+
+
+def unescape(data: bytes) -> bytes:
+    """escape()'s inverse."""
+    return data.replace(b"&lt;", b"<").replace(b"&gt;", b">").replace(b"&amp;", b"&")
 
 
 def node_attr(node: bytes) -> bytes:
