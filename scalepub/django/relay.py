@@ -53,7 +53,17 @@ _BACKOFF_MAX_S = 1.0
 # notification never announced (a LISTEN session that was down and is back) wait no longer.
 LISTENING_POLL_S = 1.0
 _STOP_CHECK_S = 0.1
+# The gather window: a woken leader starts its next round no sooner than this after the last
+# one started, and under load no sooner than _ROUND_GAP_FACTOR times the last round's wall
+# time (capped): a round costs a SELECT, an append and a DELETE (on PostgreSQL a commit of
+# its own) however few rows it moves, and in the web process it competes with the saves for
+# the GIL, the SQLite write lock and PostgreSQL's WAL flush. At 100 saves/s (commits 10 ms
+# apart) a round of ~1 ms waits for nothing; at thousands of saves/s the relay stays near
+# 1/(1 + factor) of a core and each round moves the commits of one window (measured:
+# loadtest/bench_ingest.py, docs/benchmarks.md).
 _MIN_ROUND_GAP_S = 0.002
+_ROUND_GAP_FACTOR = 4.0
+_MAX_ROUND_GAP_S = 0.025
 
 # Renew only our own lease: a relay that stalled past its TTL must not extend a successor's.
 _RENEW_LUA = """
@@ -194,11 +204,12 @@ class Relay:
                 if delay:
                     stop.wait(delay)
                 elif idle:
+                    took = time.monotonic() - started
                     _wait(wake, stop, self._idle_wait(wake, stop))
                     wake.clear()
-                    # Woken by each commit: gather a few before the next round, which costs
-                    # a SELECT, an EVALSHA and a DELETE however few rows it moves.
-                    stop.wait(started + _MIN_ROUND_GAP_S - time.monotonic())
+                    # Woken by each commit: gather the commits of a window before the next
+                    # round (see _ROUND_GAP_FACTOR).
+                    stop.wait(started + round_gap(took) - time.monotonic())
         finally:
             if self._listener is not None:
                 self._listener.join()
@@ -279,6 +290,11 @@ def _wait(wake: threading.Event, stop: threading.Event, timeout: float) -> None:
         left = deadline - time.monotonic()
         if left <= 0 or wake.wait(min(left, _STOP_CHECK_S)):
             return
+
+
+def round_gap(took: float) -> float:
+    """The least time from one round's start to the next after a round of ``took`` seconds."""
+    return min(max(_MIN_ROUND_GAP_S, _ROUND_GAP_FACTOR * took), _MAX_ROUND_GAP_S)
 
 
 def _longer(delay: float) -> float:
