@@ -176,7 +176,7 @@ def _write(path: Path, data: dict[str, Any]) -> None:
 
 
 def _progress() -> dict[str, Any]:
-    return {"pid": os.getpid(), "time": time.time(), "ready": STATE["ready"],
+    return {"pid": os.getpid(), "time": time.time(), "transport": "bosh", "ready": STATE["ready"],
             "reconnects": STATE["reconnects"], "entries": TRACKER.entries,
             "duplicates": TRACKER.duplicates, "subscriptions": SUBSCRIPTIONS}
 

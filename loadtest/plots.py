@@ -10,7 +10,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
-GROUPS = ("ejabberd", "pool", "producers", "locust", "redis", "runner")
+GROUPS = ("ejabberd", "pool", "producers", "locust", "websocket", "redis", "runner")
+HOPS = ("commit_to_append", "append_to_read", "read_to_send", "send_to_result",
+        "result_to_delivery_est")
 
 
 def variant(out: Path, r: dict[str, Any]) -> None:
@@ -125,3 +127,47 @@ def sweep(out: Path, results: list[dict[str, Any]]) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def sweep_hops(out: Path, results: list[dict[str, Any]]) -> Path:
+    """sweep_hops.png: each hop's p50 and the e2e p50/p99 against the save rate (top), and
+    the CPU of each process group (bottom): where the curve bends, and which process ran out."""
+    rows = sorted(results, key=lambda r: r["rate"])
+    rates = [r["rate"] for r in rows]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 8), dpi=100, sharex=True)
+    for hop in HOPS:
+        values = [r.get("hops_ms", {}).get(hop, {}).get("p50") for r in rows]
+        top.plot(rates, [_positive(v) for v in values], marker="o", linewidth=1.2,
+                 label=f"{hop} p50")
+    for p, style in (("p50", "-"), ("p99", "--")):
+        top.plot(rates, [_positive(r["latency_ms"][p]) for r in rows], color="black",
+                 linestyle=style, marker="s", label=f"e2e {p}")
+    invalid = [r["rate"] for r in rows if not r.get("valid", True)]
+    for rate in invalid:
+        top.axvline(rate, color="red", alpha=0.3, linewidth=6)
+    top.set_xscale("log")
+    top.set_yscale("log")
+    top.set_ylabel("latency (ms, log)")
+    top.grid(True, alpha=0.3)
+    top.legend(fontsize=7, loc="upper left")
+    top.set_title(f"{rows[0]['scenario']}: latency per hop against the save rate"
+                  + (" (red: generator-bound, NOT VALID)" if invalid else ""), fontsize=10)
+    for group in (*GROUPS, "others"):
+        values = [r.get("cpu_cores", {}).get(group, 0.0) for r in rows]
+        if any(values):
+            bottom.plot(rates, values, marker="o", linewidth=1.2, label=group)
+    bottom.axhline(1.0, color="gray", linestyle=":", linewidth=1, label="one core")
+    bottom.set_xlabel("target saves/s")
+    bottom.set_ylabel("CPU (cores) while saving")
+    bottom.grid(True, alpha=0.3)
+    bottom.legend(fontsize=7, loc="upper left", ncol=2)
+    fig.tight_layout()
+    path = out / "sweep_hops.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _positive(value: float | None) -> float:
+    # A log axis cannot show 0 or less (an estimated hop can come out negative): left out.
+    return float("nan") if value is None or value <= 0 else value

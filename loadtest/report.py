@@ -14,28 +14,43 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from loadtest import headroom
+from loadtest.bench_latency import bucket_quantile
 from loadtest.entries import Histogram
 from loadtest.scenario import Scenario, Variant
 
-GROUPS = ("ejabberd", "pool", "producers", "locust", "redis", "runner")
+GROUPS = ("ejabberd", "pool", "producers", "locust", "websocket", "redis", "runner")
 PERCENTILES = (50, 95, 99, 99.9)
+HOPS = ("commit_to_append", "append_to_read", "read_to_send", "send_to_result")
+GROUP_OF_TRANSPORT = {"bosh": "locust", "websocket": "websocket"}  # subscriber process group
+UsageRow = tuple[float, dict[str, dict[int, headroom.Usage]]]
 
 
 def variant_results(*, scenario: Scenario, variant: Variant, out: Path, ready: int,
                     window: tuple[float, float], drained: bool, truth: dict[str, Any],
-                    timeline: list[dict[str, Any]],
-                    subscription: Callable[[int], list[str]]) -> dict[str, Any]:
+                    timeline: list[dict[str, Any]], subscription: Callable[[int], list[str]],
+                    placement: dict[str, Any] | None = None,
+                    hops: tuple[dict[str, Any], dict[str, Any]] = ({}, {}),
+                    usage: list[UsageRow] | None = None, capacity: float = 1.0,
+                    total_capacity: float | None = None,
+                    quota: str = "") -> dict[str, Any]:
     """Everything measured for one batch size, checked against the truth; also saved as JSON."""
     dumps = [json.loads(p.read_text()) for p in sorted(out.glob("subscribers-*.json"))]
     saved = truth["saved"]
     delivery = _delivery(dumps, saved, (truth["first_commit"], truth["last_commit"]))
     overall, per_second = _latency(dumps)
     t0, t1 = window
+    saving = (truth["first_commit"], truth["last_commit"]) if truth["saved"] else window
+    generator = _generator(usage or [], saving, (capacity, total_capacity), dumps)
     results: dict[str, Any] = {
         "scenario": scenario.name, "variant": variant.label, "out": str(out),
         "batch_max_entries": variant.batch_max_entries, "linger_ms": variant.linger_ms,
         "rate": scenario.rate,
-        "subscribers": scenario.subscribers, "subscribers_ready": ready, "drained": drained,
+        "subscribers": scenario.all_subscribers, "subscribers_ready": ready, "drained": drained,
+        "bosh_subscribers": scenario.subscribers, "ws_subscribers": scenario.ws_subscribers,
+        "placement": {**(placement or {}), "generator_quota": quota},
+        "generator": generator, "valid": generator["valid"],
+        "latency_by_transport": _latency_by_transport(dumps),
         "production_s": round(t1 - t0, 2),
         "saved": sum(saved.values()), "appended": sum(truth["appended"].values()),
         "not_enqueued": sum(max(0, n - truth["appended"].get(node, 0))
@@ -52,10 +67,12 @@ def variant_results(*, scenario: Scenario, variant: Variant, out: Path, ready: i
         "cpu_cores": _cpu(timeline, truth["first_commit"], truth["last_commit"]),
         "max_backlog": _max_backlog(timeline),
         "reconnects": sum(int(d.get("reconnects", 0)) for d in dumps),
-        "expected_subscriptions": sum(len(subscription(u)) for u in range(scenario.subscribers)),
+        "expected_subscriptions": sum(len(subscription(u))
+                                      for u in range(scenario.all_subscribers)),
     }
     results["latency_ms"]["max"] = _round(_max_latency(overall))
-    results["ok"] = (results["lost"] == 0 and ready == scenario.subscribers and drained
+    results["hops_ms"] = _hops(*hops, results["latency_ms"]["p50"])
+    results["ok"] = (results["lost"] == 0 and ready == scenario.all_subscribers and drained
                      and results["not_enqueued"] == 0 and results["subscriptions"]
                      == results["expected_subscriptions"])
     results["targets"] = _targets(scenario, results)
@@ -103,8 +120,65 @@ def _latency(dumps: list[dict[str, Any]]) -> tuple[Histogram, dict[int, Histogra
     return overall, per_second
 
 
+def _latency_by_transport(dumps: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """e2e percentiles per subscriber transport (``bosh``, ``websocket``)."""
+    out = {}
+    for transport in sorted({d.get("transport", "bosh") for d in dumps}):
+        hist, _ = _latency([d for d in dumps if d.get("transport", "bosh") == transport])
+        out[transport] = {f"p{p:g}": _round(hist.percentile(p)) for p in PERCENTILES}
+        out[transport]["entries"] = hist.total
+    return out
+
+
+def _generator(usage: list[UsageRow], saving: tuple[float, float],
+               capacity: tuple[float, float | None],
+               dumps: list[dict[str, Any]]) -> dict[str, Any]:
+    """The generator's CPU between the samples around the first and the last save (the
+    producers' start-up, with nothing to deliver yet, is not in it)."""
+    inside = [row for row in usage if saving[0] <= row[0] <= saving[1]]
+    if len(inside) < 2:  # a very short saving window: the samples around it
+        before = [row for row in usage if row[0] <= saving[0]][-1:]
+        after = [row for row in usage if row[0] >= saving[1]][:1]
+        inside = before + after
+    if len(inside) < 2:
+        return {"groups": {}, "max_cpu_share": 0.0, "max_busy_share": 0.0, "valid": True,
+                "capacity_cores": capacity[0], "window_s": 0.0,
+                "why_not_valid": "", "note": "not sampled"}
+    (t0, first), (t1, last) = inside[0], inside[-1]
+    return headroom.judge(first, last, max(t1 - t0, 1e-9), capacity[0],
+                          _deliveries_by_group(dumps, (t0, t1)), capacity[1])
+
+
+def _deliveries_by_group(dumps: list[dict[str, Any]], window: tuple[float, float]
+                         ) -> dict[str, float]:
+    """Entry-deliveries per subscriber process group in the whole seconds of the window."""
+    first, last = int(window[0]), int(window[1])
+    out: dict[str, float] = {}
+    for dump in dumps:
+        group = GROUP_OF_TRANSPORT[dump.get("transport", "bosh")]
+        n = sum(sum(h.values()) for sec, h in dump["per_second"].items()
+                if first <= int(sec) < last)
+        out[group] = out.get(group, 0) + n
+    return out
+
+
+def _hops(before: dict[str, Any], after: dict[str, Any],
+          e2e_p50: float | None) -> dict[str, dict[str, float | None]]:
+    """The pool's hops over the production window (ms, p50 / p99, interpolated in buckets),
+    and result → delivery estimated as the e2e p50 minus the hops' p50s."""
+    out: dict[str, dict[str, float | None]] = {}
+    for hop in HOPS:
+        if hop in after:
+            out[hop] = {f"p{q}": _round(bucket_quantile(before.get(hop, []), after[hop],
+                                                        q / 100) * 1e3) for q in (50, 99)}
+    known = [h["p50"] for h in out.values() if h["p50"] is not None]
+    if out and e2e_p50 is not None:
+        out["result_to_delivery_est"] = {"p50": round(e2e_p50 - sum(known), 1), "p99": None}
+    return out
+
+
 def _targets(s: Scenario, r: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Each target of the scenario: wanted, measured, met."""
+    """Each target of the scenario: wanted, measured, met (None: not valid, see generator)."""
     lat = r["latency_ms"]
     checks = {
         "saves/s": (s.target_saves_per_s, r["saves_per_s"], True),
@@ -120,6 +194,8 @@ def _targets(s: Scenario, r: dict[str, Any]) -> dict[str, dict[str, Any]]:
     for name, (wanted, got, higher) in checks.items():
         if wanted or name == "lost":
             met = got is not None and (got >= wanted if higher else got <= wanted)
+            if name.startswith("e2e") and not r["valid"]:
+                met = None  # the generator set the pace: the figure says nothing of the server
             out[name] = {"wanted": wanted, "measured": got, "met": met}
     return out
 
@@ -208,14 +284,16 @@ def _write_raw(out: Path, results: dict[str, Any], timeline: list[dict[str, Any]
 
 def headline(r: dict[str, Any]) -> str:
     """One line: the figures the issue asks for."""
-    lat = r["latency_ms"]
+    lat, gen = r["latency_ms"], r.get("generator", {})
     return (f"{r['variant']}: {r['saves_per_s']:.0f} saves/s, "
             f"{r['deliveries_per_s_while_saving']:.0f} entry-deliveries/s while saving "
             f"({r['deliveries_per_s']:.0f} overall, peak {r['peak_deliveries_per_s']}),"
             f" e2e p50 {lat['p50']} ms p95 {lat['p95']} ms p99 {lat['p99']} ms, "
             f"lost {r['lost']}, duplicates {r['duplicates']}, "
-            f"subscribers {r['subscribers_ready']}/{r['subscribers']}"
-            f"{'' if r['ok'] else '  [NOT OK]'}")
+            f"subscribers {r['subscribers_ready']}/{r['subscribers']}, "
+            f"generator CPU {gen.get('max_cpu_share', 0):.0%} of its capacity"
+            f"{'' if r['ok'] else '  [NOT OK]'}"
+            f"{'' if r.get('valid', True) else '  [NOT VALID: ' + gen['why_not_valid'] + ']'}")
 
 
 def write(out: Path, scenario: Scenario, results: list[dict[str, Any]]) -> None:
@@ -226,6 +304,7 @@ def write(out: Path, scenario: Scenario, results: list[dict[str, Any]]) -> None:
         plots.variant(Path(r["out"]), r)
     if scenario.rates and len(results) > 1:
         plots.sweep(out, results)
+        plots.sweep_hops(out, results)
     (out / "summary.json").write_text(json.dumps(
         {"scenario": scenario.__dict__, "results": [_without_series(r) for r in results]},
         indent=1, default=list))
@@ -238,7 +317,8 @@ def _without_series(r: dict[str, Any]) -> dict[str, Any]:
 
 def _markdown(out: Path, s: Scenario, results: list[dict[str, Any]]) -> str:
     lines = [f"# Load test `{s.name}`", "", s.description, "",
-             f"{s.subscribers} BOSH subscribers (each: {'the hot node + ' if s.hot_share else ''}"
+             f"{s.subscribers} BOSH + {s.ws_subscribers} WebSocket subscribers (each: "
+             f"{'the hot node + ' if s.hot_share else ''}"
              f"{s.authors_per_subscriber} of {s.authors} author nodes), "
              f"{', '.join(f'{r:g}' for r in s.rates) if s.rates else f'{s.rate:g}'} saves/s "
              f"({s.hot_share:.0%} on the hot node) by "
@@ -248,7 +328,8 @@ def _markdown(out: Path, s: Scenario, results: list[dict[str, Any]]) -> str:
              f"(ramp {s.ramp_s:g} s), {s.shards} shards, window "
              f"{s.window}. Everything on this machine, shared with other work: see CPU 'others'.",
              "", _table(results), "",
-             *(["![sweep](sweep.png)", ""] if s.rates and len(results) > 1 else []),
+             *(["![sweep](sweep.png)", "", "![hops](sweep_hops.png)", "", _sweep_table(results)]
+               if s.rates and len(results) > 1 else []),
              "*lost*: entry-deliveries that had not arrived when the run ended (every subscriber "
              "x every entry saved on its nodes, counted from the producers' databases); "
              "*not enqueued*: rows saved but never appended to Redis (left in the producers' "
@@ -258,6 +339,7 @@ def _markdown(out: Path, s: Scenario, results: list[dict[str, Any]]) -> str:
     for r in results:
         rel = Path(r["out"]).relative_to(out)
         lines += [f"## {r['variant']}", "", _verdict(r), "", _targets_line(r), "",
+                  _generator_line(r), "", _placement_line(r), "", _hops_line(r), "",
                   f"Locust's own `entry` statistics: {_locust_line(r)}", ""]
         lines += [f"![{name}]({rel}/{name}.png)" for name in
                   ("latency", "deliveries", "backlog", "cpu")]
@@ -280,6 +362,27 @@ def _table(results: list[dict[str, Any]]) -> str:
             f"{lat['max']} | {r['lost']} | {r['duplicates']} | {r['not_enqueued']} | "
             f"{r['reconnects']} |")
     return "\n".join(rows)
+
+
+def _sweep_table(results: list[dict[str, Any]]) -> str:
+    """Per rate: e2e and per-hop p50 / p99, the generator's verdict, the busiest groups."""
+    hops = [h for h in HOPS if any(h in r.get("hops_ms", {}) for r in results)]
+    head = ("| saves/s wanted | reached | e2e p50 / p99 | "
+            + " | ".join(f"{h} p50 / p99" for h in hops)
+            + " | result→delivery p50 (est.) | generator CPU (max process) | valid "
+            "| ejabberd / pool / redis / producers cores |")
+    rows = [head, "|" + "---:|" * (len(hops) + 7)]
+    for r in sorted(results, key=lambda x: x["rate"]):
+        h, cpu, lat = r.get("hops_ms", {}), r["cpu_cores"], r["latency_ms"]
+        cells = " | ".join(f"{h.get(k, {}).get('p50')} / {h.get(k, {}).get('p99')}"
+                           for k in hops)
+        rows.append(
+            f"| {r['rate']:g} | {r['saves_per_s']:,.0f} | {lat['p50']} / {lat['p99']} | {cells} "
+            f"| {h.get('result_to_delivery_est', {}).get('p50')} "
+            f"| {r['generator']['max_cpu_share']:.0%} | {'yes' if r['valid'] else 'NO'} | "
+            + " / ".join(f"{cpu.get(g, float('nan')):.2f}"
+                         for g in ("ejabberd", "pool", "redis", "producers")) + " |")
+    return "\n".join(rows) + "\n"
 
 
 def _http_line(results: list[dict[str, Any]]) -> str:
@@ -320,10 +423,44 @@ def _verdict(r: dict[str, Any]) -> str:
 
 
 def _targets_line(r: dict[str, Any]) -> str:
+    verdict = {True: "met", False: "missed", None: "NOT VALID (generator-bound)"}
     parts = [f"{name} {'≥' if name.startswith(('saves', 'entry')) else '≤'} {t['wanted']:g}: "
-             f"{t['measured']} **{'met' if t['met'] else 'missed'}**"
+             f"{t['measured']} **{verdict[t['met']]}**"
              for name, t in r["targets"].items()]
     return "Targets: " + "; ".join(parts) + "."
+
+
+def _generator_line(r: dict[str, Any]) -> str:
+    gen = r["generator"]
+    groups = "; ".join(
+        f"{g}: {v['cpu_cores']:.2f} cores CPU, {v['wait_cores']:.2f} waiting for a CPU, "
+        f"{v['deliveries']:,} deliveries, {v['cpu_us_per_delivery']} us CPU per delivery"
+        for g, v in gen["groups"].items())
+    verdict = ("valid: the generator had CPU to spare" if gen["valid"]
+               else f"**NOT VALID**: {gen['why_not_valid']}")
+    return (f"Load generator over the {gen['window_s']} s between the first and the last save "
+            f"(capacity {gen['capacity_cores']:g} core per process, "
+            f"{gen.get('total_capacity_cores', 0):g} in all): {groups}. CPU: "
+            f"{gen['max_cpu_share']:.0%} of its capacity; busiest process running or waiting "
+            f"{gen['max_busy_share']:.0%} of the time: {verdict}.")
+
+
+def _placement_line(r: dict[str, Any]) -> str:
+    place = r.get("placement", {})
+    seen = ", ".join(f"{g} {cpus}" for g, cpus in place.get("affinity", {}).items())
+    quota = f" Generator capped by {place['generator_quota']}." if place.get(
+        "generator_quota") else ""
+    return f"CPU placement: {place.get('plan', 'n/a')} (allowed CPUs seen: {seen}).{quota}"
+
+
+def _hops_line(r: dict[str, Any]) -> str:
+    hops = r.get("hops_ms", {})
+    by = "; ".join(f"{t} p50 {v['p50']} / p99 {v['p99']} ms ({v['entries']:,} entries)"
+                   for t, v in r.get("latency_by_transport", {}).items())
+    if not hops:
+        return f"e2e per transport: {by}. Per hop: no pool metrics."
+    return (f"e2e per transport: {by}. Per hop (ms, p50 / p99): "
+            + ", ".join(f"{h} {v['p50']} / {v['p99']}" for h, v in hops.items()) + ".")
 
 
 def _locust_line(r: dict[str, Any]) -> str:

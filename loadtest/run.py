@@ -33,7 +33,10 @@ import psutil
 import redis
 
 from loadtest import report
+from loadtest.bench_latency import scrape
+from loadtest.bench_storm import free_port
 from loadtest.bosh import BoshClient, HTTPTransport
+from loadtest.pinning import Placement, Quota, affinity, affinity_of, pin_tree
 from loadtest.sampler import Sampler
 from loadtest.scenario import Scenario, ScenarioError, Variant, from_mapping, load, nodes_for
 from scalepub.connections import client_for_url
@@ -46,6 +49,7 @@ KEY_PREFIX = "lt"
 AUTHOR_PREFIX = "user"
 HOT_AUTHOR_PREFIX = "hot"
 EXIT_OK, EXIT_LOST, EXIT_FAILED = 0, 1, 2
+GENERATOR_GROUPS = ("locust", "websocket")  # the subscriber processes: the load generator
 STOP_GRACE_S = 30.0
 
 
@@ -77,6 +81,7 @@ class Procs:
     stack: Stack | None = None
     pool: subprocess.Popen[bytes] | None = None
     locust: subprocess.Popen[bytes] | None = None
+    websocket: subprocess.Popen[bytes] | None = None
     producers: list[subprocess.Popen[bytes]] = field(default_factory=list)
     _servers: dict[str, list[int]] = field(default_factory=dict)
 
@@ -92,6 +97,8 @@ class Procs:
             out["pool"] = [self.pool.pid]
         if self.locust is not None:
             out["locust"] = [self.locust.pid]
+        if self.websocket is not None:
+            out["websocket"] = [self.websocket.pid]
         out["producers"] = [p.pid for p in self.producers]
         return out
 
@@ -169,45 +176,103 @@ def _raise_stopped(_signum: int, _frame: Any) -> None:
 def run_variant(s: Scenario, variant: Variant, out: Path) -> dict[str, Any]:
     """Run the scenario with one batching; returns its results (see ``report``)."""
     out.mkdir(parents=True, exist_ok=True)
-    procs = Procs()
+    procs, place = Procs(), Placement.parse(s.pin)
     with contextlib.ExitStack() as cleanup:
         dbdir = Path(tempfile.mkdtemp(prefix="loadtest-db-", dir=_fast_tmp()))
         cleanup.callback(shutil.rmtree, dbdir, True)
         procs.stack = new_stack()
         cleanup.callback(_stack_down, procs.stack, out)
-        print(f"[{variant.label}] starting Redis + ejabberd", flush=True)
-        procs.stack.up()
+        print(f"[{variant.label}] starting Redis + ejabberd; {place.describe()}", flush=True)
+        with affinity(place.sut):  # Redis and ejabberd's node inherit the CPUs
+            procs.stack.up()
         env = _env(s, procs.stack)
         hot = s.hot_node if s.hot_share else None
         authors = s.author_nodes(AUTHOR_PREFIX)
         _create_nodes(procs.stack.env, ([hot] if hot else []) + authors)
         dbs = _prepare_dbs(s, env, dbdir)
-        procs.pool = _start([str(BIN / "scalepub"), "run", "--shards", str(s.shards),
-                             "--batch-max-entries", str(variant.batch_max_entries),
-                             "--linger-ms", str(variant.linger_ms),
-                             "--window", str(s.window), "--metrics-port", "0"],
-                            env, out / "pool.log")
+        metrics_port = free_port()
+        with affinity(place.sut):
+            procs.pool = _start([str(BIN / "scalepub"), "run", "--shards", str(s.shards),
+                                 "--batch-max-entries", str(variant.batch_max_entries),
+                                 "--linger-ms", str(variant.linger_ms), "--window",
+                                 str(s.window), "--metrics-port", str(metrics_port)],
+                                env, out / "pool.log")
         cleanup.callback(_stop, procs.pool, signal.SIGTERM)
-        procs.locust = _start_locust(s, procs.stack, env, out, hot, authors)
+        with affinity(place.generator):
+            if s.subscribers:
+                procs.locust = _start_locust(s, procs.stack, env, out, hot, authors)
+            if s.ws_subscribers:
+                procs.websocket = _start_websocket(s, procs.stack, env, out, hot, authors)
         cleanup.callback(_stop, procs.locust, signal.SIGTERM)
+        cleanup.callback(_stop, procs.websocket, signal.SIGTERM)
         cleanup.callback(_stop_all, procs.producers)
         sampler = Sampler(procs.roots, env["SCALEPUB_REDIS_URL"], KEY_PREFIX, s.shards,
-                          progress=lambda: _counts(out))
-        sampler.start()
+                          progress=lambda: _counts(out), detailed=GENERATOR_GROUPS)
+        with affinity(place.generator):  # the sampler thread is part of the generator side
+            sampler.start()
         cleanup.callback(sampler.stop)
         ready = _wait_ready(s, procs, out)
         _wait_pool(s, env, procs)
-        window = _produce(s, env, dbs, procs, out)
+        pinned = _pin_servers(place, procs)
+        measured = _measured_production(s, env, dbs, procs, out, place, metrics_port, cleanup)
         drained = _drain(s, env, procs, out)
         _stop(procs.locust, signal.SIGTERM)
+        _stop(procs.websocket, signal.SIGTERM)
         sampler.stop()
         _stop(procs.pool, signal.SIGTERM)
         truth = _truth(dbs, env, s.shards)
     return report.variant_results(
-        scenario=s, variant=variant, out=out, ready=ready, window=window, drained=drained,
-        truth=truth, timeline=sampler.rows,
+        scenario=s, variant=variant, out=out, ready=ready, drained=drained,
+        truth=truth, timeline=sampler.rows, placement={"plan": place.describe(), **pinned},
+        usage=sampler.usage,
         subscription=lambda user: nodes_for(user, hot, authors, s.authors_per_subscriber),
+        **measured,
     )
+
+
+def _pin_servers(place: Placement, procs: Procs) -> dict[str, Any]:
+    """Make sure every thread of the stack's servers is on the sut CPUs (ejabberdctl may start
+    the node through processes of its own), and record where each group may run."""
+    roots = procs.roots()
+    for group in ("ejabberd", "redis"):
+        for pid in roots.get(group, []):
+            pin_tree(pid, place.sut)
+    return {"affinity": {group: sorted({c for pid in pids for c in affinity_of(pid)})
+                         for group, pids in roots.items() if pids}}
+
+
+def _measured_production(s: Scenario, env: dict[str, str], dbs: list[Path], procs: Procs,
+                         out: Path, place: Placement, metrics_port: int,
+                         cleanup: contextlib.ExitStack) -> dict[str, Any]:
+    """The production window with what is measured around it: the pool's per-hop histograms
+    (the generator's CPU is sampled all along); a generator quota is on only meanwhile."""
+    generator = {g: pids for g, pids in procs.roots().items() if g in GENERATOR_GROUPS}
+    quota = None
+    if s.generator_cpu_quota:
+        quota = Quota(s.generator_cpu_quota)
+        cleanup.callback(quota.remove)
+        quota.apply([pid for pids in generator.values() for pid in pids])
+        print(f"generator capped at {s.generator_cpu_quota:g} cores ({quota.how})", flush=True)
+    hops_before = _scrape(metrics_port)
+    window = _produce(s, env, dbs, procs, out, place)
+    hops_after = _scrape(metrics_port)
+    if quota is not None:
+        quota.lift()  # the drain that follows is not measured: let it finish at full speed
+    # One generator process uses one core at most (Python); together they have their CPUs,
+    # or the quota they share.
+    capacity = min(1.0, s.generator_cpu_quota or 1.0)
+    total = s.generator_cpu_quota or float(len(place.generator) or os.cpu_count() or 1)
+    return {"window": window, "hops": (hops_before, hops_after), "capacity": capacity,
+            "total_capacity": total,
+            "quota": quota.how if quota else ""}
+
+
+def _scrape(port: int) -> dict[str, list[tuple[float, float]]]:
+    try:
+        return scrape(port)
+    except OSError as exc:  # the figures are lost, not the run
+        print(f"pool metrics on port {port}: {exc}", flush=True)
+        return {}
 
 
 def _fast_tmp() -> str | None:
@@ -301,6 +366,20 @@ def _start_locust(s: Scenario, stack: Stack, env: dict[str, str], out: Path,
                   out / "locust.log")
 
 
+def _start_websocket(s: Scenario, stack: Stack, env: dict[str, str], out: Path,
+                     hot: str | None, authors: list[str]) -> subprocess.Popen[bytes]:
+    config = {
+        "ws_url": stack.env["SCALEPUB_WS_URL"], "anon_domain": stack.env["SCALEPUB_ANON_DOMAIN"],
+        "pubsub_service": stack.env["SCALEPUB_PUBSUB_SERVICE"], "out_dir": str(out),
+        "hot_node": hot, "author_nodes": authors, "authors_per_user": s.authors_per_subscriber,
+        # After the BOSH users' numbers: the same rotation over the author nodes.
+        "users": s.ws_subscribers, "first_user": s.subscribers, "spawn_rate": s.spawn_rate,
+    }
+    (out / "websocket-config.json").write_text(json.dumps(config, indent=1))
+    return _start([str(BIN / "python"), "-m", "loadtest.websocket",
+                   str(out / "websocket-config.json")], env, out / "websocket.log")
+
+
 def _progress(out: Path) -> dict[str, Any]:
     total: dict[str, Any] = {"ready": 0, "entries": 0, "duplicates": 0, "reconnects": 0}
     subscriptions: dict[str, int] = {}
@@ -323,12 +402,13 @@ def _wait_ready(s: Scenario, procs: Procs, out: Path) -> int:
     ready = 0
     while time.monotonic() < deadline:
         ready = _progress(out)["ready"]
-        if ready >= s.subscribers:
+        if ready >= s.all_subscribers:
             break
-        if procs.locust is not None and procs.locust.poll() is not None:
-            raise RuntimeError(f"Locust exited ({procs.locust.returncode}): see {out}/locust.log")
+        for name, proc in (("locust", procs.locust), ("websocket", procs.websocket)):
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"{name} exited ({proc.returncode}): see {out}/{name}.log")
         time.sleep(0.2)
-    print(f"subscribers ready: {ready}/{s.subscribers}", flush=True)
+    print(f"subscribers ready: {ready}/{s.all_subscribers}", flush=True)
     return ready
 
 
@@ -406,7 +486,7 @@ def _record_pids(procs: Procs, out: Path) -> None:
 
 
 def _produce(s: Scenario, env: dict[str, str], dbs: list[Path], procs: Procs,
-             out: Path) -> tuple[float, float]:
+             out: Path, place: Placement) -> tuple[float, float]:
     """Run the producers to completion (bounded); returns the production window (epoch s)."""
     items = []
     plan = sorted(producer_plan(s, dbs), key=lambda p: p.start_s)
@@ -424,8 +504,9 @@ def _produce(s: Scenario, env: dict[str, str], dbs: list[Path], procs: Procs,
     plan_file.write_text(json.dumps({"nice": s.producer_nice, "producers": items}, indent=1))
     t0 = time.time()
     print(f"producing {s.rate:g} saves/s for {s.duration_s:g} s", flush=True)
-    procs.producers.append(_start([str(BIN / "python"), "-m", "loadtest.producers", str(plan_file)],
-                                  env, out / "producers.log"))
+    with affinity(place.app):
+        procs.producers.append(_start([str(BIN / "python"), "-m", "loadtest.producers",
+                                       str(plan_file)], env, out / "producers.log"))
     _record_pids(procs, out)
     deadline = t0 + s.duration_s * 3 + 30  # producers far behind their rate are cut off
     all_started, recorded = max(p.start_s for p in plan) + 1.0, False

@@ -17,10 +17,12 @@ from typing import Any
 import psutil
 import redis
 
+from loadtest import headroom
 from scalepub.connections import client_for_url
 from scalepub.sharding import CONSUMER_GROUP, Keys
 
 Roots = Callable[[], dict[str, list[int]]]  # group → root pids (their children are included)
+UsageRow = tuple[float, dict[str, dict[int, headroom.Usage]]]
 FLAT_GROUPS = {"runner"}  # the runner's children are the other groups: count it alone
 
 
@@ -35,6 +37,10 @@ class Sampler:
     interval_s: float = 0.5
     progress: Callable[[], dict[str, int]] = dict
     rows: list[dict[str, Any]] = field(default_factory=list)
+    # Groups whose processes are also sampled one by one, with their run-queue wait
+    # (``headroom``): the load generator, to judge whether it had CPU to spare.
+    detailed: tuple[str, ...] = ()
+    usage: list[UsageRow] = field(default_factory=list)
     _seen: dict[int, tuple[str, float]] = field(default_factory=dict)  # pid → (group, cpu s)
     _procs: dict[int, psutil.Process] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -69,6 +75,9 @@ class Sampler:
             row.update(self._lags())
         row.update(self.progress())
         self.rows.append(row)
+        if self.detailed:
+            roots = {g: pids for g, pids in self.roots().items() if g in self.detailed}
+            self.usage.append((row["t"], headroom.snapshot(roots)))
 
     def _group_cpu(self) -> dict[str, float]:
         for group, pids in self.roots().items():

@@ -12,6 +12,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from loadtest.pinning import PinningError, Placement
+
 NODE_BASE = "/twitter/Tweet/"  # the example project's per-author nodes (example/twitter/models.py)
 
 
@@ -39,13 +41,14 @@ class Scenario:
     # subscribers) have the CPU first on a box shared with the application's processes.
     producer_nice: int = 0
     subscribers: int = 5  # Locust users, each one BOSH session
+    ws_subscribers: int = 0  # WebSocket users (RFC 7395, loadtest/websocket.py), beside BOSH
     hot_subscribe: bool = True  # every subscriber follows the hot node
     authors_per_subscriber: int = 1  # per-author nodes each subscriber follows
     spawn_rate: float = 50.0  # subscribers started per second
     shards: int = 2
     # One variant per (batch_max_entries, linger_ms) pair; batch_max_entries 1 = batching off.
     batch_max_entries: tuple[int, ...] = (250,)
-    linger_ms: tuple[float, ...] = (5.0,)
+    linger_ms: tuple[float, ...] = (0.0,)  # the pool's default (issue 16: no linger)
     window: int = 32
     bosh_wait_s: int = 20  # BOSH 'wait': longest a poll is held without data
     locust_processes: int = 1
@@ -59,6 +62,12 @@ class Scenario:
     target_p99_ms: float = 0.0
     target_deliveries_per_s: float = 0.0
     max_ready_s: float = 60.0  # longest wait for every subscriber to be subscribed
+    # CPU placement (loadtest/pinning.py): "auto" (the system under test on CPUs apart from
+    # the subscribers and producers), "off", or e.g. "sut=0 generator=1 app=1".
+    pin: str = "auto"
+    # A CPU cap on the subscriber processes during the production window, in cores (0: none);
+    # a tiny one starves the generator, which the report must then mark NOT VALID.
+    generator_cpu_quota: float = 0.0
 
     @property
     def hot_node(self) -> str:
@@ -77,6 +86,11 @@ class Scenario:
     def author_nodes(self, prefix: str) -> list[str]:
         """Per-author nodes under an author-name prefix."""
         return [f"{NODE_BASE}{prefix}{i}" for i in range(self.authors)]
+
+    @property
+    def all_subscribers(self) -> int:
+        """BOSH and WebSocket subscribers together."""
+        return self.subscribers + self.ws_subscribers
 
 
 @dataclass(frozen=True)
@@ -155,7 +169,8 @@ def _check(s: Scenario, where: str) -> None:
         "producers": s.producers >= (1 if s.hot_share < 1 else 0), "authors": s.authors >= 1,
         "hot_share": 0 <= s.hot_share <= 1,
         "hot_producers": s.hot_producers >= (1 if s.hot_share > 0 else 0), "bulk": s.bulk >= 0,
-        "subscribers": s.subscribers >= 1,
+        "subscribers": s.subscribers >= 0, "ws_subscribers": s.ws_subscribers >= 0,
+        "generator_cpu_quota": 0 <= s.generator_cpu_quota <= 1,
         "authors_per_subscriber": s.authors_per_subscriber >= 0, "spawn_rate": s.spawn_rate > 0,
         "shards": s.shards >= 1, "batch_max_entries": min(s.batch_max_entries, default=0) >= 1,
         "window": s.window >= 1, "bosh_wait_s": 1 <= s.bosh_wait_s <= 120,
@@ -167,6 +182,12 @@ def _check(s: Scenario, where: str) -> None:
     for key, ok in problems.items():
         if not ok:
             raise ScenarioError(f"{where}: '{key}' is out of range (got {getattr(s, key)!r})")
+    try:
+        Placement.parse(s.pin)
+    except PinningError as exc:
+        raise ScenarioError(f"{where}: {exc}") from None
+    if s.subscribers + s.ws_subscribers < 1:
+        raise ScenarioError(f"{where}: 'subscribers' + 'ws_subscribers' must be at least 1")
     if not s.hot_share and not s.authors_per_subscriber:
         raise ScenarioError(f"{where}: subscribers follow nothing (hot_share 0 and "
                             "authors_per_subscriber 0)")

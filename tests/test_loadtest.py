@@ -1,9 +1,11 @@
-"""Load-test scenarios: file validation, the producer plan, and the tiny scenario end to end
-(Locust BOSH subscribers against a real ejabberd, run as a subprocess: 0 lost entries)."""
+"""Load-test scenarios: file validation, the producer plan, CPU placement, and the tiny scenario
+end to end (Locust BOSH and WebSocket subscribers against a real ejabberd, run as a subprocess:
+0 lost entries), also with a starved generator, whose latency must be marked NOT VALID."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -13,6 +15,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from loadtest.headroom import Usage, judge
+from loadtest.pinning import PinningError, Placement, affinity, affinity_of
 from loadtest.run import producer_plan
 from loadtest.scenario import ScenarioError, from_mapping, load, nodes_for
 
@@ -77,20 +81,51 @@ def test_tiny_scenario_delivers_every_entry_to_every_subscriber(tmp_path: Path) 
     )
     assert done.returncode == 0, done.stdout + done.stderr
     [r] = json.loads((out / "summary.json").read_text())["results"]
-    assert r["subscribers_ready"] == r["subscribers"] == 4
+    assert r["subscribers_ready"] == r["subscribers"] == 8  # 4 BOSH + 4 WebSocket
     assert r["saved"] == 200 and r["appended"] == 200 and r["outbox_left"] == 0
     assert r["lost"] == 0 and r["drained"] and r["ok"]
     # Every subscriber got every entry of every node it follows: hot (40) + 2 authors (40 each).
-    assert r["delivered"] == 4 * (40 + 40 + 40)
+    assert r["delivered"] == 8 * (40 + 40 + 40)
     assert r["latency_ms"]["p50"] is not None and r["latency_ms"]["p50"] > 0
+    by = r["latency_by_transport"]
+    assert by["bosh"]["entries"] == by["websocket"]["entries"] == 4 * 120
     assert {row["Name"] for row in r["locust_entry_stats"]} == {"hot", "author"}
-    assert sum(int(row["Request Count"]) for row in r["locust_entry_stats"]) == r["delivered"]
-    variant = out / "batch-250-linger-5"
+    assert sum(int(row["Request Count"]) for row in r["locust_entry_stats"]) == 4 * 120
+    # The generator is measured, had CPU to spare, and (on 2+ CPUs) ran apart from the server.
+    gen = r["generator"]
+    assert set(gen["groups"]) == {"locust", "websocket"} and gen["valid"], gen
+    assert all(g["cpu_us_per_delivery"] for g in gen["groups"].values())
+    seen = r["placement"]["affinity"]
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert not set(seen["ejabberd"] + seen["pool"]) & set(seen["locust"] + seen["websocket"])
+    assert set(r["hops_ms"]) >= {"commit_to_append", "append_to_read", "read_to_send",
+                                 "send_to_result"}
+    variant = out / "batch-250-linger-0"
     for name in ("latency", "deliveries", "backlog", "cpu"):
         assert (variant / f"{name}.png").stat().st_size > 5000
     for name in ("results.json", "timeline.csv", "latency_per_second.csv", "locust_stats.csv"):
         assert (variant / name).exists()
-    assert "| batch 250, linger 5 ms |" in (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
+    assert "| batch 250, linger 0 ms |" in summary and "NOT VALID" not in summary
+
+
+@pytest.mark.stack
+@pytest.mark.timeout(240)
+def test_a_starved_generator_marks_the_latency_not_valid(tmp_path: Path) -> None:
+    # 1 % of a core for the subscriber processes while the producers save: they fall behind,
+    # so the latency they measure is their own queue, not the server's.
+    out = tmp_path / "report"
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtest.run", str(SCENARIOS / "smoke.toml"), "--out", str(out),
+         "--set", "generator_cpu_quota=0.01", "--set", "target_p50_ms=1000"],
+        cwd=REPO, capture_output=True, text=True, timeout=220, check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr  # every entry still arrived
+    [r] = json.loads((out / "summary.json").read_text())["results"]
+    assert r["lost"] == 0 and r["ok"]
+    assert not r["valid"] and r["generator"]["max_cpu_share"] > 0.9, r["generator"]
+    assert r["targets"]["e2e p50 ms"]["met"] is None  # neither met nor missed
+    assert "NOT VALID" in done.stdout and "NOT VALID" in (out / "summary.md").read_text()
 
 
 @pytest.mark.stack
@@ -115,9 +150,10 @@ def test_an_interrupted_run_stops_everything_it_started(tmp_path: Path) -> None:
             runner.kill()
     assert runner.returncode == 2, rest
     assert "stopped" in rest
-    started = json.loads((out / "batch-250-linger-5" / "pids.json").read_text())
-    assert set(started) >= {"ejabberd", "redis", "pool", "locust", "producers"}
-    assert all(started[g] for g in ("ejabberd", "redis", "pool", "locust", "producers"))
+    started = json.loads((out / "batch-250-linger-0" / "pids.json").read_text())
+    groups = ("ejabberd", "redis", "pool", "locust", "websocket", "producers")
+    assert set(started) >= set(groups)
+    assert all(started[g] for g in groups)
     alive = [pid for pids in started.values() for pid in pids if _alive(pid)]
     assert alive == [], f"still running: {alive}"
 
@@ -156,9 +192,9 @@ def test_lost_is_counted_against_the_saved_rows_not_against_what_arrived() -> No
 def test_a_rate_sweep_runs_every_batching_at_every_rate() -> None:
     s = from_mapping({"name": "x", "rates": [100, 500], "batch_max_entries": [250, 1]})
     assert [v.name for v in s.variants()] == [
-        "rate-100-batch-250-linger-5", "rate-100-batch-1-linger-5",
-        "rate-500-batch-250-linger-5", "rate-500-batch-1-linger-5"]
-    assert s.variants()[2].label == "500 saves/s, batch 250, linger 5 ms"
+        "rate-100-batch-250-linger-0", "rate-100-batch-1-linger-0",
+        "rate-500-batch-250-linger-0", "rate-500-batch-1-linger-0"]
+    assert s.variants()[2].label == "500 saves/s, batch 250, linger 0 ms"
 
 
 def test_overrides_keep_the_rest_of_the_scenario() -> None:
@@ -168,3 +204,64 @@ def test_overrides_keep_the_rest_of_the_scenario() -> None:
     assert (s.rate, s.delivery, s.subscribers, s.rates) == (100, "direct", 200, ())
     with pytest.raises(ScenarioError, match="batch_max_entries"):
         _with_overrides(s, ["batch_max_entries=[]"])
+
+
+@pytest.mark.parametrize("cpus, sut, generator, app", [
+    ({0}, set(), set(), set()),  # one CPU: nothing to keep apart
+    ({0, 1}, {0}, {1}, {1}),
+    ({0, 1, 2, 3}, {0, 1}, {3}, {2}),
+    (set(range(8)), set(range(4)), {6, 7}, {4, 5}),
+])
+def test_auto_placement_keeps_the_server_apart(cpus: set[int], sut: set[int],
+                                              generator: set[int], app: set[int]) -> None:
+    place = Placement.parse("auto", cpus)
+    assert (place.sut, place.generator, place.app) == (sut, generator, app)
+    assert not place.sut & (place.generator | place.app)
+
+
+def test_explicit_placement_and_its_errors_name_the_setting() -> None:
+    place = Placement.parse("sut=0-2 generator=3 app=3", {0, 1, 2, 3})
+    assert place.sut == {0, 1, 2} and "CPU 0,1,2" in place.describe()
+    assert not Placement.parse("off", {0, 1}).pinned
+    for spec, message in (("sut=9", "not available"), ("db=0", "ROLE=CPUS"),
+                          ("sut=x", "CPU list")):
+        with pytest.raises(PinningError, match=message) as info:
+            Placement.parse(spec, {0, 1})
+        assert str(info.value).startswith("pin:")
+    with pytest.raises(ScenarioError, match=r"f\.toml: pin:"):
+        from_mapping({"name": "x", "pin": "generator=99"}, "f.toml")
+
+
+def test_processes_started_inside_affinity_inherit_it() -> None:
+    before = os.sched_getaffinity(0)
+    cpu = max(before)
+    with affinity(frozenset({cpu})):
+        child = subprocess.Popen(["sleep", "5"])
+    try:
+        assert affinity_of(child.pid) == {cpu}
+        assert os.sched_getaffinity(0) == before  # the runner itself is back where it was
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_the_generator_is_the_bottleneck_above_90_percent_of_its_capacity() -> None:
+    def usage(cpu: float, wait: float) -> dict[str, dict[int, Usage]]:
+        return {"locust": {1: Usage(cpu, wait)}, "websocket": {2: Usage(cpu / 4, 0.0)}}
+
+    start = usage(0.0, 0.0)
+    idle = judge(start, usage(5.0, 1.0), 10.0, 1.0, {"locust": 10_000, "websocket": 2_000},
+                 total_capacity=2.0)
+    assert idle["valid"] and idle["max_cpu_share"] == 0.5
+    assert idle["groups"]["locust"]["cpu_us_per_delivery"] == 500.0
+    busy = judge(start, usage(9.5, 0.0), 10.0, 1.0, {})
+    assert not busy["valid"] and "95%" in busy["why_not_valid"]
+    starved = judge(start, usage(3.0, 6.5), 10.0, 1.0, {})  # waiting for a CPU most of the time
+    assert not starved["valid"] and "running or waiting" in starved["why_not_valid"]
+    capped = judge(start, usage(0.1, 0.0), 10.0, 0.01, {})  # 1 % of a core, all of it used
+    assert not capped["valid"] and capped["max_cpu_share"] >= 1.0
+    # Two processes sharing a 2 % quota, 1 % each: each used half of what it could, together
+    # all of it.
+    shared = {"locust": {1: Usage(0.1, 0.0)}, "websocket": {2: Usage(0.1, 0.0)}}
+    assert not judge(start, shared, 10.0, 0.02, {}, total_capacity=0.02)["valid"]
+    assert judge(start, shared, 10.0, 0.02, {}, total_capacity=1.0)["valid"]
