@@ -96,6 +96,39 @@ def backlogs(r: redis.Redis, keys: Keys) -> list[Backlog]:
     return out
 
 
+@dataclass(frozen=True)
+class Misread:
+    """A stream whose waiting entries a pool of ``shards`` would never publish as written."""
+
+    backlog: Backlog
+    shard: int
+    written_for: int | None  # the shard count its producers recorded in its meta (None: none)
+
+
+def misread(r: redis.Redis, keys: Keys, shards: int) -> list[Misread]:
+    """Streams where entries wait (unread or pending) that a pool of ``shards`` misreads.
+
+    Such a stream was written for another shard count (its meta) or lies beyond the pool's
+    shards: its entries would never be published, or published by the wrong shard. The pool
+    refuses to start over them (shard/streams.py) and `scalepub status` names them.
+    """
+    out = []
+    for backlog in backlogs(r, keys):
+        if not (backlog.lag or backlog.pending):
+            continue
+        shard = shard_of(keys, backlog.key)
+        raw = r.hget(keys.meta(shard), "shards")
+        count = int(cast(bytes, raw)) if raw is not None else None
+        if count not in (None, shards) or shard >= shards:
+            out.append(Misread(backlog, shard, count))
+    return out
+
+
+def shard_of(keys: Keys, stream_key: str) -> int:
+    """The shard number in ``{prefix}:{N}:stream``."""
+    return int(stream_key[len(keys.prefix) + 2:].split("}", 1)[0])
+
+
 def meta_of(stream_key: str) -> str:
     """``{prefix}:{N}:meta`` of ``{prefix}:{N}:stream`` (same hash tag): the counters' hash."""
     return stream_key[:-len("stream")] + "meta"

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, cast
 
 import redis
 
-from scalepub.backlog import stream_backlog
+from scalepub.backlog import Misread, misread, stream_backlog
 from scalepub.connections import TRANSIENT_ERRORS, check_mode, master_of
 from scalepub.settings import Settings
 from scalepub.sharding import Keys
@@ -42,6 +42,7 @@ class ShardStatus:
     lease_age_s: float | None = None  # since the owner took the lease
     master: str | None = None  # on a Redis Cluster: host:port of the master of its slot
     reachable: bool = True  # False: its Redis (master) did not answer; ``problem`` says why
+    mismatch: bool = False  # entries wait that were written for another shard count
 
     @property
     def stuck(self) -> bool:
@@ -52,9 +53,12 @@ class ShardStatus:
 
     @property
     def state(self) -> str:
-        """ok, stuck, dead, or unreachable (its Redis did not answer: nothing known)."""
+        """ok, stuck, dead, mismatch (entries written for another shard count wait: never
+        published as they are), or unreachable (its Redis did not answer: nothing known)."""
         if not self.reachable:
             return "unreachable"
+        if self.mismatch:
+            return "mismatch"
         if not self.alive:
             return "dead"
         return "stuck" if self.stuck else "ok"
@@ -70,8 +74,31 @@ def collect(settings: Settings, client: redis.Redis) -> list[ShardStatus]:
     except TRANSIENT_ERRORS:  # e.g. a cluster master failing over: say so per shard below
         recorded, now_ms = None, int(time.time() * 1000)
     shards = int(recorded) if recorded else settings.shards
-    return [_one_or_unreachable(client, keys, shard, time.time(), now_ms)
-            for shard in range(shards)]
+    now = time.time()
+    statuses = [_one_or_unreachable(client, keys, shard, now, now_ms) for shard in range(shards)]
+    try:
+        found = misread(client, keys, shards)
+    except TRANSIENT_ERRORS:  # the shards' own rows already say which Redis is away
+        return statuses
+    by = f"the pool runs with {shards}" if recorded else f"SHARDS is {shards} (no pool ran yet)"
+    for bad in found:
+        mine = statuses[bad.shard] if bad.shard < shards else _one(client, keys, bad.shard, now,
+                                                                    now_ms)
+        flagged = replace(mine, mismatch=True, problem="; ".join(
+            filter(None, [_mismatch(bad, by), mine.problem])))
+        if bad.shard < shards:
+            statuses[bad.shard] = flagged
+        else:
+            statuses.append(flagged)
+    return statuses
+
+
+def _mismatch(bad: Misread, by: str) -> str:
+    written = (f"written for {bad.written_for} shards" if bad.written_for is not None
+               else "written for another shard count")
+    return (f"shard count mismatch: {bad.backlog.lag + bad.backlog.pending} entries {written} "
+            f"wait here, {by}: they are not published until producers and pool use the same "
+            "SHARDS")
 
 
 def _one_or_unreachable(client: redis.Redis, keys: Keys, shard: int, now: float,
@@ -217,7 +244,7 @@ def as_json(statuses: Sequence[ShardStatus], relays: Sequence[RelayStatus] = (),
 
 def table(statuses: list[ShardStatus]) -> str:
     """A terminal table."""
-    head = (f"{'shard':>5} {'state':>6} {'length':>9} {'lag':>8} {'pending':>8} "
+    head = (f"{'shard':>5} {'state':>8} {'length':>9} {'lag':>8} {'pending':>8} "
             f"{'dead':>6} {'rate/s':>9} {'last publish':>13}  process  owner (token, lease age)")
     rows = [head]
     for s in statuses:
@@ -226,7 +253,7 @@ def table(statuses: list[ShardStatus]) -> str:
         problem = f"  problem: {s.problem}" if s.problem else ""
         owner = f"  {s.owner} ({s.token}, {s.lease_age_s} s)" if s.owner else "  no owner"
         master = f"  master {s.master}" if s.master else ""
-        rows.append(f"{s.shard:>5} {s.state:>6} {s.length:>9} {s.lag:>8} {s.pending:>8} "
+        rows.append(f"{s.shard:>5} {s.state:>8} {s.length:>9} {s.lag:>8} {s.pending:>8} "
                     f"{s.dead_letters:>6} {s.rate:>9.0f} {age:>13}  {proc}{owner}{master}"
                     f"{problem}")
     return "\n".join(rows)

@@ -20,7 +20,7 @@ from scalepub import exitcodes
 from scalepub.backlog import stream_backlog
 from scalepub.producer import PendingEntry, Refusal, StreamProducer
 from scalepub.settings import Settings, env_mapping
-from scalepub.sharding import CONSUMER_GROUP, Keys
+from scalepub.sharding import CONSUMER_GROUP, Keys, shard_for
 from scalepub.status import RelayStatus, ShardStatus, healthy, relay_lines, table
 from tests.e2e import PoolProcess, create_nodes, settings_env, wait_until
 from tests.stack import Stack, running
@@ -52,6 +52,40 @@ def test_states() -> None:
     assert row(lag=5, last_publish_age_s=120.0).state == "stuck"
     assert row(pending=5, last_publish_age_s=None).state == "stuck"
     assert row(lag=0, pending=0, last_publish_age_s=None).state == "ok"  # idle is fine
+    assert row(lag=5, mismatch=True).state == "mismatch" and not healthy([row(mismatch=True)])
+
+
+@pytest.mark.stack
+def test_status_names_a_shard_count_mismatch(settings_for: Settings,
+                                             redis_client: redis.Redis) -> None:
+    """A pool recorded 4 shards, producers write for 8: the streams beyond the pool's count
+    whose entries nobody reads are shown with the reason, and status is unhealthy; with no
+    pool yet, status with another SHARDS than the producers' says so too."""
+    from scalepub.shard.streams import agree_shard_count
+
+    pool = settings_for.replace(shards=4)
+    agree_shard_count(redis_client, Keys(pool.key_prefix), 4)  # what `scalepub run` does
+    producers = settings_for.replace(shards=8)
+    nodes = [f"/status/mismatch/n{i}" for i in range(40)]
+    produce(producers, nodes, 1, refused_ok=True)
+    beyond = {shard_for(n, 8) for n in nodes} - set(range(4))
+    code, rows = status(producers)
+    assert code == exitcodes.UNHEALTHY
+    flagged = {r["shard"]: r for r in rows if r["state"] == "mismatch"}
+    assert set(flagged) == beyond, rows
+    assert all("written for 8 shards" in str(r["problem"]) and "pool runs with 4"
+               in str(r["problem"]) for r in flagged.values())
+    assert {r["shard"] for r in rows if r["state"] != "mismatch"} == set(range(4))
+
+    fresh = settings_for.replace(key_prefix=f"{settings_for.key_prefix}x")  # no pool ran
+    produce(fresh.replace(shards=8), nodes[:10], 1)
+    code, rows = status(fresh.replace(shards=2))
+    assert code == exitcodes.UNHEALTHY
+    waiting = [r for r in rows if r["lag"]]
+    assert waiting and {r["state"] for r in waiting} == {"mismatch"}
+    assert all("SHARDS is 2 (no pool ran yet)" in str(r["problem"]) for r in waiting)
+    for key in redis_client.scan_iter(match=f"{fresh.key_prefix}:*"):
+        redis_client.delete(key)
 
 
 @pytest.mark.stack

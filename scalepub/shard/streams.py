@@ -14,7 +14,7 @@ import redis
 import redis.asyncio as aredis
 from redis.asyncio.cluster import RedisCluster
 
-from scalepub.backlog import CAUGHT_UP_LUA, DONE_FIELD, Backlog, backlogs, meta_of
+from scalepub.backlog import CAUGHT_UP_LUA, DONE_FIELD, meta_of, misread
 from scalepub.sharding import CONSUMER_GROUP, ENTRY_FIELD, Keys
 
 # Dead-letter streams keep the newest entries only; they are for inspection and replay.
@@ -119,13 +119,11 @@ def agree_shard_count(r: redis.Redis, keys: Keys, shards: int) -> int | None:
     new count. Returns the previously recorded count if it changed, else None.
     """
     previous = r.get(keys.shard_count)
-    misread = [(b, count) for b, count in _stream_counts(r, keys)
-               if (b.lag or b.pending) and (count not in (None, shards)
-                                            or _shard_of(keys, b.key) >= shards)]
-    if misread:
-        detail = ", ".join(f"{b.key} (written for {count} shards): {b.lag} unread, "
-                           f"{b.pending} pending" for b, count in misread)
-        counts = sorted({count for _, count in misread if count is not None})
+    found = misread(r, keys, shards)
+    if found:
+        detail = ", ".join(f"{m.backlog.key} (written for {m.written_for} shards): "
+                           f"{m.backlog.lag} unread, {m.backlog.pending} pending" for m in found)
+        counts = sorted({m.written_for for m in found if m.written_for is not None})
         raise ShardCountMismatch(
             f"the pool runs with {shards} shards but entries wait in streams written for "
             f"another count: {detail}. Run the pool with --shards "
@@ -142,17 +140,3 @@ def agree_shard_count(r: redis.Redis, keys: Keys, shards: int) -> int | None:
         pipe.execute()
     was = int(previous) if previous is not None else None
     return was if was not in (None, shards) else None
-
-
-def _stream_counts(r: redis.Redis, keys: Keys) -> list[tuple[Backlog, int | None]]:
-    """Each stream's backlog and the shard count its meta records (None if none)."""
-    out = []
-    for backlog in backlogs(r, keys):
-        count = r.hget(keys.meta(_shard_of(keys, backlog.key)), "shards")
-        out.append((backlog, int(cast(bytes, count)) if count is not None else None))
-    return out
-
-
-def _shard_of(keys: Keys, stream_key: str) -> int:
-    """The shard number in ``{prefix}:{N}:stream``."""
-    return int(stream_key[len(keys.prefix) + 2:].split("}", 1)[0])
