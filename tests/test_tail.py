@@ -95,6 +95,26 @@ def test_refused_credentials_exit_4(settings_for: Settings) -> None:
 
 
 @pytest.mark.stack
+def test_a_domain_the_server_does_not_serve_exits_3_naming_it(settings_for: Settings) -> None:
+    done, took = tail(settings_for.replace(anon_domain="nope.localhost"), "/a/b")
+    assert done.returncode == exitcodes.XMPP_UNREACHABLE
+    line = one_line(done.stderr)
+    assert "does not serve nope.localhost" in line and "SCALEPUB_ANON_DOMAIN" in line
+    assert took < 30
+
+
+@pytest.mark.stack
+def test_a_pubsub_service_that_does_not_exist_exits_2_naming_the_setting(
+        settings_for: Settings) -> None:
+    """Not retried for ever like a node to be created: the service will not appear."""
+    done, took = tail(settings_for.replace(pubsub_service="pubsub.nowhere"), "/a/b")
+    assert done.returncode == exitcodes.USAGE
+    line = one_line(done.stderr)
+    assert "no pubsub service pubsub.nowhere" in line and "SCALEPUB_PUBSUB_SERVICE" in line
+    assert took < 30
+
+
+@pytest.mark.stack
 def test_a_node_created_later_is_waited_for_said_once_then_followed(
     settings_for: Settings, tmp_path: Path,
 ) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import slixmpp
 from slixmpp.exceptions import IqError, IqTimeout
 
-from scalepub.settings import Settings
+from scalepub.settings import Settings, SettingsError
 from scalepub.xmpp.batch import NS_BATCH
 from scalepub.xmpp.link import (
     XmppAuthError,
@@ -107,12 +107,14 @@ class Subscriber:
         self._started: asyncio.Future[None] | None = None
         self._failed: asyncio.Future[None] | None = None
         self._closing = False
+        self._stream_error = ""  # the condition of a <stream:error> the server ended with
         self.ignored = 0  # pubsub event messages not from the pubsub service, dropped
         self.client = _client(settings, jid, password, self._fail)
         self.client.add_event_handler("pubsub_publish", self._on_publish)
         for event, handler in (
             ("session_start", self._on_session), ("failed_all_auth", self._auth_failed),
             ("connection_failed", self._connect_failed), ("disconnected", self._disconnected),
+            ("stream_error", self._on_stream_error),
         ):
             self.client.add_event_handler(event, handler)
 
@@ -200,7 +202,18 @@ class Subscriber:
         # A refused TLS handshake closes the connection before slixmpp reports why
         # (ssl_invalid_chain): give that reason a moment to arrive and win.
         asyncio.get_running_loop().call_later(_WHY_GRACE_S, self._fail, XmppUnreachable(
-            f"the XMPP server {self._server} closed the connection before a session started"))
+            f"the XMPP server {self._server} closed the connection before a session started"
+            f"{self._why_closed()}"))
+
+    def _on_stream_error(self, error: Any) -> None:
+        self._stream_error = str(error["condition"] or "")
+
+    def _why_closed(self) -> str:
+        if self._stream_error == "host-unknown":  # the domain we asked for is not served there
+            domain = self.client.boundjid.domain
+            return (f": it does not serve {domain} (host-unknown; check "
+                    f"{'--jid' if self.jid else 'SCALEPUB_ANON_DOMAIN'})")
+        return f" ({self._stream_error})" if self._stream_error else ""
 
     async def _subscribe_missing(self) -> None:
         if self.follow_all:
@@ -212,6 +225,11 @@ class Subscriber:
                     self.settings.pubsub_service, node, subscribee=self.client.boundjid.full)
             except IqError as exc:
                 refused[node] = exc.iq["error"]["condition"] or "error"
+                if refused[node] == "remote-server-not-found":  # no such service: never will be
+                    raise SettingsError(
+                        f"the XMPP server has no pubsub service {self.settings.pubsub_service} "
+                        "(remote-server-not-found); check --pubsub-service "
+                        "[env SCALEPUB_PUBSUB_SERVICE]") from None
                 continue
             except IqTimeout:
                 refused[node] = "no answer"
