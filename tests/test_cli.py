@@ -88,6 +88,15 @@ def test_a_metrics_port_in_use_exits_2_naming_it(settings_for: Settings) -> None
     assert "Traceback" not in done.stderr
 
 
+def test_a_metrics_host_not_of_this_machine_exits_2_naming_it() -> None:
+    """Before Redis is asked: the address is what to change, not the port."""
+    done = run(Settings(redis_url="redis://127.0.0.1:1/0", shards=1), "run", "--shards", "1",
+               "--metrics-host", "192.0.2.1", "--metrics-port", "9")  # TEST-NET-1
+    assert done.returncode == exitcodes.USAGE, done.stderr[-2000:]
+    assert "--metrics-host '192.0.2.1': not an address of this machine" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 @pytest.mark.stack
 def test_wrong_password_exits_with_one_clear_message(settings_for: Settings) -> None:
     started = time.monotonic()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import multiprocessing
 import os
@@ -139,6 +140,10 @@ class Pool:
             raise SettingsError(f"--metrics-host {host!r}: not an address of this machine "
                                 f"({exc.strerror}) [env SCALEPUB_METRICS_HOST]") from None
         except OSError as exc:
+            if exc.errno == errno.EADDRNOTAVAIL:  # the address, not the port, is the trouble
+                raise SettingsError(
+                    f"--metrics-host {host!r}: not an address of this machine "
+                    f"({exc.strerror}) [env SCALEPUB_METRICS_HOST]") from None
             raise SettingsError(
                 f"--metrics-port {port}: cannot listen on {host}:{port} ({exc.strerror or exc}); "
                 "choose a free port with --metrics-port [env SCALEPUB_METRICS_PORT], "
