@@ -201,9 +201,9 @@ def tail(nodes: tuple[str, ...], follow_all: bool, jid: str | None, password: st
     try:
         for node in nodes:
             validate_node(node)
-    except InvalidNodeName as exc:
+    except InvalidNodeName as exc:  # before the settings: a typo is said even without a stack
         click.echo(f"scalepub: {exc}", err=True)
-        sys.exit(exitcodes.USAGE)
+        sys.exit(exitcodes.for_exception(exc))
     configure_logging(log_level)
     settings = _settings(**options)
     with _exit_codes(settings), contextlib.suppress(KeyboardInterrupt):

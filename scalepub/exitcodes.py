@@ -27,6 +27,7 @@ FATAL = frozenset({USAGE, XMPP_AUTH, SHARD_COUNT_MISMATCH})
 # layer. tests/test_exitcodes.py checks that each name is a real exception class.
 BY_CLASS: dict[str, int] = {
     "scalepub.settings.SettingsError": USAGE,
+    "scalepub.nodes.InvalidNodeName": USAGE,  # a node name given on the command line
     "scalepub.xmpp.link.XmppUnreachable": XMPP_UNREACHABLE,
     "scalepub.xmpp.link.XmppAuthError": XMPP_AUTH,
     "redis.exceptions.ConnectionError": REDIS_UNREACHABLE,  # AuthenticationError too

@@ -8,6 +8,7 @@ import pytest
 import redis
 
 from scalepub import exitcodes
+from scalepub.nodes import InvalidNodeName
 from scalepub.settings import Settings, SettingsError
 from scalepub.shard.streams import ShardCountMismatch
 from scalepub.xmpp.link import XmppAuthError, XmppTlsError, XmppUnreachable
@@ -23,6 +24,7 @@ def test_every_name_in_the_table_is_an_exception_class(name: str) -> None:
 
 @pytest.mark.parametrize(("exc", "code"), [
     (SettingsError("SCALEPUB_SHARDS: must be greater than 0"), exitcodes.USAGE),
+    (InvalidNodeName("invalid node name 'x'"), exitcodes.USAGE),
     (XmppUnreachable("cannot connect"), exitcodes.XMPP_UNREACHABLE),
     (XmppTlsError("no STARTTLS"), exitcodes.XMPP_UNREACHABLE),  # a subclass maps like its base
     (XmppAuthError("refused"), exitcodes.XMPP_AUTH),
