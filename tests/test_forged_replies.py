@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import queue
 import re
 import socket
@@ -41,6 +42,7 @@ from scalepub.sharding import Keys
 from scalepub.xmpp.batch import Batch, Entry, entry_part, publish_iq
 from scalepub.xmpp.link import Ignored, Peers, Reply, Verdict, XmppLink, judge, reply_of
 from tests.e2e import Collector, PoolProcess, assert_complete_and_ordered, create_nodes, wait_until
+from tests.rawxmpp import RawClient
 from tests.stack import Stack, free_port
 from tests.streams import drained, produce
 
@@ -185,6 +187,56 @@ def test_the_servers_own_answers_pass_the_filter(stack: Stack, settings_for: Set
     else:
         assert (reply.ok, reply.condition) == (False, "remote-server-not-found"), reply
     assert ignored == []
+
+
+# --- what the log says about ignored stanzas ------------------------------------------------
+
+async def link_takes(settings: Settings, resource: str, attacker: RawClient, stanzas: list[str],
+                     ignored: list[Ignored]) -> None:
+    """A publisher link with nothing in flight while ``attacker`` sends it ``stanzas``."""
+    link = XmppLink(settings, resource, lambda _i: False, lambda _r: None, lambda: None,
+                    ignored.append)
+    await link.connect()
+    try:
+        for stanza in stanzas:
+            attacker.send(stanza)
+        deadline = time.monotonic() + 20
+        while len(ignored) < len(stanzas) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+    finally:
+        await link.close()
+
+
+@pytest.mark.stack
+def test_ignored_stanzas_are_logged_at_debug_without_their_content(
+    stack: Stack, settings_for: Settings, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Even at DEBUG, where slixmpp logs every stanza it handles, a dropped stanza's content
+    (the sender's) never reaches the log: one line with kind, element and sender."""
+    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="scalepub")  # the example project sets it to INFO
+    env = stack.env
+    secret = f"secret{uuid.uuid4().hex}"
+    resource = f"logprobe{uuid.uuid4().hex[:6]}"
+    to = f"{settings_for.xmpp_jid}/{resource}"
+    attacker = RawClient(env["SCALEPUB_XMPP_HOST"], int(env["SCALEPUB_XMPP_PORT"]))
+    ignored: list[Ignored] = []
+    try:
+        attacker.login_anonymous(env["SCALEPUB_ANON_DOMAIN"])
+        stanzas = [f"<message to='{to}' id='{secret}'><body>{secret}</body></message>",
+                   f"<iq type='result' id='{secret}' to='{to}'><x xmlns='{secret}'/></iq>",
+                   f"<presence to='{to}'><status>{secret}</status></presence>"]
+        asyncio.run(link_takes(settings_for, resource, attacker, stanzas, ignored))
+    finally:
+        attacker.close()
+    assert ignored == [Ignored.UNEXPECTED, Ignored.UNKNOWN_ID, Ignored.UNEXPECTED]
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(r.levelno == logging.DEBUG and r.name.startswith("slixmpp") for r in caplog.records)
+    assert not [line for line in lines if secret in line]
+    for kind, element in (("unexpected", "message"), ("unknown_id", "iq"),
+                          ("unexpected", "presence")):
+        assert f"ignored {kind} stanza ({element}) from {attacker.jid}" in lines, \
+            [line for line in lines if "ignored" in line]
 
 
 # --- a run under a flood of forgeries ------------------------------------------------------
