@@ -99,9 +99,7 @@ class Held:
     def __init__(self, using: str) -> None:
         self.using = using
         self.connection = connections[using]
-        raw = self.connection.connection
-        self.active = (self.connection.vendor == "postgresql" and raw is not None
-                       and hasattr(raw, "pipeline") and _pipeline_supported(raw))
+        self.active = pipelines(self.connection)
 
     def __enter__(self) -> Held:
         if self.active:
@@ -127,6 +125,13 @@ class Held:
             # pipeline's exit then syncs again, a second round trip. psycopg reads the
             # transaction status from the server, so Django's commit() finds it idle.
             raw.execute("COMMIT")
+
+
+def pipelines(connection: Any) -> bool:
+    """Whether Django's ``connection`` is psycopg 3 with pipeline mode (PostgreSQL)."""
+    raw = connection.connection
+    return (connection.vendor == "postgresql" and raw is not None
+            and hasattr(raw, "pipeline") and _pipeline_supported(raw))
 
 
 def _pipeline_supported(raw: Any) -> bool:
