@@ -156,6 +156,13 @@ def sweep_hops(out: Path, results: list[dict[str, Any]]) -> Path:
         values = [r.get("cpu_cores", {}).get(group, 0.0) for r in rows]
         if any(values):
             bottom.plot(rates, values, marker="o", linewidth=1.2, label=group)
+    for role, style in (("sut", "-."), ("generator", ":")):
+        cpus = rows[0].get("placement", {}).get(role) or []
+        if cpus:  # the pinned CPUs' busy share, whoever ran on them (others' work included)
+            busy = [sum(r["cpu_cores"].get(f"cpu{c}", 0.0) for c in cpus) / len(cpus)
+                    for r in rows]
+            bottom.plot(rates, busy, color="black", linestyle=style, linewidth=1.5,
+                        label=f"{role} CPU(s) {cpus} busy (share)")
     bottom.axhline(1.0, color="gray", linestyle=":", linewidth=1, label="one core")
     bottom.set_xlabel("target saves/s")
     bottom.set_ylabel("CPU (cores) while saving")

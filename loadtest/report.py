@@ -239,7 +239,18 @@ def _cpu(timeline: list[dict[str, Any]], t0: float, t1: float) -> dict[str, floa
     machine = (last["cpu_machine_s"] - first["cpu_machine_s"]) / dt
     cores["machine"] = round(machine, 2)
     cores["others"] = round(max(0.0, machine - sum(cores[g] for g in GROUPS)), 2)
+    for key in last:  # each CPU's busy share (all processes on it, ours and others')
+        if key.startswith("cpu") and key.endswith("_busy_s") and key in first:
+            cores[key.removesuffix("_busy_s")] = round((last[key] - first[key]) / dt, 2)
     return cores
+
+
+def _role_busy(r: dict[str, Any], role: str) -> float | None:
+    """Busy share of a role's pinned CPUs (1.0: full), whoever ran on them."""
+    cpus = r.get("placement", {}).get(role) or []
+    shares = [r["cpu_cores"].get(f"cpu{c}") for c in cpus]
+    known = [s for s in shares if s is not None]
+    return round(sum(known) / len(known), 2) if known else None
 
 
 def _max_backlog(timeline: list[dict[str, Any]]) -> dict[str, int]:
@@ -370,8 +381,8 @@ def _sweep_table(results: list[dict[str, Any]]) -> str:
     head = ("| saves/s wanted | reached | e2e p50 / p99 | "
             + " | ".join(f"{h} p50 / p99" for h in hops)
             + " | result→delivery p50 (est.) | generator CPU (max process) | valid "
-            "| ejabberd / pool / redis / producers cores |")
-    rows = [head, "|" + "---:|" * (len(hops) + 7)]
+            "| ejabberd / pool / redis / producers cores | sut CPUs busy | generator CPUs busy |")
+    rows = [head, "|" + "---:|" * (len(hops) + 9)]
     for r in sorted(results, key=lambda x: x["rate"]):
         h, cpu, lat = r.get("hops_ms", {}), r["cpu_cores"], r["latency_ms"]
         cells = " | ".join(f"{h.get(k, {}).get('p50')} / {h.get(k, {}).get('p99')}"
@@ -381,7 +392,8 @@ def _sweep_table(results: list[dict[str, Any]]) -> str:
             f"| {h.get('result_to_delivery_est', {}).get('p50')} "
             f"| {r['generator']['max_cpu_share']:.0%} | {'yes' if r['valid'] else 'NO'} | "
             + " / ".join(f"{cpu.get(g, float('nan')):.2f}"
-                         for g in ("ejabberd", "pool", "redis", "producers")) + " |")
+                         for g in ("ejabberd", "pool", "redis", "producers"))
+            + f" | {_role_busy(r, 'sut')} | {_role_busy(r, 'generator')} |")
     return "\n".join(rows) + "\n"
 
 
@@ -450,7 +462,10 @@ def _placement_line(r: dict[str, Any]) -> str:
     seen = ", ".join(f"{g} {cpus}" for g, cpus in place.get("affinity", {}).items())
     quota = f" Generator capped by {place['generator_quota']}." if place.get(
         "generator_quota") else ""
-    return f"CPU placement: {place.get('plan', 'n/a')} (allowed CPUs seen: {seen}).{quota}"
+    busy = ", ".join(f"{role} CPUs {_role_busy(r, role):.0%} busy" for role in
+                     ("sut", "generator") if _role_busy(r, role) is not None)
+    return (f"CPU placement: {place.get('plan', 'n/a')} (allowed CPUs seen: {seen}).{quota}"
+            + (f" While saving, whoever ran on them: {busy}." if busy else ""))
 
 
 def _hops_line(r: dict[str, Any]) -> str:

@@ -223,8 +223,9 @@ def run_variant(s: Scenario, variant: Variant, out: Path) -> dict[str, Any]:
         truth = _truth(dbs, env, s.shards)
     return report.variant_results(
         scenario=s, variant=variant, out=out, ready=ready, drained=drained,
-        truth=truth, timeline=sampler.rows, placement={"plan": place.describe(), **pinned},
-        usage=sampler.usage,
+        truth=truth, timeline=sampler.rows, usage=sampler.usage,
+        placement={"plan": place.describe(), **pinned,
+                   **{role: sorted(place.cpus(role)) for role in ("sut", "generator", "app")}},
         subscription=lambda user: nodes_for(user, hot, authors, s.authors_per_subscriber),
         **measured,
     )

@@ -71,6 +71,8 @@ class Sampler:
         row.update({f"cpu_{g}_s": s for g, s in self._group_cpu().items()})
         busy = psutil.cpu_times()
         row["cpu_machine_s"] = sum(busy) - busy.idle - getattr(busy, "iowait", 0.0)
+        for i, core in enumerate(psutil.cpu_times(percpu=True)):  # pinned roles: busy per CPU
+            row[f"cpu{i}_busy_s"] = sum(core) - core.idle - getattr(core, "iowait", 0.0)
         with contextlib.suppress(redis.RedisError):
             row.update(self._lags())
         row.update(self.progress())
