@@ -245,8 +245,9 @@ def report(modes: list[Mode], args: argparse.Namespace, database: str) -> None:
     """Print the Markdown table and one ratio line per registered mode."""
     plain, *registered = modes
     medians = {m.name: statistics.median(m.times) for m in modes}
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"\n{plain.model}: {args.rounds} rounds x {args.saves} saves, cycling the modes; "
-          f"{database}, autocommit; relay {args.relay}; times per save\n")
+          f"{database}, autocommit; relay {args.relay}; times per save; load average {load}\n")
     print("| mode | saves | median (us) | p90 (us) | median / plain | p90 / plain |")
     print("|---|---:|---:|---:|---:|---:|")
     for m in modes:

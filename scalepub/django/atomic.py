@@ -143,8 +143,13 @@ class _Outer:
 
 
 def _commit(c: Any) -> None:
+    """``c.commit()`` without its checks (this thread's save just used ``c``) and its query
+    log (the lean block never runs while queries are logged)."""
     try:
-        c.commit()
+        with c.wrap_database_errors:
+            c.connection.commit()
+        c.errors_occurred = False
+        c.run_commit_hooks_on_set_autocommit_on = True
     except DatabaseError:
         _rollback(c)
         raise
