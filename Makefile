@@ -36,6 +36,8 @@ bench: venv stack-up
 	eval "$$(ops/stack env)" && $(BIN)/python loadtest/bench_publish.py
 	eval "$$(ops/stack env)" && $(BIN)/python loadtest/bench_history.py
 	$(BIN)/python loadtest/bench_decode.py
+	$(BIN)/python loadtest/bench_entry_build.py
+	$(BIN)/python loadtest/bench_node_burst.py --own-stack
 	$(BIN)/python loadtest/bench_cluster.py
 	$(BIN)/python loadtest/bench_scaleout.py
 

@@ -83,9 +83,11 @@ def payload(pk: int, author: str) -> bytes:
             f'</object></django-objects>').encode()
 
 
-def prefill(settings: Settings, entries: int, nodes: int) -> None:
-    """Append ``entries`` entries over ``nodes`` nodes to the shard streams."""
+def prefill(settings: Settings, entries: int, nodes: int, version: int = 0) -> None:
+    """Append ``entries`` entries over ``nodes`` nodes to the shard streams, in envelope
+    ``version`` (default: what this producer writes)."""
     producer = StreamProducer(settings)
+    producer.envelope_version = version or producer.envelope_version
     chunk = []
     for i in range(entries):
         author = f"bench{i % nodes}"
@@ -205,9 +207,11 @@ def run_pool(mode: str, settings: Settings, entries: int, args: list[str],
         env["PYTHONPATH"] = pythonpath
     log_path = Path(f"/tmp/scalepub-bench-{settings.key_prefix}.log")
     with log_path.open("w") as log:
+        # cwd: the forkserver of a pool runs ``python -c``, whose sys.path starts with the
+        # working directory: in the checkout, an older pool's shards would import this one.
         pool = subprocess.Popen([str(Path(sys.executable).parent / "scalepub"), "run",
                                  "--log-level", "INFO", "--metrics-port", "0", *args],
-                                env=env, stderr=log)
+                                env=env, stderr=log, cwd=pythonpath or None)
     try:
         clock = _clock(mode, pool, client, keys, settings.shards, entries)
     finally:
@@ -246,6 +250,7 @@ def _clock(mode: str, pool: subprocess.Popen[bytes], client: redis.Redis, keys: 
     full = [sum(stream_backlog(client, keys.stream(s))) for s in range(shards)]
     first_ack: dict[int, float] = {}
     marks: list[tuple[float, int, list[int]]] = []  # (time, done, cpu ticks) at 10 % and 90 %
+    profiler = None
     left = entries
     while left:
         time.sleep(0.05)
@@ -257,13 +262,37 @@ def _clock(mode: str, pool: subprocess.Popen[bytes], client: redis.Redis, keys: 
         if len(marks) < 2 and done >= entries * (0.1 if not marks else 0.9):
             if not marks:  # every shard process has started by now (see start skew)
                 groups = (shard_pids(pool.pid), *servers)
+                profiler = start_profile(mode, pool.pid)
             marks.append((now, done, [cpu_ticks(g) for g in groups]))
+            if len(marks) == 2:
+                stop_profile(profiler)
         progress(mode, done, entries, now - started)
     (t0, d0, c0), (t1, d1, c1) = marks
     sh, ej, rd = (b - a for a, b in zip(c0, c1, strict=True))
     skew = max(first_ack.values()) - min(first_ack.values()) if first_ack else 0.0
     return Clock(d1 - d0, t1 - t0, (ej, sh, rd), peak_rss_mb(groups[0]),
                  time.monotonic() - started, skew)
+
+
+PROFILE_DIR = ""  # --profile: py-spy samples of the pools' steady windows go there
+
+
+def start_profile(mode: str, pid: int) -> subprocess.Popen[bytes] | None:
+    """py-spy sampling every process of the pool (100 Hz, not pausing them), if asked for."""
+    if not PROFILE_DIR:
+        return None
+    out = Path(PROFILE_DIR) / (re.sub(r"[^\w]+", "_", mode).strip("_") + ".txt")
+    return subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid",
+                             str(pid), "--subprocesses", "--nonblocking", "-r", "100", "-f",
+                             "raw", "-o", str(out)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def stop_profile(profiler: subprocess.Popen[bytes] | None) -> None:
+    """Stop sampling (py-spy writes its file on SIGINT)."""
+    if profiler is not None:
+        profiler.send_signal(2)
+        profiler.wait(60)
 
 
 def shard_pids(parent: int) -> list[int]:
@@ -325,7 +354,8 @@ def measure(base: Settings, mode: str, shards: int, entries: int, nodes: int,
     # MAXLEN must not trim the pre-filled backlog, or the count would be wrong.
     settings = fresh(base, shards).replace(stream_maxlen=entries + 100_000)
     print(f"{mode}: pre-filling {entries} entries over {nodes} nodes", file=sys.stderr)
-    prefill(settings, entries, nodes)
+    # An older pool (``pythonpath``) gets version 1 envelopes: every pool reads those.
+    prefill(settings, entries, nodes, 1 if pythonpath else 0)
     client = client_for_url(settings.redis_url)
     stored = sum(client.xlen(Keys(settings.key_prefix).stream(s)) for s in range(shards))
     client.close()
@@ -373,7 +403,14 @@ def main() -> None:
                         help="before each (c), the same drain by the pool of this git revision")
     parser.add_argument("--own-stack", action="store_true",
                         help="a private Redis + ejabberd on free ports, RDB saves off")
+    parser.add_argument("--profile", default="", metavar="DIR",
+                        help="py-spy samples of each pool's steady window into DIR "
+                             "(loadtest/profile_summary.py reads them)")
     opts = parser.parse_args()
+    global PROFILE_DIR
+    PROFILE_DIR = opts.profile
+    if PROFILE_DIR:
+        Path(PROFILE_DIR).mkdir(parents=True, exist_ok=True)
     stop = own_stack() if opts.own_stack else None
     try:
         run_all(opts)
