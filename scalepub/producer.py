@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from redis.exceptions import RedisClusterException
 from scalepub import metrics
 from scalepub.backlog import APPENDED_FIELD, CAUGHT_UP_LUA, DONE_FIELD
 from scalepub.connections import (
+    TRANSIENT_ERRORS,
     raise_transport_error,
     run_script,
     script_missing,
@@ -120,6 +122,8 @@ assert ENTRY_FIELD == b"e", "APPEND_LUA writes the envelope under field 'e'"
 assert (APPENDED_FIELD, DONE_FIELD) == ("appended", "done"), "APPEND_LUA's counter fields"
 # The script's error reply when the shard count differs: recognised in one place (_refusal).
 _SHARD_MISMATCH = "SHARDMISMATCH"
+# How often a producer re-reads the shard count the pool recorded (one GET).
+SHARD_COUNT_CHECK_S = 5.0
 
 
 class Refusal(enum.Enum):
@@ -201,6 +205,8 @@ class StreamProducer:
         self.client = client if client is not None else sync_client(settings)
         self.spill = spill if spill is not None else LogSpill()
         self._append = self.client.register_script(APPEND_LUA)
+        self._pool_shards: int | None = None  # the count the pool recorded, as last read
+        self._pool_shards_at = -SHARD_COUNT_CHECK_S
         # Replicas that must have an outbox row's entry before the row is deleted.
         self.wait_replicas = wait_replicas(settings)
         # Version 2 (the entry's XML as the shard sends it) needs a pool that reads it;
@@ -241,6 +247,8 @@ class StreamProducer:
         for entry in entries:
             by_shard[shard_for(entry.node, self.settings.shards)].append(entry)
         result = AppendResult([], [])
+        if self._disagrees(by_shard, result):
+            return result
         for shard, reply in zip(by_shard, self._run(by_shard, source), strict=True):
             batch = by_shard[shard]
             if isinstance(reply, redis.ResponseError):
@@ -276,6 +284,25 @@ class StreamProducer:
                 f"shard {shard}: fewer than {self.wait_replicas} replica(s) confirmed its "
                 f"entries within {timeout_ms} ms (REDIS_WAIT_REPLICAS); the rows stay"))
         result.appended = [a for a in result.appended if a.shard not in unconfirmed]
+
+    def _disagrees(self, by_shard: dict[int, list[PendingEntry]], result: AppendResult) -> bool:
+        """Refuse everything if the pool recorded another shard count (re-read every
+        SHARD_COUNT_CHECK_S): the append script refuses by a stream's own record, and a stream
+        beyond the pool's count has none, so its entries would wait there unread."""
+        now = time.monotonic()
+        if now - self._pool_shards_at >= SHARD_COUNT_CHECK_S:
+            try:
+                recorded = self.client.get(self.keys.shard_count)
+            except TRANSIENT_ERRORS:  # e.g. its cluster master failing over: the shards' own
+                pass  # scripts still refuse what they can; asked again with the next call
+            else:
+                self._pool_shards = int(recorded) if recorded is not None else None
+                self._pool_shards_at = now
+        pool = self._pool_shards
+        if pool is None or pool == self.settings.shards:
+            return False
+        result.failures += _pool_count_refusals(self, by_shard, pool)
+        return True
 
     def _run(self, by_shard: dict[int, list[PendingEntry]], source: str) -> list[Any]:
         if len(by_shard) == 1:  # the common case, one save: a single EVALSHA
@@ -325,6 +352,15 @@ class StreamProducer:
     def close(self) -> None:
         """Release the connection pool."""
         self.client.close()
+
+
+def _pool_count_refusals(producer: StreamProducer, by_shard: dict[int, list[PendingEntry]],
+                         pool: int) -> list[ShardFailure]:
+    """Every shard's entries refused: the pool runs with another shard count."""
+    message = (f"{_SHARD_MISMATCH} producer uses {producer.settings.shards} shards but the pool "
+               f"runs with {pool} ({producer.keys.shard_count})")
+    return [ShardFailure(shard, batch, Refusal.SHARD_MISMATCH, message)
+            for shard, batch in by_shard.items()]
 
 
 def _refusal(error: redis.ResponseError) -> Refusal:

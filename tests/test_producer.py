@@ -60,6 +60,26 @@ def test_shard_count_mismatch_is_refused_and_spilled(
     assert f"{settings_for.shards * 2} shards" in recorder.messages[0]
 
 
+def test_more_shards_than_the_pool_runs_with_are_refused_too(
+    settings_for: Settings, redis_client: redis.Redis
+) -> None:
+    """A pool recorded 4 shards; a producer with 8: the entries of streams 4-7, which have no
+    record of their own yet, are refused as well (they were appended, and nobody read them)."""
+    from scalepub.backlog import backlogs
+    from scalepub.shard.streams import agree_shard_count
+
+    keys = Keys(settings_for.key_prefix)
+    agree_shard_count(redis_client, keys, 4)  # what `scalepub run --shards 4` does at start
+    recorder = Recorder()
+    producer = StreamProducer(settings_for.replace(shards=8), spill=recorder)
+    assert producer.enqueue([entry(f"/n/many/{i}", i) for i in range(40)]) is None
+    assert {reason for _, reason in recorder.spilled} == {Refusal.SHARD_MISMATCH}
+    assert len(recorder.spilled) == 40
+    assert "the pool runs with 4" in recorder.messages[0]
+    assert not any(b.lag for b in backlogs(redis_client, keys))
+    assert StreamProducer(settings_for.replace(shards=4)).enqueue([entry("/n/ok", 1)])
+
+
 def test_redis_down_spills(settings_for: Settings) -> None:
     recorder = Recorder()
     down = settings_for.replace(redis_url="redis://127.0.0.1:1/0", redis_timeout=0.2)
