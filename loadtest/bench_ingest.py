@@ -22,8 +22,11 @@ of N saves cycle plain, outbox, direct, plain, ... per model, so drift on a nois
 all modes alike; each save is timed alone with ``time.perf_counter_ns`` (the instance is built
 outside the timer). Median and p90 are over all saves of a mode. Afterwards the stream entries
 under the prefix are counted (once the relay emptied the outbox): they must equal the
-registered saves, else a registered path is broken and the script exits 1. Otherwise it exits
-0 whether the goal was met or not. ``--profile MODE`` instead runs pyinstrument (if installed)
+registered saves, else a registered path is broken and the script exits 1; otherwise it exits
+0 whether the goal was met or not. Beside wall time, the table shows this process's CPU time
+per timed save (all threads, so the relay thread's work counts against the registered modes;
+the database server's does not): on a loaded box it moves less than wall time, which also
+waits for a core. ``--profile MODE`` instead runs pyinstrument (if installed)
 over N saves of one mode of ``--models``' first model and prints where the time goes.
 """
 
@@ -61,6 +64,7 @@ class Mode:
     times: list[int] = field(default_factory=list)
     round_medians: list[float] = field(default_factory=list)
     saves: int = 0  # every save in this mode, warm-up included
+    cpu_ns: int = 0  # this process's CPU (all threads: the relay's too) over the timed saves
 
 
 def parse_args() -> argparse.Namespace:
@@ -195,6 +199,7 @@ def run_saves(mode: Mode, count: int, timed: bool) -> None:
     mode.activate()
     gc.collect()
     clock, make = time.perf_counter_ns, mode.make
+    cpu = time.process_time_ns()
     for i in range(count):
         row = make(i)
         start = clock()
@@ -202,6 +207,8 @@ def run_saves(mode: Mode, count: int, timed: bool) -> None:
         elapsed = clock() - start
         if timed:
             mode.times.append(elapsed)
+    if timed:
+        mode.cpu_ns += time.process_time_ns() - cpu
     mode.saves += count
 
 
@@ -248,12 +255,15 @@ def report(modes: list[Mode], args: argparse.Namespace, database: str) -> None:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"\n{plain.model}: {args.rounds} rounds x {args.saves} saves, cycling the modes; "
           f"{database}, autocommit; relay {args.relay}; times per save; load average {load}\n")
-    print("| mode | saves | median (us) | p90 (us) | median / plain | p90 / plain |")
-    print("|---|---:|---:|---:|---:|---:|")
+    cpu = {m.name: m.cpu_ns / len(m.times) for m in modes}
+    print("| mode | saves | median (us) | p90 (us) | median / plain | p90 / plain "
+          "| CPU per save (us) | CPU / plain |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for m in modes:
         print(f"| {m.name} | {len(m.times)} | {medians[m.name] / 1000:.1f} "
               f"| {p90(m.times) / 1000:.1f} | {medians[m.name] / medians['plain']:.2f} "
-              f"| {p90(m.times) / p90(plain.times):.2f} |")
+              f"| {p90(m.times) / p90(plain.times):.2f} | {cpu[m.name] / 1000:.1f} "
+              f"| {cpu[m.name] / cpu['plain']:.2f} |")
     print()
     for m in registered:
         ratio = medians[m.name] / medians["plain"]
