@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from django.db import DatabaseError, connection, transaction
+from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.db.models.signals import post_save, pre_save
 from twitter.models import Tweet
 
@@ -133,3 +133,15 @@ def test_on_commit_hooks_of_a_failed_save_are_dropped(receiver: Callable[..., No
         Tweet.objects.create(author="ann", text="dropped")
     assert registered == [1] and ran == []
     _idle()
+
+
+def test_a_failing_first_statement_rolls_back_and_the_next_save_works(
+        outbox_django: Settings) -> None:
+    """On PostgreSQL the model's INSERT rides in one pipeline with BEGIN: its error must
+    surface as Django's, and the transaction it aborted must end."""
+    first = Tweet.objects.create(author="ann", text="first")
+    with pytest.raises(IntegrityError):
+        Tweet.objects.create(pk=first.pk, author="bob", text="same pk")
+    _idle()
+    Tweet.objects.create(author="cid", text="next")
+    assert sorted(Tweet.objects.values_list("author", flat=True)) == ["ann", "cid"]
