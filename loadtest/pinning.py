@@ -158,6 +158,7 @@ class Quota:
     duty cycle. ``how`` says which one was used."""
 
     cores: float
+    method: str = "auto"  # "cgroup", "signals" (the duty cycle), or "auto": a cgroup if one can
     name: str = field(default_factory=lambda: f"scalepub-loadtest-{os.getpid()}")
     how: str = ""
     _dir: Path | None = None
@@ -168,7 +169,9 @@ class Quota:
     def apply(self, pids: list[int]) -> None:
         """Cap these processes (and their present children) from now on."""
         self._pids = _with_children(pids)
-        self._dir = _make_cgroup(self.name, self.cores)
+        self._dir = None if self.method == "signals" else _make_cgroup(self.name, self.cores)
+        if self._dir is None and self.method == "cgroup":
+            raise PinningError("generator_cpu_quota: no writable cgroup cpu controller here")
         if self._dir is not None:
             for pid in self._pids:
                 with contextlib.suppress(OSError):
