@@ -8,13 +8,18 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import hypothesis  # noqa: F401  (imported before any test thread: CPython 3.11.7's gh-106905)
+import hypothesis  # imported before any test thread: CPython 3.11.7's gh-106905
 import pytest
 import redis
 from django.test import override_settings
 
 from scalepub.settings import Settings, env_mapping
 from tests.stack import Stack, running
+
+# No per-example deadline: property tests check what the code does, not how fast (a 200 ms
+# deadline failed test_policy's 300-entry resolutions on the shared box under load).
+hypothesis.settings.register_profile("scalepub", deadline=None)
+hypothesis.settings.load_profile("scalepub")
 
 # The database Django's tests run on: `sqlite` (the example project's default) or `postgres`
 # (the session stack's PostgreSQL). `make test` runs the Django modules once more on the latter.

@@ -72,6 +72,9 @@ ROWS: list[tuple[Failure, History, str, Decision]] = [
     (F.AUTH, History(10), "auth/forbidden", Decision(RETRY, delay_s=5.0)),
     (F.AUTH, History(1), "auth/forbidden", Decision(RETRY, delay_s=5.0)),
     (F.AUTH, History(1, retries=1000), "auth/forbidden", Decision(RETRY, delay_s=5.0)),
+    # PUBSUB_SERVICE names no service: a setting to fix, not entries to drop
+    (F.NO_SERVICE, History(10), "cancel/remote-server-not-found", Decision(RETRY, delay_s=5.0)),
+    (F.NO_SERVICE, History(1, retries=1000), "", Decision(RETRY, delay_s=5.0)),
     # One entry that cannot be published at all: dead-lettered at once, saying why.
     (F.UNREADABLE_ENTRY, History(1), "not msgpack: FormatError",
      Decision(DEAD, reason="unreadable entry: not msgpack: FormatError")),
@@ -109,6 +112,7 @@ def test_decision_table(failure: Failure, batch: History, detail: str,
     ("cancel", "undefined-condition", F.REFUSED_CONTENT),
     ("auth", "forbidden", F.AUTH),
     ("auth", "not-authorized", F.AUTH),
+    ("cancel", "remote-server-not-found", F.NO_SERVICE),  # e.g. a wrong PUBSUB_SERVICE
 ])
 def test_refusals_are_classified_by_type_and_condition(error_type: str, condition: str,
                                                        failure: Failure) -> None:
@@ -160,7 +164,8 @@ def _resolve(failure: Failure, entries: int) -> tuple[list[int], int, list[float
     return dead, attempts, delays
 
 
-@given(st.sampled_from([f for f in Failure if f is not F.AUTH]), st.integers(1, 300))
+@given(st.sampled_from([f for f in Failure if f not in (F.AUTH, F.NO_SERVICE)]),
+       st.integers(1, 300))
 def test_every_failure_but_auth_ends_with_each_entry_dead_lettered_once(
         failure: Failure, entries: int) -> None:
     dead, _, delays = _resolve(failure, entries)

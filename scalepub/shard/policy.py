@@ -4,8 +4,9 @@ A pure function of the failure and the batch's history, so the rules can be read
 place and tested as a table (tests/test_policy.py); publisher.py and reader.py carry them out.
 The guarantees it keeps: a batch of several entries is never dead-lettered (it is split
 until the entry at fault stands alone), and every failure but AUTH ends in a bounded number
-of steps. AUTH (the account may not publish there) is retried for ever: the operator fixes
-it, and dropping entries for a permission problem would lose data.
+of steps. AUTH (the account may not publish there) and NO_SERVICE (the server knows no
+such pubsub service: PUBSUB_SERVICE is wrong) are retried for ever: the operator fixes them,
+and dropping entries for a permission or configuration problem would lose data.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class Failure(enum.Enum):
     REFUSED_TRANSIENT = "refused_transient"  # error type wait, or a TRANSIENT_CONDITION
     REFUSED_CONTENT = "refused_content"  # any other refusal: something in the batch
     AUTH = "auth"  # error type auth: the account may not publish to the node (now)
+    NO_SERVICE = "no_service"  # remote-server-not-found: no such pubsub service (a setting)
     CONNECTION_LOST = "connection_lost"  # in flight when the link dropped; now re-sent
     UNREADABLE_ENTRY = "unreadable_entry"  # the envelope does not decode, or a bad node
     TOO_LARGE = "too_large"  # one entry alone exceeds batch_max_bytes
@@ -84,6 +86,8 @@ def classify(error_type: str, condition: str) -> Failure:
     """The failure a refusal stands for, from the XMPP error type and condition."""
     if error_type == "auth":
         return Failure.AUTH
+    if condition == "remote-server-not-found":  # about the addressee, never the content
+        return Failure.NO_SERVICE
     if error_type == "wait" or condition in TRANSIENT_CONDITIONS:
         return Failure.REFUSED_TRANSIENT
     return Failure.REFUSED_CONTENT
@@ -97,7 +101,7 @@ def decide(failure: Failure, batch: History, detail: str = "") -> Decision:
     """
     if failure is Failure.CONNECTION_LOST:
         return _after_connection_loss(batch)
-    if failure is Failure.AUTH:
+    if failure in (Failure.AUTH, Failure.NO_SERVICE):
         return Decision(Action.RETRY, delay_s=AUTH_RETRY_S)
     if failure is Failure.REFUSED_TRANSIENT and batch.retries < MAX_TRANSIENT_RETRIES:
         return Decision(Action.RETRY, delay_s=transient_delay(batch.retries + 1))
