@@ -98,6 +98,18 @@ def test_a_metrics_host_not_of_this_machine_exits_2_naming_it() -> None:
 
 
 @pytest.mark.stack
+def test_a_jid_domain_the_server_does_not_serve_exits_2_naming_it(settings_for: Settings) -> None:
+    """Said when the server ends the stream (host-unknown), not after the connect timeout."""
+    started = time.monotonic()
+    done = run(settings_for.replace(xmpp_jid="pub@nowhere.example", shards=1), "run",
+               "--shards", "1")
+    assert done.returncode == exitcodes.USAGE, done.stderr[-2000:]
+    assert "does not serve nowhere.example (host-unknown)" in done.stderr
+    assert "SCALEPUB_XMPP_JID" in done.stderr and "Traceback" not in done.stderr
+    assert time.monotonic() - started < 30
+
+
+@pytest.mark.stack
 def test_wrong_password_exits_with_one_clear_message(settings_for: Settings) -> None:
     started = time.monotonic()
     done = run(settings_for.replace(xmpp_password="wrong", shards=1), "run", "--shards", "1")

@@ -29,7 +29,7 @@ from xml.sax.saxutils import quoteattr
 import slixmpp
 from slixmpp.xmlstream import XMLStream
 
-from scalepub.settings import Settings
+from scalepub.settings import Settings, SettingsError
 from scalepub.xmpp.batch import publish_options
 
 log = logging.getLogger(__name__)
@@ -229,6 +229,7 @@ class XmppLink:
         for event, handler in (
             ("session_start", self._started), ("failed_all_auth", self._auth_failed),
             ("connection_failed", self._connect_failed), ("disconnected", self._disconnected),
+            ("stream_error", self._stream_error),
         ):
             self._client.add_event_handler(event, handler)
 
@@ -288,6 +289,19 @@ class XmppLink:
         self._fail(XmppUnreachable(
             f"cannot connect to XMPP server {self.settings.xmpp_host}:"
             f"{self.settings.xmpp_port}: {event}"))
+
+    def _stream_error(self, error: Any) -> None:
+        """The server ended the stream before a session: say why instead of timing out."""
+        if self._live:
+            return  # a lost session: _disconnected reports it
+        condition = str(error["condition"] or "")
+        where = f"{self.settings.xmpp_host}:{self.settings.xmpp_port}"
+        if condition == "host-unknown":  # a setting to fix: the pool stops (exit 2)
+            self._fail(SettingsError(
+                f"the XMPP server {where} does not serve {self._client.boundjid.domain} "
+                "(host-unknown): check the domain of SCALEPUB_XMPP_JID"))
+        else:
+            self._fail(XmppUnreachable(f"the XMPP server {where} ended the stream: {condition}"))
 
     def _fail(self, exc: Exception) -> None:
         if self._session is not None and not self._session.done():
