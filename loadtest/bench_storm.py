@@ -1,6 +1,7 @@
 """Benchmark: a reconnect storm of anonymous BOSH clients with catch-up, publisher at a steady rate.
 
     .venv/bin/python loadtest/bench_storm.py [--clients 500] [--rate 200] [--phase-s 20]
+        [--leave] [--arrival burst,js,full:2000] [--rounds 1] [--pin auto]
 
 Issue 13 part 5: "500 anonymous BOSH clients reconnecting at once with catch-up while the
 publisher runs at a steady rate; publish throughput and latency stay within 20% of the quiet
@@ -12,16 +13,24 @@ figure". On loopback only, one run, everything it starts is stopped at the end:
 - in this process: a producer thread appending one entry at a time at ``--rate`` entries/s
   (round robin over the nodes, ``StreamProducer`` as a save does), and an independent anonymous
   BOSH subscriber following every node, which times commit (the entry's ``ts``) -> delivery;
-- phases of ``--phase-s`` each: quiet, storm (a ``--storm`` process starts ``--clients``
-  threads behind a barrier; each opens an anonymous BOSH session, subscribes to one node,
-  asks ``/scalepub/history`` for what followed a seq 100 entries back, checks the answer,
-  then keeps long-polling until the end of the run), after (the storm's clients still
-  connected and receiving).
+- per round, phases of ``--phase-s`` each: quiet, storm (a ``--storm`` process starts
+  ``--clients`` threads behind a barrier, the moment the server dropped them; each waits its
+  ``--arrival`` delay, opens an anonymous BOSH session, subscribes to one node, asks
+  ``/scalepub/history`` for what followed a seq 100 entries back, checks the answer, then
+  keeps long-polling until the round ends), after (the storm's clients still connected and
+  receiving, unless ``--leave``). Rounds take the ``--arrival`` policies in turn (A/B
+  interleaved in one run, ``--rounds`` times each), each against its own quiet phase.
 
-Per phase: entries/s confirmed by ejabberd (appended minus the shard streams' lag + pending,
-``scalepub.backlog``), the subscriber's latency p50/p99, CPU seconds per process group; then
-the ratios storm/quiet and after/quiet, and the storm clients' connect and catch-up times.
-The load generator shares the machine's cores with what it measures: read the CPU table.
+Arrival policies: ``burst`` (all at once), ``js`` (the JS client's first reconnect,
+client/js/src/client.js), ``uniform:LO:HI`` (ms after the drop), ``full:MS`` (0..MS).
+
+CPU placement (``--pin``, loadtest/pinning.py): the system under test (ejabberd, Redis, the
+pool) on some CPUs, this process (producer + probe), the storm clients and the web process on
+the others; the generator's own CPU use is judged (loadtest/headroom.py): the round's latency
+is NOT VALID when the generator was the bottleneck. Per phase: entries/s confirmed by ejabberd
+(appended minus the shard streams' lag + pending, ``scalepub.backlog``), the probe's latency
+p50/p99, CPU per process group (mean, and the busiest 0.5 s), and in the storm phase the
+probe's late deliveries (over 1.2x the quiet p99) per second after the drop.
 Exits 1 if a storm client failed or did not get the right entries; 0 otherwise, goal met or not.
 """
 
@@ -30,8 +39,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import http.client
+import itertools
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -51,10 +62,15 @@ sys.path.insert(0, str(REPO))
 
 from loadtest.bosh import BoshClient, BoshError, HTTPTransport, TransportError  # noqa: E402
 from loadtest.entries import entries_of_batch, scan_body  # noqa: E402
+from loadtest.pinning import PinningError, Placement, affinity, pin_tree  # noqa: E402
 
 PREFIX = "storm"
 MODEL = "twitter.tweet"
 CATCH_UP = 100  # entries each storm client missed while it was away
+GOAL = 1.2  # storm/quiet bound of the issue
+SAMPLE_S = 0.5  # CPU timeline resolution
+# The JS client's first reconnect after a drop (client.js _scheduleReconnect), in ms.
+JS_FIRST_RECONNECT_MS: tuple[float, float] = (250, 500)
 PAYLOAD = ('<django-objects version="1.0"><object model="twitter.tweet" pk="{pk}"><field '
            'name="text" type="TextField">a benchmark tweet of a realistic size, some words, '
            'a link https://example.com/x/y</field></object></django-objects>')
@@ -74,15 +90,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--leave", action="store_true",
                    help="storm clients close their session once caught up (default: they stay "
                         "and long-poll until the end, as reconnected browsers do)")
+    p.add_argument("--arrival", default="burst",
+                   help="comma-separated arrival policies, one round each in turn: burst, js, "
+                        "full:MS (uniform 0..MS after the drop), uniform:LO:HI (ms)")
+    p.add_argument("--rounds", type=int, default=1, help="times each arrival policy is run")
+    p.add_argument("--pin", default="auto",
+                   help="CPU placement (loadtest/pinning.py): auto, off, or e.g. "
+                        "'sut=0 generator=1 app=1'")
     p.add_argument("--serve", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--storm", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for name in ("clients", "nodes", "shards"):
+    for name in ("clients", "nodes", "shards", "rounds"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.rate <= 0 or args.phase_s <= 0:
         p.error("--rate and --phase-s must be positive")
+    try:
+        args.arrivals = [arrival_window(a) for a in args.arrival.split(",")]
+        args.placement = Placement.parse(args.pin)
+    except (ValueError, PinningError) as exc:
+        p.error(str(exc))
     return args
+
+
+def arrival_window(spec: str) -> tuple[str, float, float]:
+    """``burst``, ``js``, ``full:MS`` or ``uniform:LO:HI`` -> (name, lo_s, hi_s)."""
+    parts = spec.strip().split(":")
+    try:
+        if parts == ["burst"]:
+            return "burst", 0.0, 0.0
+        if parts == ["js"]:
+            lo, hi = JS_FIRST_RECONNECT_MS
+        elif parts[0] == "full" and len(parts) == 2:
+            lo, hi = 0.0, float(parts[1])
+        elif parts[0] == "uniform" and len(parts) == 3:
+            lo, hi = float(parts[1]), float(parts[2])
+        else:
+            raise ValueError(spec)
+    except ValueError:
+        raise ValueError(f"--arrival: {spec!r} is not burst, js, full:MS or "
+                         "uniform:LO:HI") from None
+    if not 0 <= lo <= hi:
+        raise ValueError(f"--arrival: {spec!r} needs 0 <= LO <= HI")
+    return spec.strip(), lo / 1000, hi / 1000
 
 
 # -- the web process: the example project's history view, threaded ---------------------------
@@ -135,14 +185,16 @@ def _storm_client(config: dict[str, Any], client: dict[str, Any], barrier: threa
                   stop: threading.Event, results: list[dict[str, Any]]) -> None:
     out: dict[str, Any] = {"node": client["node"]}
     barrier.wait()
-    started = time.monotonic()
+    started = time.monotonic()  # the server dropped every client now
+    time.sleep(random.uniform(config["arrival_lo_s"], config["arrival_hi_s"]))
+    attempt = time.monotonic()
     transport = HTTPTransport(config["bosh_url"])
     step = "BOSH session + subscribe"
     try:
         bosh = BoshClient(transport, config["anon_domain"], wait=config["wait_s"])
         bosh.connect()
         bosh.subscribe(config["service"], [client["node"]])
-        out["connect_s"] = time.monotonic() - started
+        out["connect_s"] = time.monotonic() - attempt
         step = "history request"
         out["history"] = _catch_up(config["web_port"], client["node"], client["after"])
         out["done_s"] = time.monotonic() - started
@@ -305,10 +357,34 @@ class Mark:
     at: float
     confirmed: int
     cpu: dict[str, float]
+    wait: dict[str, float] = field(default_factory=dict)
 
 
 def mark(client: Any, shards: int, probe: Probe, groups: dict[str, list[int]]) -> Mark:
-    return Mark(time.monotonic(), confirmed(client, shards, probe), cpu_seconds(groups))
+    return Mark(time.monotonic(), confirmed(client, shards, probe), cpu_seconds(groups),
+                wait_seconds(groups))
+
+
+def wait_seconds(groups: dict[str, list[int]]) -> dict[str, float]:
+    """Seconds each group's threads spent runnable but waiting for a CPU (schedstat): a
+    process that is slow while its CPU figure is low was starved, not busy."""
+    import psutil
+
+    out: dict[str, float] = {}
+    for name, pids in groups.items():
+        procs = []
+        for pid in pids:
+            with contextlib.suppress(psutil.Error):
+                root = psutil.Process(pid)
+                kids = [] if pid == os.getpid() else root.children(recursive=True)
+                procs += [root.pid, *(k.pid for k in kids)]
+        total = 0
+        for pid in procs:
+            for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    total += int(stat.read_text().split()[1])
+        out[name] = total / 1e9
+    return out
 
 
 def phase(name: str, start: Mark, end: Mark, probe: Probe) -> dict[str, Any]:
@@ -318,8 +394,10 @@ def phase(name: str, start: Mark, end: Mark, probe: Probe) -> dict[str, Any]:
     span = end.at - start.at
     cpu = {k: (end.cpu[k] - start.cpu[k]) / span for k in end.cpu}
     cpu["other processes"] = cpu.pop("machine") - sum(cpu.values())
+    wait = {k: (end.wait[k] - start.wait.get(k, end.wait[k])) / span for k in end.wait}
     return {"phase": name, "seconds": span, "rate": (end.confirmed - start.confirmed) / span,
-            "delivered": len(ms), "p50": pct(ms, 0.5), "p99": pct(ms, 0.99), "cpu": cpu}
+            "delivered": len(ms), "p50": pct(ms, 0.5), "p99": pct(ms, 0.99), "cpu": cpu,
+            "wait": wait}
 
 
 # -- orchestration ---------------------------------------------------------------------------
@@ -385,11 +463,13 @@ def run(args: argparse.Namespace, work: Path, cleanup: contextlib.ExitStack) -> 
     from loadtest.run import _create_nodes, ejabberd_pids, redis_pids
     from tests.stack import new_stack
 
+    place: Placement = args.placement
     stack = new_stack()
     cleanup.callback(shutil.rmtree, stack.state_dir, True)
     cleanup.callback(stack.down)
-    log("starting a private Redis + ejabberd")
-    stack.up()
+    log(f"starting a private Redis + ejabberd; {place.describe()}; web process with the app")
+    with affinity(place.sut):  # Redis and ejabberd's node inherit the CPUs
+        stack.up()
     env = {**os.environ, **stack.env, "SCALEPUB_SHARDS": str(args.shards),
            "SCALEPUB_KEY_PREFIX": PREFIX, "SCALEPUB_METRICS_PORT": "0", "DJANGO_DEBUG": "0",
            "SCALEPUB_OUTBOX_RELAY": "external", "EXAMPLE_DB": str(work / "example.sqlite3"),
@@ -398,14 +478,20 @@ def run(args: argparse.Namespace, work: Path, cleanup: contextlib.ExitStack) -> 
     _create_nodes(stack.env, nodes)
     web_port = free_port()
     me = [sys.executable, str(Path(__file__).resolve())]
-    pool = start([str(Path(sys.executable).parent / "scalepub"), "run", "--shards",
-                  str(args.shards), "--metrics-port", "0"], env, work / "pool.log")
+    with affinity(place.sut):
+        pool = start([str(Path(sys.executable).parent / "scalepub"), "run", "--shards",
+                      str(args.shards), "--metrics-port", "0"], env, work / "pool.log")
     cleanup.callback(stop, pool)
-    web = start([*me, "--serve", str(web_port)], env, work / "web.log")
+    with affinity(place.app):
+        web = start([*me, "--serve", str(web_port)], env, work / "web.log")
     cleanup.callback(stop, web)
     wait_until(lambda: wait_web(web_port), "the web process")
     groups = {"ejabberd": ejabberd_pids(stack), "redis": redis_pids(stack), "pool": [pool.pid],
               "web": [web.pid], "bench (producer+probe)": [os.getpid()], "storm clients": []}
+    for pid in groups["ejabberd"] + groups["redis"]:  # ejabberdctl may have started it apart
+        pin_tree(pid, place.sut)
+    if place.generator:  # this thread's later threads and processes: probe, producer, storms
+        os.sched_setaffinity(0, place.generator)
     return measure(args, env, nodes, groups, me, web_port, work, cleanup)
 
 
@@ -426,66 +512,213 @@ def measure(args: argparse.Namespace, env: dict[str, str], nodes: list[str],
     ready.wait(30)
     threads[1].start()
     cleanup.callback(probe.stop.set)
-    log(f"warming up {args.phase_s / 2:g} s at {args.rate:g} entries/s over {len(nodes)} nodes")
-    time.sleep(args.phase_s / 2)
-    marks = [mark(client, args.shards, probe, groups)]
-    time.sleep(args.phase_s)
-    marks.append(mark(client, args.shards, probe, groups))
-    config = storm_config(args, env, nodes, probe, web_port, work)
-    overflows = listen_overflows()
-    stormer = start([*me, "--storm", str(config)], env, work / "storm.log")
-    cleanup.callback(stop, stormer)
-    groups["storm clients"] = [stormer.pid]
-    log(f"storm: {args.clients} anonymous BOSH clients reconnect at once, each catching up")
-    time.sleep(args.phase_s)
-    marks.append(mark(client, args.shards, probe, groups))
-    time.sleep(args.phase_s)
-    marks.append(mark(client, args.shards, probe, groups))
-    stormer.wait(args.phase_s * 3 + 60)
-    after = listen_overflows()
-    log("kernel accept-queue overflows during the storm (whole machine): "
-        + ", ".join(f"{k} {after[k] - overflows.get(k, 0)}" for k in after))
+    timeline = Timeline(groups)
+    timeline.start()
+    cleanup.callback(timeline.stop.set)
+    warm_s = max(10.0, args.phase_s / 2)
+    log(f"warming up {warm_s:g} s at {args.rate:g} entries/s over {len(nodes)} nodes")
+    time.sleep(warm_s)
+    ctx = Round(args, env, nodes, groups, me, web_port, work, client, probe, timeline)
+    rounds = []
+    for n, arrival in enumerate(args.arrivals * args.rounds):
+        rounds.append(ctx.run(n, arrival, cleanup))
     probe.stop.set()
-    phases = [phase(n, a, b, probe) for n, a, b in
-              zip(("quiet", "storm", "after"), marks, marks[1:], strict=False)]
-    return report(args, phases, json.loads(Path(str(config) + ".out").read_text()))
+    return report(args, rounds)
+
+
+# -- one round: quiet, storm, after -------------------------------------------------------------
+
+
+class Timeline(threading.Thread):
+    """CPU seconds of each group every ``SAMPLE_S``: the busiest moment of a phase, per group."""
+
+    def __init__(self, groups: dict[str, list[int]]) -> None:
+        super().__init__(name="cpu-timeline", daemon=True)
+        self.groups = groups
+        self.samples: list[tuple[float, dict[str, float]]] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(SAMPLE_S):
+            self.samples.append((time.monotonic(), cpu_seconds(self.groups)))
+
+    def peaks(self, start: float, end: float) -> dict[str, float]:
+        """Per group, the most cores it used in one sample interval inside [start, end)."""
+        inside = [x for x in self.samples if start <= x[0] < end]
+        out: dict[str, float] = {}
+        for (t0, c0), (t1, c1) in itertools.pairwise(inside):
+            used = {k: (c1[k] - c0.get(k, c1[k])) / (t1 - t0) for k in c1}
+            used["other processes"] = used.pop("machine") - sum(used.values())
+            for k, v in used.items():
+                out[k] = max(out.get(k, 0.0), v)
+        return out
+
+
+@dataclass
+class Round:
+    """What every round shares; ``run`` measures one."""
+
+    args: argparse.Namespace
+    env: dict[str, str]
+    nodes: list[str]
+    groups: dict[str, list[int]]
+    me: list[str]
+    web_port: int
+    work: Path
+    client: Any
+    probe: Probe
+    timeline: Timeline
+
+    def mark(self) -> Mark:
+        return mark(self.client, self.args.shards, self.probe, self.groups)
+
+    def run(self, n: int, arrival: tuple[str, float, float],
+            cleanup: contextlib.ExitStack) -> dict[str, Any]:
+        """Quiet, storm, after; then the storm's clients close and the box settles."""
+        phase_s, load = self.args.phase_s, os.getloadavg()[0]
+        marks = [self.mark()]
+        time.sleep(phase_s)
+        marks.append(self.mark())
+        config = storm_config(self.args, self.env, self.nodes, self.probe, self.web_port,
+                              self.work / f"storm{n}.json", arrival)
+        overflows = listen_overflows()
+        stormer = start([*self.me, "--storm", str(config)], self.env, self.work / "storm.log")
+        cleanup.callback(stop, stormer)
+        self.groups["storm clients"] = [stormer.pid]
+        log(f"round {n + 1}, arrival {arrival[0]}: {self.args.clients} anonymous BOSH clients "
+            f"dropped at once, each reconnecting and catching up")
+        gen_before = generator_usage(self.groups)
+        time.sleep(phase_s)
+        marks.append(self.mark())
+        verdict = generator_verdict(gen_before, generator_usage(self.groups), marks[2].at -
+                                    marks[1].at, self.args.placement)
+        time.sleep(phase_s)
+        marks.append(self.mark())
+        stormer.wait(phase_s * 3 + 60)
+        after = listen_overflows()
+        phases = [phase(name, a, b, self.probe) for name, a, b in
+                  zip(("quiet", "storm", "after"), marks, marks[1:], strict=False)]
+        for p, a, b in zip(phases, marks, marks[1:], strict=False):
+            p["peak"] = self.timeline.peaks(a.at, b.at)
+        time.sleep(phase_s / 4)  # the clients' sessions end; the next quiet phase starts clean
+        return {"arrival": arrival[0], "load": load, "phases": phases, "generator": verdict,
+                "late": late_by_second(self.probe, marks[1].at, GOAL * phases[0]["p99"]),
+                "overflows": {k: after[k] - overflows.get(k, 0) for k in after},
+                "clients": json.loads(Path(str(config) + ".out").read_text())}
+
+
+def generator_usage(groups: dict[str, list[int]]) -> dict[str, dict[int, Any]]:
+    """The load generator's CPU and run-queue wait so far: storm clients and this process."""
+    import psutil
+
+    from loadtest.headroom import Usage, snapshot
+
+    out = snapshot({"storm clients": groups["storm clients"]})
+    times = psutil.Process().cpu_times()  # this process alone (its children are the others)
+    out["bench (producer+probe)"] = {os.getpid(): Usage(times.user + times.system, 0.0)}
+    return out
+
+
+def generator_verdict(before: dict[str, dict[int, Any]], after: dict[str, dict[int, Any]],
+                      wall_s: float, place: Placement) -> dict[str, Any]:
+    """headroom.judge over the storm phase: was the generator the bottleneck?"""
+    from loadtest.headroom import judge
+
+    cpus = len(place.generator) or os.cpu_count() or 1
+    return judge(before, after, wall_s, 1.0, {}, total_capacity=float(cpus))
+
+
+def late_by_second(probe: Probe, start: float, bound_ms: float, seconds: int = 10) -> list[int]:
+    """The probe's deliveries over ``bound_ms`` in each of the first seconds after ``start``."""
+    counts = [0] * seconds
+    with probe.lock:
+        for at, ms in probe.deliveries:
+            k = int(at - start)
+            if 0 <= k < seconds and ms > bound_ms:
+                counts[k] += 1
+    return counts
 
 
 def storm_config(args: argparse.Namespace, env: dict[str, str], nodes: list[str], probe: Probe,
-                 web_port: int, work: Path) -> Path:
+                 web_port: int, path: Path, arrival: tuple[str, float, float]) -> Path:
     """The storm's clients: node i % nodes, each catching up from CATCH_UP entries back."""
     with probe.lock:
         seqs = dict(probe.per_node)
     clients = [{"node": n, "after": max(0, seqs.get(n, 0) - CATCH_UP)}
                for n in (nodes[i % len(nodes)] for i in range(args.clients))]
-    path = work / "storm.json"
     path.write_text(json.dumps({
         "bosh_url": env["SCALEPUB_BOSH_URL"], "anon_domain": env["SCALEPUB_ANON_DOMAIN"],
         "service": env["SCALEPUB_PUBSUB_SERVICE"], "web_port": web_port, "wait_s": 5,
-        "stay_s": args.phase_s * 2 + 5, "stay": not args.leave, "clients": clients}))
+        "stay_s": args.phase_s * 2, "stay": not args.leave, "clients": clients,
+        "arrival_lo_s": arrival[1], "arrival_hi_s": arrival[2]}))
     return path
 
 
-def report(args: argparse.Namespace, phases: list[dict[str, Any]],
-           clients: list[dict[str, Any]]) -> int:
+# -- report ------------------------------------------------------------------------------------
+
+
+def report(args: argparse.Namespace, rounds: list[dict[str, Any]]) -> int:
     log(f"\n{args.rate:g} entries/s offered, {args.nodes} nodes, {args.shards} shards, "
-        f"{args.clients} storm clients, phases of {args.phase_s:g} s, {os.cpu_count()} CPUs")
+        f"{args.clients} storm clients ({'leave' if args.leave else 'stay'} after catch-up), "
+        f"phases of {args.phase_s:g} s, {os.cpu_count()} CPUs; "
+        f"{args.placement.describe()}")
+    failed = 0
+    for n, r in enumerate(rounds):
+        log(f"\n### round {n + 1}: arrival {r['arrival']} (load average {r['load']:.1f})")
+        report_phases(r["phases"])
+        g = r["generator"]
+        log(f"generator in the storm phase: {g['max_cpu_share']:.0%} of its CPU, busy "
+            f"{g['max_busy_share']:.0%}: "
+            + ("valid" if g["valid"] else f"NOT VALID ({g['why_not_valid']})"))
+        log(f"probe deliveries over {GOAL:g}x the quiet p99, per second after the drop: "
+            f"{r['late']}")
+        log("kernel accept-queue overflows (whole machine): "
+            + ", ".join(f"{k} {v}" for k, v in r["overflows"].items()))
+        failed += report_clients(r["clients"], args.clients)
+    report_summary(rounds)
+    return 1 if failed else 0
+
+
+def report_phases(phases: list[dict[str, Any]]) -> None:
     names = list(phases[-1]["cpu"])
+    log("CPU in cores: mean (busiest 0.5 s) / mean threads waiting for a CPU")
     log("| phase | confirmed entries/s | delivered | p50 ms | p99 ms | "
-        + " | ".join(f"CPU {n}" for n in names) + " |")
+        + " | ".join(f"{n}" for n in names) + " |")
     log("|---|---:|---:|---:|---:|" + "---:|" * len(names))
     for p in phases:
         log(f"| {p['phase']} | {p['rate']:.1f} | {p['delivered']} | {p['p50']:.1f} | "
-            f"{p['p99']:.1f} | " + " | ".join(f"{p['cpu'].get(n, 0.0):.0%}" for n in names)
-            + " |")
+            f"{p['p99']:.1f} | " + " | ".join(_cpu_cell(p, n) for n in names) + " |")
     quiet = phases[0]
     for p in phases[1:]:
         log(f"{p['phase']}/quiet: throughput {p['rate'] / quiet['rate']:.2f}, "
             f"p50 {p['p50'] / quiet['p50']:.2f}, p99 {p['p99'] / quiet['p99']:.2f}")
-    return report_clients(clients, args.clients)
+
+
+def _cpu_cell(p: dict[str, Any], name: str) -> str:
+    cell = f"{p['cpu'].get(name, 0.0):.2f} ({p['peak'].get(name, 0.0):.2f})"
+    return cell + (f" / {p['wait'][name]:.2f}" if name in p["wait"] else "")
+
+
+def report_summary(rounds: list[dict[str, Any]]) -> None:
+    log("\n| round | arrival | load | throughput storm/quiet | p50 storm/quiet | "
+        "p99 storm/quiet | p99 after/quiet | generator | session+subscribe p99 | caught up | "
+        "storm: ejabberd CPU / waiting, other processes |")
+    log("|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---|")
+    for n, r in enumerate(rounds):
+        q, s, a = r["phases"]
+        connect = [c["connect_s"] * 1000 for c in r["clients"] if "connect_s" in c]
+        caught = sum(1 for c in r["clients"] if c.get("history", {}).get("ok"))
+        log(f"| {n + 1} | {r['arrival']} | {r['load']:.1f} | {s['rate'] / q['rate']:.2f} | "
+            f"{s['p50'] / q['p50']:.2f} ({q['p50']:.1f} -> {s['p50']:.1f} ms) | "
+            f"{s['p99'] / q['p99']:.2f} ({q['p99']:.1f} -> {s['p99']:.1f} ms) | "
+            f"{a['p99'] / q['p99']:.2f} | {'valid' if r['generator']['valid'] else 'NOT VALID'}"
+            f" | {pct(connect, 0.99):.0f} ms | {caught}/{len(r['clients'])} | "
+            f"{s['cpu']['ejabberd']:.2f} / {s['wait'].get('ejabberd', 0.0):.2f}, "
+            f"{s['cpu']['other processes']:.2f} |")
 
 
 def report_clients(clients: list[dict[str, Any]], wanted: int) -> int:
+    """The storm clients' outcome; 1 when one of them failed or got wrong entries."""
     errors = [c["error"] for c in clients if "error" in c]
     caught = [c for c in clients if c.get("history", {}).get("ok")]
     statuses = sorted({c["history"]["status"] for c in clients if "history" in c})
@@ -495,7 +728,7 @@ def report_clients(clients: list[dict[str, Any]], wanted: int) -> int:
         f"right entries (HTTP statuses {statuses}), {len(errors)} errors"
         + (f" (e.g. {errors[0]})" if errors else ""))
     log(f"  session + subscribe: p50 {pct(connect, 0.5):.0f} ms, p99 {pct(connect, 0.99):.0f} ms;"
-        f" caught up (from the barrier): p50 {pct(done, 0.5):.0f} ms, p99 "
+        f" caught up (from the drop): p50 {pct(done, 0.5):.0f} ms, p99 "
         f"{pct(done, 0.99):.0f} ms, last {max(done, default=float('nan')):.0f} ms")
     return 0 if len(caught) == wanted else 1
 
