@@ -56,6 +56,7 @@ class Round:
     retries: int
     iqs: int
     creates: int
+    dead_letters: int  # entries given up on (the old pool, after 8 refused auto-creations)
 
 
 def prefill(settings: Settings, run: str, nodes: int, per_node: int, version: int) -> int:
@@ -119,7 +120,7 @@ def drain(mode: str, settings: Settings, entries: int, pools: int, pythonpath: s
     def count(pattern: str) -> int:
         return sum(int(m) for m in re.findall(pattern, text))
     return Round(mode, 0, entries, seconds, cpu, count(r" retries=(\d+)"), count(r" iqs=(\d+)"),
-                 count(r" created (\d+) nodes"))
+                 count(r" created (\d+) nodes"), count(r" dead_lettered=(\d+)"))
 
 
 def one(base: Settings, mode: str, opts: argparse.Namespace, pools: int,
@@ -137,12 +138,12 @@ def one(base: Settings, mode: str, opts: argparse.Namespace, pools: int,
 
 def table(rounds: list[Round]) -> str:
     lines = ["| mode | new nodes | entries | s (start → last ack) | nodes/s | ejabberd CPU s "
-             "| retries | publish IQs | explicit creates |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| retries | publish IQs | explicit creates | dead letters |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rounds:
         lines.append(f"| {r.mode} | {r.nodes:,} | {r.entries:,} | {r.seconds:.1f} "
                      f"| {r.nodes / r.seconds:,.0f} | {r.ejabberd_cpu_s:.1f} | {r.retries:,} "
-                     f"| {r.iqs:,} | {r.creates:,} |")
+                     f"| {r.iqs:,} | {r.creates:,} | {r.dead_letters:,} |")
     return "\n".join(lines)
 
 

@@ -35,10 +35,11 @@ def summary(path: Path) -> str:
         frames, _, count = line.rpartition(" ")
         if not frames or not count.isdigit():
             continue
-        parts = tuple(frames.split(";"))
-        if "forkserver" not in parts[0]:  # the shard processes only (not the supervisor)
+        parts = frames.split(";")  # process frames (command lines may hold ";") first
+        starts = [i for i, f in enumerate(parts) if f.startswith("shard_main (")]
+        if not starts:  # the shard processes only (not the supervisor, not the forkserver)
             continue
-        stacks[parts[1:]] += int(count)
+        stacks[tuple(parts[starts[0] + 1:])] += int(count)
     total = sum(stacks.values()) or 1
     lines = [f"## {path.stem}: {total:,} samples (100 Hz) in the shard processes", "",
              "| part | share of shard CPU |", "|---|---:|"]
