@@ -398,12 +398,20 @@ def _sweep_table(results: list[dict[str, Any]]) -> str:
 
 
 def _http_line(results: list[dict[str, Any]]) -> str:
+    # Entries received by the BOSH users only (the WebSocket ones make no HTTP requests).
     parts = [f"{r['variant']}: {r['bosh_requests']:,} requests, "
-             f"{r['received'] / max(r['bosh_requests'], 1):.1f} entries per response"
-             for r in results]
+             f"{_bosh_entries(r) / max(r['bosh_requests'], 1):.1f} entries per response"
+             for r in results if r.get("bosh_subscribers", 1)]
+    if not parts:
+        return "No BOSH subscribers (WebSocket only): no HTTP cycle per answer."
     return ("BOSH HTTP requests of the subscribers (each answer carries what was queued for that "
             "session: the fewer entries per answer, the more the HTTP cycles cost): "
             + "; ".join(parts) + ".")
+
+
+def _bosh_entries(r: dict[str, Any]) -> int:
+    by = r.get("latency_by_transport", {})
+    return int(by["bosh"]["entries"]) if "bosh" in by else int(r["received"])
 
 
 def _cpu_table(results: list[dict[str, Any]]) -> str:
