@@ -65,6 +65,11 @@ class Keys:
         return f"{self.prefix}:{{{shard}}}:fence"
 
     @property
+    def node_creation(self) -> str:
+        """Lock (with a TTL) held by the one shard connection creating pubsub nodes now."""
+        return f"{self.prefix}:{{nodes}}:creating"
+
+    @property
     def supervisors(self) -> str:
         """Sorted set of live supervisors (score: Redis time in ms their entry expires)."""
         return f"{self.prefix}:{{supervisors}}:members"

@@ -15,6 +15,7 @@ from scalepub.shard.batcher import Batcher, Caps
 from scalepub.shard.heartbeat import Health
 from scalepub.shard.publisher import Publisher
 from scalepub.shard.stats import Meters, Stats
+from scalepub.sharding import Keys
 from scalepub.xmpp.link import Reply
 from tests.test_batcher import entry
 
@@ -36,6 +37,9 @@ class _Link:
 
 
 class _Acks:
+    redis = None  # the node creator's lock: not used while no publish is refused item-not-found
+    keys = Keys()
+
     def __init__(self) -> None:
         self.acked: list[bytes] = []
 
@@ -110,3 +114,21 @@ def test_reading_ahead_into_a_backlog_holds_open_batches_until_the_reader_stops(
     batcher.reading_ahead = False  # buffer full or caught up; the reader then pumps
     pub.pump()
     assert _nodes_and_seqs(link)[2:] == [("/a", [2, 3]), ("/b", [2, 3])]
+
+
+def test_a_pump_refused_by_the_lease_is_tried_again_without_another_trigger() -> None:
+    """Nothing in flight, the reader waiting for buffer space: the only pump came while the
+    lease was not valid (a late renewal). The publisher looks again by itself, so the held
+    entries go once the lease is valid again (a shard once stalled holding 12,000)."""
+    async def main() -> None:
+        pub, link, batcher = _publisher()
+        valid = False
+        pub.allowed = lambda: valid
+        batcher.add(entry("/a", 1), 0, now=0.0)
+        pub.pump()
+        assert link.sent == []
+        valid = True
+        await asyncio.sleep(0.3)
+        assert _nodes_and_seqs(link) == [("/a", [1])]
+
+    asyncio.run(main())

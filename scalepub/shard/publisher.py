@@ -16,6 +16,7 @@ from scalepub.settings import Settings
 from scalepub.shard import streams
 from scalepub.shard.acks import Acks, Spawn
 from scalepub.shard.batcher import Batcher
+from scalepub.shard.creator import NodeCreator
 from scalepub.shard.heartbeat import Health
 from scalepub.shard.policy import (
     RECONNECT_FIRST_S,
@@ -33,6 +34,11 @@ from scalepub.xmpp.batch import Batch, Entry, publish_iq, well_formed
 from scalepub.xmpp.link import Reply, XmppAuthError, XmppLink, XmppUnreachable
 
 log = logging.getLogger(__name__)
+
+# item-not-found refusals of one batch that send it to node creation; more go to the policy.
+MISSING_NODE_TRIES = 3
+# While the lease is not valid, the window is looked at again this often.
+REPUMP_S = 0.1
 
 
 def history(batch: Batch) -> History:
@@ -60,10 +66,21 @@ class Publisher:
         self.spawn = spawn
         self.inflight: dict[str, Batch] = {}
         self.draining = False  # stopping: nothing more is sent
+        self._repump: asyncio.TimerHandle | None = None
         # Checked right before each send and reconnect: the shard's lease (worker.py).
         self.allowed: Callable[[], bool] = _always
-        self.link = XmppLink(settings, resource, self.inflight.__contains__, self._on_reply,
+        self.link = XmppLink(settings, resource, self._awaits, self._on_reply,
                              self._on_down, meters.ignored)
+        self.creator = NodeCreator(acks.redis, acks.keys.node_creation, self.link,
+                                   settings.pubsub_service, settings.node_access_model,
+                                   self._created, self._may_send, name)
+
+    def _may_send(self) -> bool:
+        return self.allowed()  # looked up each time: the worker sets it after __init__
+
+    def _awaits(self, iq_id: str) -> bool:
+        """Whether ``iq_id`` is one of ours in flight: a publish, or a node creation."""
+        return iq_id in self.inflight or iq_id in self.creator.inflight
 
     async def linger_loop(self) -> None:
         """With a linger set, publish open batches whose linger ran out meanwhile.
@@ -91,11 +108,17 @@ class Publisher:
         """
         open_ok = not self.batcher.reading_ahead and (replied or not self.inflight)
         while (self.link.up and not self.draining
-               and len(self.inflight) < self.settings.window and self.allowed()):
+               and len(self.inflight) < self.settings.window):
+            if not self.allowed():
+                self._pump_later()
+                return
             batch = self.batcher.next_batch(time.monotonic(), open_ok)
             if batch is None:
                 return
             if batch.resends and not self._screen(batch):
+                continue
+            if self.creator.wants(batch):  # a burst of new nodes: created first
+                self.creator.park(batch)
                 continue
             iq_id = self.link.new_id()  # unguessable; the link also checks who answers
             self.inflight[iq_id] = batch
@@ -104,6 +127,17 @@ class Publisher:
             self.link.send(publish_iq(iq_id, self.settings.pubsub_service, batch,
                                       self.link.publish_options))
             self.meters.inflight.set(len(self.inflight))
+
+    def _pump_later(self) -> None:
+        """Pump again shortly: the lease may be valid again after a late renewal, and with
+        the reader waiting for buffer space and nothing in flight, nothing else would (a
+        shard was seen holding 12,000 entries, publishing none, on a box at load 30)."""
+        if not self._repump:
+            self._repump = asyncio.get_running_loop().call_later(REPUMP_S, self._pump_again)
+
+    def _pump_again(self) -> None:
+        self._repump = None
+        self.pump()
 
     async def wait_answered(self, timeout: float) -> None:
         """Until every IQ in flight is answered, the link is down, or ``timeout`` passed."""
@@ -142,7 +176,11 @@ class Publisher:
         self.batcher.retry(fresh)
 
     def _on_reply(self, reply: Reply) -> None:
-        batch = self.inflight.pop(reply.iq_id)
+        batch = self.inflight.pop(reply.iq_id, None)
+        if batch is None:
+            self.creator.on_reply(reply)
+            self.pump(replied=True)
+            return
         self.meters.inflight.set(len(self.inflight))
         if reply.ok:
             self._confirmed(batch)
@@ -154,6 +192,7 @@ class Publisher:
         self.acks.add(batch.shard, (e.stream_id for e in batch.entries))
         self.batcher.done(batch)
         self.health.passed(batch.node)
+        self.creator.exists(batch.node)
         self.stats.published += len(batch.entries)
         self.stats.iqs += 1
         now_ns = time.time_ns()
@@ -164,6 +203,13 @@ class Publisher:
 
     def _refused(self, batch: Batch, reply: Reply) -> None:
         self.meters.errors("xmpp_refused").inc()
+        if reply.condition == "item-not-found" and batch.retries < MISSING_NODE_TRIES:
+            # Most likely its auto-creation aborted (creator.py): create it, then publish.
+            batch.retries += 1
+            self.stats.retries += 1
+            self.meters.retries.inc()
+            self.creator.refused_missing(batch)
+            return
         decision = decide(classify(reply.error_type, reply.condition), history(batch),
                           reply.reason)
         if decision.action is Action.RETRY:
@@ -206,6 +252,11 @@ class Publisher:
             self.acks.dead_letter(shard, entry.stream_id, raw, reason)
         self.spawn(self.acks.retrying(read_back))
 
+    def _created(self, batch: Batch) -> None:
+        """``batch``'s node exists now (or its creation gave up): publish it next."""
+        self.batcher.retry(batch)
+        self.pump()
+
     def _requeue(self, batch: Batch) -> None:
         self.batcher.retry(batch)
         self.pump()
@@ -215,7 +266,7 @@ class Publisher:
         self.inflight.clear()
         for batch in lost:
             batch.resends += 1  # the policy looks at it when the batch is sent again
-        self.batcher.retry(*lost)
+        self.batcher.retry(*lost, *self.creator.link_down())  # parked: never sent
         self.health.xmpp_down = True
         self.stats.reconnects += 1
         self.meters.reconnects.inc()

@@ -124,3 +124,22 @@ async def _connect(settings: Settings, timeout: float) -> slixmpp.ClientXMPP:
                                   f"{settings.xmpp_port} within {timeout:.0f} s") from None
         raise
     return client
+
+
+def create_iq(iq_id: str, service: str, node_attr: bytes, access_model: str) -> bytes:
+    """A raw XEP-0060 §8.1 create IQ for the (attribute-escaped) node, with its access model.
+
+    The shard's own path (no stanza objects). Open is ejabberd's default and needs no form;
+    another model rides in the create's configure form, as it does in each publish's
+    publish-options (a node created otherwise would refuse them: precondition-not-met).
+    """
+    configure = b"<configure/>"
+    if access_model != "open":
+        configure = (
+            b'<configure><x xmlns="jabber:x:data" type="submit">'
+            b'<field var="FORM_TYPE" type="hidden"><value>%s</value></field>'
+            b'<field var="pubsub#access_model"><value>%s</value></field></x></configure>'
+            % (NS_NODE_CONFIG.encode(), access_model.encode()))
+    return (b'<iq type="set" id="%s" to="%s"><pubsub xmlns="http://jabber.org/protocol/pubsub">'
+            b'<create node="%s"/>%s</pubsub></iq>'
+            % (iq_id.encode(), service.encode(), node_attr, configure))
