@@ -54,16 +54,18 @@ _BACKOFF_MAX_S = 1.0
 LISTENING_POLL_S = 1.0
 _STOP_CHECK_S = 0.1
 # The gather window: a woken leader starts its next round no sooner than this after the last
-# one started, and under load no sooner than _ROUND_GAP_FACTOR times the last round's wall
-# time (capped): a round costs a SELECT, an append and a DELETE (on PostgreSQL a commit of
-# its own) however few rows it moves, and in the web process it competes with the saves for
-# the GIL, the SQLite write lock and PostgreSQL's WAL flush. At 100 saves/s (commits 10 ms
-# apart) a round of ~1 ms waits for nothing; at thousands of saves/s the relay stays near
-# 1/(1 + factor) of a core and each round moves the commits of one window (measured:
-# loadtest/bench_ingest.py, docs/benchmarks.md).
+# one started, and under load no sooner than _ROUND_GAP_FACTOR times the CPU time the last
+# round took in this thread (capped): a round costs a SELECT, an append and a DELETE (on
+# PostgreSQL a commit of its own) however few rows it moves, and in the web process it
+# competes with the saves for the GIL and a core. CPU time, not wall time: on a busy machine
+# a round's wall time is mostly waiting for a core, and a window grown from it delayed every
+# entry at 100 saves/s (measured). A round of one or two rows takes 0.3-1 ms of CPU here
+# (busy box: 1.0 ms median), so at 100 saves/s the window stays at its 2 ms floor; at
+# thousands of saves/s rounds grow, the relay thread stays near 1/(1 + factor) of a core and
+# each round moves the commits of one window (loadtest/bench_ingest.py).
 _MIN_ROUND_GAP_S = 0.002
-_ROUND_GAP_FACTOR = 4.0
-_MAX_ROUND_GAP_S = 0.025
+_ROUND_GAP_FACTOR = 2.0
+_MAX_ROUND_GAP_S = 0.020
 
 # Renew only our own lease: a relay that stalled past its TTL must not extend a successor's.
 _RENEW_LUA = """
@@ -198,13 +200,13 @@ class Relay:
         delay = 0.0
         try:
             while not stop.is_set():
-                started = time.monotonic()
+                started, cpu = time.monotonic(), time.thread_time()
                 with in_round:
                     delay, idle = self._step(delay)
                 if delay:
                     stop.wait(delay)
                 elif idle:
-                    took = time.monotonic() - started
+                    took = time.thread_time() - cpu
                     _wait(wake, stop, self._idle_wait(wake, stop))
                     wake.clear()
                     # Woken by each commit: gather the commits of a window before the next
@@ -293,7 +295,8 @@ def _wait(wake: threading.Event, stop: threading.Event, timeout: float) -> None:
 
 
 def round_gap(took: float) -> float:
-    """The least time from one round's start to the next after a round of ``took`` seconds."""
+    """The least time from one round's start to the next after a round that took ``took``
+    seconds of CPU."""
     return min(max(_MIN_ROUND_GAP_S, _ROUND_GAP_FACTOR * took), _MAX_ROUND_GAP_S)
 
 
