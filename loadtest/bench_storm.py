@@ -22,7 +22,8 @@ figure". On loopback only, one run, everything it starts is stopped at the end:
   interleaved in one run, ``--rounds`` times each), each against its own quiet phase.
 
 Arrival policies: ``burst`` (all at once), ``js`` (the JS client's first reconnect,
-client/js/src/client.js), ``uniform:LO:HI`` (ms after the drop), ``full:MS`` (0..MS).
+client/js/src/client.js), ``uniform:LO:HI`` (ms after the drop), ``full:MS`` (0..MS), ``none``
+(no storm at all: the control round, whose storm/quiet ratios are the box's own noise).
 
 CPU placement (``--pin``, loadtest/pinning.py): the system under test (ejabberd, Redis, the
 pool) on some CPUs, this process (producer + probe), the storm clients and the web process on
@@ -69,8 +70,9 @@ MODEL = "twitter.tweet"
 CATCH_UP = 100  # entries each storm client missed while it was away
 GOAL = 1.2  # storm/quiet bound of the issue
 SAMPLE_S = 0.5  # CPU timeline resolution
-# The JS client's first reconnect after a drop (client.js _scheduleReconnect), in ms.
-JS_FIRST_RECONNECT_MS: tuple[float, float] = (250, 500)
+# The JS client's first reconnect after a drop (client.js _scheduleReconnect), in ms; before
+# 2026-12-03 it was 50-100 % of 500 ms (--arrival uniform:250:500).
+JS_FIRST_RECONNECT_MS: tuple[float, float] = (0, 2000)
 PAYLOAD = ('<django-objects version="1.0"><object model="twitter.tweet" pk="{pk}"><field '
            'name="text" type="TextField">a benchmark tweet of a realistic size, some words, '
            'a link https://example.com/x/y</field></object></django-objects>')
@@ -92,7 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "and long-poll until the end, as reconnected browsers do)")
     p.add_argument("--arrival", default="burst",
                    help="comma-separated arrival policies, one round each in turn: burst, js, "
-                        "full:MS (uniform 0..MS after the drop), uniform:LO:HI (ms)")
+                        "full:MS (uniform 0..MS after the drop), uniform:LO:HI (ms), none (no "
+                        "clients: a control round, its storm/quiet ratios are the box's noise)")
     p.add_argument("--rounds", type=int, default=1, help="times each arrival policy is run")
     p.add_argument("--pin", default="auto",
                    help="CPU placement (loadtest/pinning.py): auto, off, or e.g. "
@@ -117,8 +120,8 @@ def arrival_window(spec: str) -> tuple[str, float, float]:
     """``burst``, ``js``, ``full:MS`` or ``uniform:LO:HI`` -> (name, lo_s, hi_s)."""
     parts = spec.strip().split(":")
     try:
-        if parts == ["burst"]:
-            return "burst", 0.0, 0.0
+        if parts in (["burst"], ["none"]):
+            return parts[0], 0.0, 0.0
         if parts == ["js"]:
             lo, hi = JS_FIRST_RECONNECT_MS
         elif parts[0] == "full" and len(parts) == 2:
@@ -128,8 +131,8 @@ def arrival_window(spec: str) -> tuple[str, float, float]:
         else:
             raise ValueError(spec)
     except ValueError:
-        raise ValueError(f"--arrival: {spec!r} is not burst, js, full:MS or "
-                         "uniform:LO:HI") from None
+        raise ValueError(f"--arrival: {spec!r} is not burst, js, full:MS, uniform:LO:HI "
+                         "or none") from None
     if not 0 <= lo <= hi:
         raise ValueError(f"--arrival: {spec!r} needs 0 <= LO <= HI")
     return spec.strip(), lo / 1000, hi / 1000
@@ -167,7 +170,7 @@ def storm(config_path: str) -> None:
     """Run the storm described by the JSON file; write per-client results next to it."""
     config = json.loads(Path(config_path).read_text())
     threading.stack_size(512 * 1024)
-    barrier = threading.Barrier(len(config["clients"]))
+    barrier = threading.Barrier(max(1, len(config["clients"])))
     stop = threading.Event()
     results: list[dict[str, Any]] = []
     threads = [threading.Thread(target=_storm_client, args=(config, c, barrier, stop, results))
@@ -394,7 +397,8 @@ def phase(name: str, start: Mark, end: Mark, probe: Probe) -> dict[str, Any]:
     span = end.at - start.at
     cpu = {k: (end.cpu[k] - start.cpu[k]) / span for k in end.cpu}
     cpu["other processes"] = cpu.pop("machine") - sum(cpu.values())
-    wait = {k: (end.wait[k] - start.wait.get(k, end.wait[k])) / span for k in end.wait}
+    # An exited thread takes its counters along (the storm's clients): not below 0.
+    wait = {k: max(0.0, end.wait[k] - start.wait.get(k, end.wait[k])) / span for k in end.wait}
     return {"phase": name, "seconds": span, "rate": (end.confirmed - start.confirmed) / span,
             "delivered": len(ms), "p50": pct(ms, 0.5), "p99": pct(ms, 0.99), "cpu": cpu,
             "wait": wait}
@@ -492,12 +496,30 @@ def run(args: argparse.Namespace, work: Path, cleanup: contextlib.ExitStack) -> 
         pin_tree(pid, place.sut)
     if place.generator:  # this thread's later threads and processes: probe, producer, storms
         os.sched_setaffinity(0, place.generator)
-    return measure(args, env, nodes, groups, me, web_port, work, cleanup)
+    return measure(args, env, nodes, groups, me, web_port, work, cleanup,
+                   lambda: pubsub_states(stack.state_dir, stack.control))
+
+
+def pubsub_states(state_dir: Path, control: dict[str, str]) -> int:
+    """Rows of ejabberd's pubsub_state table (a subscription or an affiliation each), -1 if
+    unknown: ejabberd 23.01 keeps a full-JID subscription after its session ends."""
+    etc = state_dir / "ejabberd" / "etc"
+    done = subprocess.run(
+        ["timeout", "30", "ejabberdctl", "--ctl-config", str(etc / "ejabberdctl.cfg"),
+         "--config-dir", str(etc), "--config", str(etc / "ejabberd.yml"), "--spool",
+         str(state_dir / "ejabberd" / "spool"), "--logs", str(state_dir / "ejabberd" / "log"),
+         "--node", control["SCALEPUB_EJABBERD_NODE"], "mnesia_table_info", "pubsub_state"],
+        env={**os.environ, "SCALEPUB_STACK_EPMD": "1"}, capture_output=True, text=True,
+        check=False)
+    for line in done.stdout.splitlines():
+        if line.strip().startswith("{size,"):
+            return int(line.strip()[len("{size,"):].rstrip("},"))
+    return -1
 
 
 def measure(args: argparse.Namespace, env: dict[str, str], nodes: list[str],
             groups: dict[str, list[int]], me: list[str], web_port: int, work: Path,
-            cleanup: contextlib.ExitStack) -> int:
+            cleanup: contextlib.ExitStack, states: Callable[[], int]) -> int:
     from scalepub.connections import sync_client
     from scalepub.settings import Settings
 
@@ -518,7 +540,7 @@ def measure(args: argparse.Namespace, env: dict[str, str], nodes: list[str],
     warm_s = max(10.0, args.phase_s / 2)
     log(f"warming up {warm_s:g} s at {args.rate:g} entries/s over {len(nodes)} nodes")
     time.sleep(warm_s)
-    ctx = Round(args, env, nodes, groups, me, web_port, work, client, probe, timeline)
+    ctx = Round(args, env, nodes, groups, me, web_port, work, client, probe, timeline, states)
     rounds = []
     for n, arrival in enumerate(args.arrivals * args.rounds):
         rounds.append(ctx.run(n, arrival, cleanup))
@@ -568,6 +590,7 @@ class Round:
     client: Any
     probe: Probe
     timeline: Timeline
+    states: Callable[[], int]
 
     def mark(self) -> Mark:
         return mark(self.client, self.args.shards, self.probe, self.groups)
@@ -575,7 +598,7 @@ class Round:
     def run(self, n: int, arrival: tuple[str, float, float],
             cleanup: contextlib.ExitStack) -> dict[str, Any]:
         """Quiet, storm, after; then the storm's clients close and the box settles."""
-        phase_s, load = self.args.phase_s, os.getloadavg()[0]
+        phase_s, load, states = self.args.phase_s, os.getloadavg()[0], self.states()
         marks = [self.mark()]
         time.sleep(phase_s)
         marks.append(self.mark())
@@ -585,8 +608,10 @@ class Round:
         stormer = start([*self.me, "--storm", str(config)], self.env, self.work / "storm.log")
         cleanup.callback(stop, stormer)
         self.groups["storm clients"] = [stormer.pid]
-        log(f"round {n + 1}, arrival {arrival[0]}: {self.args.clients} anonymous BOSH clients "
-            f"dropped at once, each reconnecting and catching up")
+        log(f"round {n + 1}, arrival {arrival[0]}: " + (
+            "no clients (control)" if arrival[0] == "none" else
+            f"{self.args.clients} anonymous BOSH clients dropped at once, each reconnecting "
+            "and catching up"))
         gen_before = generator_usage(self.groups)
         time.sleep(phase_s)
         marks.append(self.mark())
@@ -601,7 +626,8 @@ class Round:
         for p, a, b in zip(phases, marks, marks[1:], strict=False):
             p["peak"] = self.timeline.peaks(a.at, b.at)
         time.sleep(phase_s / 4)  # the clients' sessions end; the next quiet phase starts clean
-        return {"arrival": arrival[0], "load": load, "phases": phases, "generator": verdict,
+        return {"arrival": arrival[0], "load": load, "states": states, "phases": phases,
+                "generator": verdict,
                 "late": late_by_second(self.probe, marks[1].at, GOAL * phases[0]["p99"]),
                 "overflows": {k: after[k] - overflows.get(k, 0) for k in after},
                 "clients": json.loads(Path(str(config) + ".out").read_text())}
@@ -644,8 +670,9 @@ def storm_config(args: argparse.Namespace, env: dict[str, str], nodes: list[str]
     """The storm's clients: node i % nodes, each catching up from CATCH_UP entries back."""
     with probe.lock:
         seqs = dict(probe.per_node)
+    wanted = 0 if arrival[0] == "none" else args.clients  # none: the control, nothing happens
     clients = [{"node": n, "after": max(0, seqs.get(n, 0) - CATCH_UP)}
-               for n in (nodes[i % len(nodes)] for i in range(args.clients))]
+               for n in (nodes[i % len(nodes)] for i in range(wanted))]
     path.write_text(json.dumps({
         "bosh_url": env["SCALEPUB_BOSH_URL"], "anon_domain": env["SCALEPUB_ANON_DOMAIN"],
         "service": env["SCALEPUB_PUBSUB_SERVICE"], "web_port": web_port, "wait_s": 5,
@@ -674,7 +701,7 @@ def report(args: argparse.Namespace, rounds: list[dict[str, Any]]) -> int:
             f"{r['late']}")
         log("kernel accept-queue overflows (whole machine): "
             + ", ".join(f"{k} {v}" for k, v in r["overflows"].items()))
-        failed += report_clients(r["clients"], args.clients)
+        failed += report_clients(r["clients"], 0 if r["arrival"] == "none" else args.clients)
     report_summary(rounds)
     return 1 if failed else 0
 
@@ -702,8 +729,9 @@ def _cpu_cell(p: dict[str, Any], name: str) -> str:
 def report_summary(rounds: list[dict[str, Any]]) -> None:
     log("\n| round | arrival | load | throughput storm/quiet | p50 storm/quiet | "
         "p99 storm/quiet | p99 after/quiet | generator | session+subscribe p99 | caught up | "
-        "storm: ejabberd CPU / waiting, other processes |")
-    log("|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---|")
+        "storm: ejabberd CPU / waiting, other processes | pubsub_state rows at start | "
+        "quiet: ejabberd CPU per entry |")
+    log("|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---|---:|---:|")
     for n, r in enumerate(rounds):
         q, s, a = r["phases"]
         connect = [c["connect_s"] * 1000 for c in r["clients"] if "connect_s" in c]
@@ -714,7 +742,8 @@ def report_summary(rounds: list[dict[str, Any]]) -> None:
             f"{a['p99'] / q['p99']:.2f} | {'valid' if r['generator']['valid'] else 'NOT VALID'}"
             f" | {pct(connect, 0.99):.0f} ms | {caught}/{len(r['clients'])} | "
             f"{s['cpu']['ejabberd']:.2f} / {s['wait'].get('ejabberd', 0.0):.2f}, "
-            f"{s['cpu']['other processes']:.2f} |")
+            f"{s['cpu']['other processes']:.2f} | {r['states']} | "
+            f"{q['cpu']['ejabberd'] / q['rate'] * 1e6:.0f} µs |")
 
 
 def report_clients(clients: list[dict[str, Any]], wanted: int) -> int:
