@@ -61,7 +61,9 @@ export class PubSubClient {
     this._event_cb = o.event_cb || (() => {});
     this._status_cb = o.status_cb || (() => {});
     this._lost_cb = o.history_lost_cb || (() => {});
-    this._reconnect = { initialDelayMs: 500, maxDelayMs: 10000, ...(o.reconnect || {}) };
+    // initialDelayMs is the first reconnect's window (see _scheduleReconnect) and the first
+    // history retry's delay.
+    this._reconnect = { initialDelayMs: 2000, maxDelayMs: 10000, ...(o.reconnect || {}) };
     this._subscribeRetryMs = o.subscribeRetryMs ?? SUBSCRIBE_RETRY_MS;
     this._service = o.service || 'http://127.0.0.1:5280/bosh';
     this._pubsub = o.pubsub || 'pubsub.localhost';
@@ -119,10 +121,10 @@ export class PubSubClient {
     this._timers.clear();
     const conn = this._conn;
     if (conn && conn.connected && !conn.disconnecting) {
-      if (this.options.username) {
-        // A registered JID keeps its subscriptions: drop ours (anonymous JIDs vanish anyway).
-        for (const node of this._subscribed) conn.send(this._subscribeIq(conn, 'unsubscribe', node));
-      }
+      // Drop our subscriptions, anonymous ones too: ejabberd 23.01 keeps a full JID's
+      // subscription after its session ends, and every later publish to the node is routed
+      // to it (docs/benchmarks.md, reconnect storm). Only a clean close can do this.
+      for (const node of this._subscribed) conn.send(this._subscribeIq(conn, 'unsubscribe', node));
       conn.disconnect('closed');
     } else {
       this._gen++;
@@ -182,7 +184,11 @@ export class PubSubClient {
   _scheduleReconnect() {
     const { initialDelayMs, maxDelayMs } = this._reconnect;
     const base = Math.min(maxDelayMs, initialDelayMs * 2 ** this._attempt);
-    const delay = Math.round(base / 2 + (Math.random() * base) / 2); // jitter: 50-100 % of base
+    // Full jitter (anywhere in 0-100 % of the window): when the server drops every session at
+    // once (a restart, a deploy), its clients come back spread over the whole first window
+    // (500 in 2 s: ~250 logins/s) instead of all within 250-500 ms, as 50-100 % of 500 ms did
+    // (~2000/s); docs/benchmarks.md, reconnect storm.
+    const delay = Math.round(Math.random() * base);
     this._attempt++;
     this._gen++; // ignore whatever the old connection still reports
     const old = this._conn;

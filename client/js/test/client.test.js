@@ -101,6 +101,37 @@ test('anonymous login, presence, subscribe, retry on item-not-found, events, rec
   assert.equal(conns.length, 2, 'no reconnect after close()');
 });
 
+test('reconnect: anywhere in a window of initialDelayMs (default 2 s) that doubles up to maxDelayMs', async () => {
+  const realRandom = Math.random;
+  const conns = [];
+  const delays = [];
+  const make = (reconnect) => new PubSubClient({
+    node: NODE, Strophe, DOMParser, reconnect,
+    connectionFactory: (s, o) => { const f = new FakeConn(s, o); conns.push(f); return f; },
+    status_cb: (s, d) => { if (s === 'reconnecting') delays.push(d.delayMs); },
+  });
+  try {
+    Math.random = () => 0.999; // the top of each window
+    const c = make({ initialDelayMs: 8, maxDelayMs: 20 });
+    for (let i = 0; i < 4; i++) { conns.at(-1).drop(); await sleep(30); }
+    assert.deepEqual(delays, [8, 16, 20, 20], 'window doubles, capped at maxDelayMs');
+    Math.random = () => 0; // the bottom: at once (no floor that bunches a storm together)
+    conns.at(-1).up(); // a session resets the window
+    conns.at(-1).drop();
+    assert.equal(delays.at(-1), 0);
+    await sleep(10);
+    assert.equal(conns.length, 6, 'reconnected at once');
+    c.close();
+    Math.random = () => 0.999;
+    const d = make(undefined);
+    conns.at(-1).drop();
+    assert.equal(delays.at(-1), 1998, 'default first window: 2 s');
+    d.close();
+  } finally {
+    Math.random = realRandom;
+  }
+});
+
 test('username/password login and websocket transport option', () => {
   let made;
   const c = new PubSubClient({
@@ -114,6 +145,19 @@ test('username/password login and websocket transport option', () => {
   made.iqs[0].ok(xml('<iq type="result"/>'));
   c.close();
   assert.equal(made.sent.filter((s) => /<unsubscribe [^>]*node="\/a"/.test(Strophe.serialize(s))).length, 1);
+});
+
+test('close() unsubscribes an anonymous session too (ejabberd keeps its subscriptions otherwise)', () => {
+  let made;
+  const c = new PubSubClient({
+    nodes: ['/a', '/b'], Strophe, DOMParser, connectionFactory: (s, o) => (made = new FakeConn(s, o)),
+  });
+  made.up('123@anon.localhost/x');
+  made.iqs[0].ok(xml('<iq type="result"/>'));
+  c.close();
+  const unsubs = made.sent.map((s) => Strophe.serialize(s)).filter((s) => /<unsubscribe /.test(s));
+  assert.equal(unsubs.length, 1, 'only the node whose subscription was confirmed');
+  assert.match(unsubs[0], /node="\/a"[^>]*jid="123@anon.localhost\/x"|jid="123@anon.localhost\/x"[^>]*node="\/a"/);
 });
 
 test('pubsub events are taken only from the pubsub service (bare JID, any case)', () => {
