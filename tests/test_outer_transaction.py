@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from django.db import DatabaseError, IntegrityError, connection, transaction
+from django.db import DatabaseError, IntegrityError, connection, connections, transaction
 from django.db.models.signals import post_save, pre_save
 from twitter.models import Tweet
 
@@ -145,3 +145,20 @@ def test_a_failing_first_statement_rolls_back_and_the_next_save_works(
     _idle()
     Tweet.objects.create(author="cid", text="next")
     assert sorted(Tweet.objects.values_list("author", flat=True)) == ["ann", "cid"]
+
+
+def test_a_failed_health_check_before_the_save_reconnects(outbox_django: Settings) -> None:
+    """CONN_HEALTH_CHECKS: a connection found unusable as the save begins is closed and a new
+    one opened, as Django's set_autocommit does, and the save and its entry go through."""
+    Tweet.objects.create(author="ann", text="connected")
+    wrapper = connections["default"]
+    enabled = wrapper.health_check_enabled
+    wrapper.health_check_enabled, wrapper.health_check_done = True, False
+    wrapper.is_usable = lambda: False
+    try:
+        Tweet.objects.create(author="bob", text="after the check")
+    finally:
+        del wrapper.is_usable
+        wrapper.health_check_enabled = enabled
+    _idle()
+    assert sorted(Tweet.objects.values_list("author", flat=True)) == ["ann", "bob"]

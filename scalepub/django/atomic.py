@@ -90,6 +90,8 @@ class _Outer:
     def __enter__(self) -> None:
         c = self.connection
         c.close_if_health_check_failed()  # as set_autocommit does: never BEGIN on a dead one
+        if c.connection is None:  # it was closed: reconnect, as set_autocommit would
+            c.ensure_connection()
         c.commit_on_exit, c.needs_rollback = True, False
         if c.vendor == "sqlite":
             mode = getattr(c, "transaction_mode", None)  # Django >= 5.1
