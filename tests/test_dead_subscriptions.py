@@ -6,12 +6,15 @@ publisher's service stayed and every later item was routed to it (docs/security.
 ops/ejabberd/mod_scalepub_purge.erl unsubscribes such an account on the other services too.
 Here anonymous sessions subscribe and end in each way a browser's can: a clean stream close,
 a TCP reset, a BOSH session left to time out; the node must keep only the live subscriber,
-who still gets the next item.
+who still gets the next item. Sessions that were open when ejabberd was killed never ran the
+hook: the module removes them when ejabberd starts again.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import socket
 import struct
 import time
@@ -22,9 +25,10 @@ from xml.sax.saxutils import quoteattr
 import pytest
 
 from loadtest.bosh import BoshClient, HTTPTransport
+from loadtest.run import ejabberd_pids
 from tests.e2e import wait_until
 from tests.rawxmpp import NS_PUBSUB, RawClient
-from tests.stack import Stack
+from tests.stack import Stack, running
 
 pytestmark = pytest.mark.stack
 
@@ -32,6 +36,9 @@ NS_OWNER = "http://jabber.org/protocol/pubsub#owner"
 # Seconds: closed/reset TCP sessions (ejabberd sees the close at once) and BOSH sessions
 # (mod_bosh's max_inactivity, 30 s by default, after the last request), with room for a loaded box.
 TCP_BOUND = 15.0
+# Seconds for Mnesia to write the node and subscriptions to disk before the kill (they would
+# be lost with it, and there would be nothing to test).
+MNESIA_DUMP = 5.0
 BOSH_BOUND = 75.0
 
 
@@ -128,3 +135,37 @@ def test_anonymous_subscriptions_end_with_their_sessions(stack: Stack,
     assert live.read_until(rb"<entry xmlns='urn:scalepub:test'>after</entry>")
     live.close()
     print(f"dead subscriptions gone: TCP {tcp_seconds:.1f} s, BOSH {time.monotonic() - started:.1f} s")
+
+
+@pytest.fixture
+def own_stack() -> Iterator[Stack]:
+    """A stack of its own: this test kills its ejabberd."""
+    yield from running()
+
+
+def login_publisher(stack: Stack) -> RawClient:
+    env = stack.env
+    user, domain = env["SCALEPUB_XMPP_JID"].split("@")
+    client = RawClient(env["SCALEPUB_XMPP_HOST"], int(env["SCALEPUB_XMPP_PORT"]))
+    client.login_plain(user, domain, env["SCALEPUB_XMPP_PASSWORD"])
+    return client
+
+
+def test_subscriptions_of_sessions_open_at_a_crash_go_at_the_next_start(own_stack: Stack) -> None:
+    service, node = own_stack.env["SCALEPUB_PUBSUB_SERVICE"], "/dead/crash"
+    publisher = login_publisher(own_stack)
+    answer = publisher.iq(f"<pubsub xmlns='{NS_PUBSUB}'><create node={quoteattr(node)}/>"
+                          "</pubsub>", service, "set")
+    assert b"type='result'" in answer, answer
+    clients = [anonymous(own_stack, service, node) for _ in range(3)]
+    assert len(subscribers(publisher, service, node)) == 3
+    time.sleep(MNESIA_DUMP)
+    for pid in ejabberd_pids(own_stack):
+        os.kill(pid, signal.SIGKILL)  # no session of it ends: no hook runs
+    assert wait_until(lambda: not ejabberd_pids(own_stack), 30)
+    for client in clients:
+        client.sock.close()
+    own_stack.up()
+    publisher = login_publisher(own_stack)
+    assert subscribers(publisher, service, node) == set()
+    publisher.close()

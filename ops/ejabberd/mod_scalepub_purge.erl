@@ -18,7 +18,7 @@
 %% A gen_mod module (no -behaviour attribute: erlc here does not see ejabberd's beams).
 
 -export([start/2, stop/1, reload/3, depends/2, mod_options/1, mod_opt_type/1, mod_doc/0]).
--export([remove_user/2, unregister_connection/3]).
+-export([remove_user/2, unregister_connection/3, sweep/0]).
 
 %% After mod_pubsub's own remove_user (50): independent of it, but its work comes first.
 -define(PRIORITY, 60).
@@ -26,10 +26,12 @@
 -define(SASL_ANONYMOUS, anonymous).
 
 start(Host, _Opts) ->
+    ejabberd_hooks:add(ejabberd_started, ?MODULE, sweep, 100),
     ejabberd_hooks:add(sm_remove_connection_hook, Host, ?MODULE, unregister_connection, 100),
     ejabberd_hooks:add(remove_user, Host, ?MODULE, remove_user, ?PRIORITY).
 
 stop(Host) ->
+    ejabberd_hooks:delete(ejabberd_started, ?MODULE, sweep, 100),
     ejabberd_hooks:delete(sm_remove_connection_hook, Host, ?MODULE, unregister_connection, 100),
     ejabberd_hooks:delete(remove_user, Host, ?MODULE, remove_user, ?PRIORITY).
 
@@ -50,6 +52,28 @@ unregister_connection(_SID, JID, Info) ->
          andalso ejabberd_sm:get_user_resources(LUser, LServer) == [] of
         true -> ejabberd_hooks:run(remove_user, LServer, [LUser, LServer]);
         false -> ok
+    end.
+
+%% At start: accounts whose sessions never ran the hook above (open when ejabberd crashed or
+%% was killed, or ended before this module was enabled) still have subscriptions. Remove every
+%% account of a SASL ANONYMOUS host that has them and no session now (on any cluster node).
+sweep() ->
+    lists:foreach(fun sweep/1, [H || H <- ejabberd_option:hosts(),
+                                     ejabberd_auth_anonymous:is_sasl_anonymous_enabled(H)]).
+
+sweep(Host) ->
+    try
+        %% #pubsub_state{stateid = {{User, Host, _}, _}} (pubsub.hrl; mnesia, the default db)
+        Users = lists:usort(mnesia:dirty_select(
+                              pubsub_state,
+                              [{{pubsub_state, {{'$1', Host, '_'}, '_'}, '_', '_', '_', '_'},
+                                [], ['$1']}])),
+        Gone = [U || U <- Users, ejabberd_sm:get_user_resources(U, Host) == []],
+        lists:foreach(fun(U) -> ejabberd_hooks:run(remove_user, Host, [U, Host]) end, Gone),
+        logger:notice("mod_scalepub_purge: removed ~B ended anonymous accounts of ~ts",
+                      [length(Gone), Host])
+    catch Class:Reason ->
+        logger:warning("mod_scalepub_purge: start-up sweep of ~ts: ~p:~p", [Host, Class, Reason])
     end.
 
 remove_user(User, Server) ->
