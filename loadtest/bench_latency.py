@@ -120,12 +120,12 @@ class Probe:
     stop: threading.Event = field(default_factory=threading.Event)
 
 
-def produce(settings: Any, nodes: list[str], rate: float, probe: Probe) -> None:
+def produce(settings: Any, nodes: list[str], rate: float, probe: Probe, version: int) -> None:
     """One entry per append call at ``rate``/s, round robin over ``nodes``."""
     def count(_node: str) -> None:
         probe.appended += 1
 
-    append_paced(settings, nodes, rate, probe.stop, count)
+    append_paced(settings, nodes, rate, probe.stop, count, version)
 
 
 def collect(proc: subprocess.Popen[bytes], probe: Probe) -> None:
@@ -187,7 +187,7 @@ def run_variant(v: Variant, env: dict[str, str], nodes: list[str], args: argpars
     penv = {**env, "PYTHONPATH": v.pythonpath or env.get("PYTHONPATH", "")}
     slug = re.sub(r"\W+", "-", v.label)
     pool = start([str(Path(sys.executable).parent / "scalepub"), "run", "--metrics-port",
-                  str(port), *v.args], penv, work / f"pool-{slug}.log")
+                  str(port), *v.args], penv, work / f"pool-{slug}.log", cwd=v.pythonpath or REPO)
     probe = Probe()
     sub = subprocess.Popen([sys.executable, __file__, "--subscribe", str(work / "nodes.json")],
                            env=env, stdout=subprocess.PIPE,
@@ -200,8 +200,10 @@ def run_variant(v: Variant, env: dict[str, str], nodes: list[str], args: argpars
         # Every shard connected: start-up (processes importing on a busy box) is not latency.
         wait_until(lambda: (work / f"pool-{slug}.log").read_text().count("connected as")
                    >= args.shards, "every shard's XMPP session")
+        # An older pool gets version 1 envelopes: every pool reads those.
         producer = threading.Thread(target=produce, daemon=True,
-                                    args=(Settings.from_env(env), nodes, args.rate, probe))
+                                    args=(Settings.from_env(env), nodes, args.rate, probe,
+                                          1 if v.pythonpath else 0))
         producer.start()
         groups = {**groups, "pool": [pool.pid], "subscriber": [sub.pid]}
         time.sleep(args.warmup_s)

@@ -243,12 +243,14 @@ class Probe:
 
 
 def append_paced(settings: Any, nodes: list[str], rate: float, stop: threading.Event,
-                 appended: Callable[[str], None]) -> None:
+                 appended: Callable[[str], None], version: int = 0) -> None:
     """One entry per append call at ``rate``/s, round robin over ``nodes`` (catching up late),
-    ``appended(node)`` after each; until ``stop``. Also bench_latency's producer."""
+    ``appended(node)`` after each; until ``stop``. Also bench_latency's producer. ``version``:
+    the envelope version written (default: this producer's)."""
     from scalepub.producer import PendingEntry, StreamProducer
 
     producer = StreamProducer(settings)
+    producer.envelope_version = version or producer.envelope_version
     started, i = time.monotonic(), 0
     try:
         while not stop.is_set():
@@ -413,9 +415,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+def start(cmd: list[str], env: dict[str, str], log_path: Path,
+          cwd: str | Path = REPO) -> subprocess.Popen[bytes]:
+    """``cmd`` in its own session, output to ``log_path``. ``cwd``: a pool's forkserver runs
+    ``python -c``, whose sys.path starts with the working directory, so a pool of another
+    revision must start in its own tree or its shards import the checkout's code."""
     with log_path.open("ab") as out:
-        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
                                 start_new_session=True)
 
 
