@@ -87,6 +87,10 @@ class Keys:
         """Key whose holder is the one outbox relay moving ``database``'s rows."""
         return f"{self.prefix}:relay:{database}"
 
+    def relay_nudge(self, database: str) -> str:
+        """Pub/sub channel on which relays that do not lead wake the leader of ``database``."""
+        return f"{self.prefix}:relay:{database}:nudge"
+
     def relay_state(self, database: str) -> str:
         """Hash with the outbox backlog the relay of ``database`` last saw (with a TTL)."""
         return f"{self.prefix}:relay:{database}:state"

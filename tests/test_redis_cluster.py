@@ -25,6 +25,7 @@ from django.core.management import call_command
 from redis.crc import key_slot
 
 from scalepub.connections import sync_client, wait_replicas
+from scalepub.django import nudge
 from scalepub.django.models import OutboxEntry
 from scalepub.history import read_history
 from scalepub.producer import PendingEntry, Refusal, StreamProducer
@@ -222,6 +223,24 @@ def test_outbox_relay_pool_and_history_on_the_cluster(cluster_stack: Stack,
         s: f"127.0.0.1:{p}" for s, p in masters.items()}
     assert all(s.lag == 0 and s.pending == 0 for s in statuses), statuses
     assert [e.seq for e in history.entries] == [46, 47, 48, 49, 50] and not history.lost
+
+
+def test_relay_nudges_use_sharded_pubsub_on_the_cluster(cluster_settings: Settings) -> None:
+    """Issue 16 §1: a follower's nudge (SPUBLISH) reaches the leader's subscription
+    (SSUBSCRIBE on the master of the channel's slot) and wakes it."""
+    client = sync_client(cluster_settings)
+    channel = Keys(cluster_settings.key_prefix).relay_nudge("default:test")
+    wake, stop = threading.Event(), threading.Event()
+    subscriber = nudge.Subscriber(client, channel, wake, stop)
+    try:
+        assert wait_until(lambda: subscriber.listening, timeout=10)
+        wake.clear()  # the wake-up every (re)subscription gives
+        assert nudge.send(client, channel)
+        assert wake.wait(5)
+    finally:
+        stop.set()
+        subscriber.close()
+        client.close()
 
 
 def test_status_names_the_shards_whose_master_does_not_answer(

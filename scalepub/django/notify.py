@@ -6,7 +6,8 @@ once per transaction however many rows) to every session that LISTENs on the dat
 relay that holds the lease keeps one such session in a small thread that sets its wake-up
 event, so rows committed by any process (other gunicorn workers, management commands, raw
 SQL that inserts outbox rows) move at once instead of at the next poll. Other databases have
-no notifications: their relay polls (``OUTBOX_POLL_MS``).
+no notifications: relays that do not lead nudge the leader over Redis pub/sub (``nudge``),
+and the leader still polls (``OUTBOX_POLL_MS``).
 """
 
 from __future__ import annotations
@@ -95,18 +96,27 @@ class Listener:
         self.thread.join(timeout)
 
 
-def listener(using: str, wake: threading.Event, stop: threading.Event) -> Listener | None:
-    """A Listener for ``using``, or None when that database cannot notify (or the driver is
-    not psycopg 3)."""
+def available(using: str) -> bool:
+    """Whether the relay of ``using`` can LISTEN: PostgreSQL, with psycopg 3 installed.
+    Elsewhere relays that do not lead nudge the leader over Redis (``nudge``)."""
     if not supported(using):
-        return None
+        return False
     try:
         import psycopg
     except ImportError:
-        log.info("scalepub relay: %s is PostgreSQL but psycopg 3 is not installed: polling",
-                 using)
-        return None
+        return False
     del psycopg  # psycopg >= 3.2 (pyproject): notifies(timeout=...)
+    return True
+
+
+def listener(using: str, wake: threading.Event, stop: threading.Event) -> Listener | None:
+    """A Listener for ``using``, or None when that database cannot notify (or the driver is
+    not psycopg 3)."""
+    if not available(using):
+        if supported(using):
+            log.info("scalepub relay: %s is PostgreSQL but psycopg 3 is not installed: "
+                     "polling", using)
+        return None
     return Listener(using, wake, stop)
 
 

@@ -3,13 +3,14 @@
 One relay per database works at a time (a Redis lease), so rows leave the table in id order
 and per-node order survives (the order it guarantees when writers commit out of id order:
 docs/reliability.md §1, "Relay order"). On PostgreSQL an idle relay is woken by the commit
-notifications of any process (``notify``); elsewhere it polls. By default every serving
-Django process runs a relay thread that competes for the lease (``OUTBOX_RELAY = "thread"``,
-started by ``runtime``); ``manage.py scalepub_relay`` runs one on its own. Rows are deleted
-only after Redis appended them. A relay that dies in between, or whose append timed out after
-Redis ran it, leaves rows that were appended: the append script keeps, per shard, the outbox
-ids of the last call from this database and answers those rows with where they landed
-instead of appending them twice.
+notifications of any process (``notify``); elsewhere by its own process's commits and by the
+nudges the relays of other processes publish after theirs (``nudge``), and it still polls.
+By default every serving Django process runs a relay thread that competes for the lease
+(``OUTBOX_RELAY = "thread"``, started by ``runtime``); ``manage.py scalepub_relay`` runs one
+on its own. Rows are deleted only after Redis appended them. A relay that dies in between, or
+whose append timed out after Redis ran it, leaves rows that were appended: the append script
+keeps, per shard, the outbox ids of the last call from this database and answers those rows
+with where they landed instead of appending them twice.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from django.db import DatabaseError, connections
 
 from scalepub import metrics
 from scalepub.connections import sync_client
-from scalepub.django import notify, outbox
+from scalepub.django import notify, nudge, outbox
 from scalepub.producer import Refusal, StreamProducer
 from scalepub.settings import Settings
 from scalepub.sharding import Keys
@@ -52,6 +53,8 @@ _BACKOFF_MAX_S = 1.0
 # An idle leader woken by commit notifications (PostgreSQL) still looks this often: rows a
 # notification never announced (a LISTEN session that was down and is back) wait no longer.
 LISTENING_POLL_S = 1.0
+# A relay that does not lead tries to take the lease this often.
+FOLLOW_RETRY_S = 1.0
 _STOP_CHECK_S = 0.1
 # The gather window: a woken leader starts its next round no sooner than this after the last
 # one started, and under load no sooner than _ROUND_GAP_FACTOR times the CPU time the last
@@ -126,6 +129,11 @@ class Relay:
         keys = Keys(settings.key_prefix)
         self.lease = Lease(sync_client(settings), keys.relay_lease(self.database))
         self.state_key = keys.relay_state(self.database)
+        self.nudge_channel = keys.relay_nudge(self.database)
+        # No LISTEN/NOTIFY on this database: commits of other processes arrive as nudges.
+        self.nudging = not notify.available(using)
+        self.following = False  # the last round found another relay holding the lease
+        self._nudges: nudge.Subscriber | None = None
         self._refused_reason = ""  # failure_reason of the last refusal; empty while accepted
         self._reported = 0.0
         self._listener: notify.Listener | None = None
@@ -203,7 +211,9 @@ class Relay:
                 started, cpu = time.monotonic(), time.thread_time()
                 with in_round:
                     delay, idle = self._step(delay)
-                if delay:
+                if self.following:
+                    self._follow(wake, stop)
+                elif delay:
                     stop.wait(delay)
                 elif idle:
                     took = time.thread_time() - cpu
@@ -215,7 +225,21 @@ class Relay:
         finally:
             if self._listener is not None:
                 self._listener.join()
+            self._unsubscribe()
         self._drain()
+
+    def _follow(self, wake: threading.Event, stop: threading.Event) -> None:
+        """Until the next try for the lease: nudge the leader after this process's commits,
+        once per wake-up (commits of the next _MIN_ROUND_GAP_S share it)."""
+        deadline = time.monotonic() + FOLLOW_RETRY_S
+        while not stop.is_set():
+            _wait(wake, stop, deadline - time.monotonic())
+            if not wake.is_set():
+                return
+            wake.clear()
+            if self.nudging:
+                nudge.send(self.lease.client, self.nudge_channel)
+            stop.wait(_MIN_ROUND_GAP_S)
 
     def _idle_wait(self, wake: threading.Event, stop: threading.Event) -> float:
         """How long the idle leader waits for a wake-up: on PostgreSQL every commit notifies
@@ -226,14 +250,26 @@ class Relay:
             self._no_listener = self._listener is None
         if self._listener is not None and self._listener.listening:
             return LISTENING_POLL_S
+        if self.nudging and self._nudges is None:
+            self._nudges = nudge.Subscriber(self.lease.client, self.nudge_channel, wake, stop)
         return self.settings.outbox_poll_ms / 1000
+
+    def _unsubscribe(self) -> None:
+        """Stop taking nudges (stopping, or another relay leads: a follower woken by nudges
+        would nudge in turn)."""
+        if self._nudges is not None:
+            self._nudges.close()
+            self._nudges = None
 
     def _step(self, delay: float) -> tuple[float, bool]:
         """One round: the delay before the next (growing while things fail), and idleness."""
         try:
+            self.following = False
             if not self.lease.hold():
                 metrics.RELAY_LEADER.set(0)
-                return 1.0, True
+                self.following = True
+                self._unsubscribe()
+                return FOLLOW_RETRY_S, True
             metrics.RELAY_LEADER.set(1)
             done = self.relay_once()
         except (redis.RedisError, DatabaseError) as exc:
