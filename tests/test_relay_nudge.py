@@ -28,7 +28,7 @@ __all__ = ["example_env"]  # the fixture, used by name
 POLL_MS = 5000
 
 
-def nudge_channels(client: redis.Redis, settings: Settings) -> list[bytes]:
+def nudge_channels(client: redis.Redis, settings: Settings) -> list[bytes | str]:
     """The nudge channels someone is subscribed to under this test's prefix."""
     return list(client.pubsub_channels(f"{settings.key_prefix}:relay:*:nudge"))
 
