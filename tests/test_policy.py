@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from scalepub.shard.policy import (
     AUTH_RETRY_S,
     MAX_TRANSIENT_RETRIES,
+    MISSING_NODE_TRIES,
     RECONNECT_FIRST_S,
     RECONNECT_MAX_S,
     REDIS_RETRY_FIRST_S,
@@ -27,6 +28,7 @@ from scalepub.shard.policy import (
 )
 
 RETRY, SPLIT, DEAD, SEND = Action.RETRY, Action.SPLIT, Action.DEAD_LETTER, Action.SEND
+CREATE = Action.CREATE_NODE
 F = Failure
 
 LOST_5 = "connection lost 5 times while publishing it"
@@ -34,6 +36,7 @@ LOST_6 = "connection lost 6 times while publishing it"
 TOO_BIG = "modify/not-acceptable: payload too big"
 REFUSED = f"refused by the XMPP server: {TOO_BIG}"
 BUSY = "wait/resource-constraint"
+NOT_FOUND = "cancel/item-not-found"
 
 ROWS: list[tuple[Failure, History, str, Decision]] = [
     # Connection lost while in flight: re-sent as is twice, then halved, the halves keeping
@@ -68,6 +71,17 @@ ROWS: list[tuple[Failure, History, str, Decision]] = [
     (F.REFUSED_CONTENT, History(2, resends=1), TOO_BIG, Decision(SPLIT, reason=REFUSED)),
     (F.REFUSED_CONTENT, History(1), TOO_BIG, Decision(DEAD, reason=REFUSED)),
     (F.REFUSED_CONTENT, History(1, resends=4, retries=3), TOO_BIG, Decision(DEAD, reason=REFUSED)),
+    # item-not-found: the node's auto-creation most likely aborted: sent to node creation
+    # three times (counted as retries), then refused transiently like the others.
+    (F.MISSING_NODE, History(10), NOT_FOUND, Decision(CREATE)),
+    (F.MISSING_NODE, History(1, retries=2), NOT_FOUND, Decision(CREATE)),
+    (F.MISSING_NODE, History(10, resends=3, retries=1), NOT_FOUND, Decision(CREATE)),
+    (F.MISSING_NODE, History(10, retries=3), NOT_FOUND, Decision(RETRY, delay_s=0.8)),
+    (F.MISSING_NODE, History(10, retries=7), NOT_FOUND, Decision(RETRY, delay_s=5.0)),
+    (F.MISSING_NODE, History(10, retries=8), NOT_FOUND,
+     Decision(SPLIT, reason=f"refused by the XMPP server: {NOT_FOUND}")),
+    (F.MISSING_NODE, History(1, retries=8), NOT_FOUND,
+     Decision(DEAD, reason=f"refused by the XMPP server: {NOT_FOUND}")),
     # Not allowed to publish there: retried every 5 s for ever, never dropped.
     (F.AUTH, History(10), "auth/forbidden", Decision(RETRY, delay_s=5.0)),
     (F.AUTH, History(1), "auth/forbidden", Decision(RETRY, delay_s=5.0)),
@@ -104,7 +118,8 @@ def test_decision_table(failure: Failure, batch: History, detail: str,
     ("cancel", "remote-server-timeout", F.REFUSED_TRANSIENT),
     ("cancel", "service-unavailable", F.REFUSED_TRANSIENT),
     ("cancel", "recipient-unavailable", F.REFUSED_TRANSIENT),
-    ("cancel", "item-not-found", F.REFUSED_TRANSIENT),  # ejabberd's node auto-create race
+    ("cancel", "item-not-found", F.MISSING_NODE),  # e.g. ejabberd's node auto-create race
+    ("wait", "item-not-found", F.MISSING_NODE),
     ("modify", "not-acceptable", F.REFUSED_CONTENT),
     ("modify", "bad-request", F.REFUSED_CONTENT),
     ("cancel", "conflict", F.REFUSED_CONTENT),
@@ -156,6 +171,8 @@ def _resolve(failure: Failure, entries: int) -> tuple[list[int], int, list[float
         elif decision.action is RETRY:
             delays.append(decision.delay_s)
             todo.append(History(batch.entries, batch.resends, batch.retries + 1))
+        elif decision.action is CREATE:  # created, then refused again
+            todo.append(History(batch.entries, batch.resends, batch.retries + 1))
         elif decision.action is SPLIT:
             first, second = _halves(batch.entries)
             todo += [History(n, decision.resends) for n in (second, first) if n]
@@ -174,6 +191,16 @@ def test_every_failure_but_auth_ends_with_each_entry_dead_lettered_once(
     # within a batch and never exceed the cap
     assert len(delays) <= MAX_TRANSIENT_RETRIES * (2 * entries - 1)
     assert all(0 < d <= TRANSIENT_RETRY_MAX_S for d in delays)
+
+
+def test_a_missing_node_is_created_three_times_then_retried_as_transient() -> None:
+    steps = []
+    batch = History(1)
+    while (decision := decide(F.MISSING_NODE, batch, NOT_FOUND)).action in (CREATE, RETRY):
+        steps.append(decision.delay_s if decision.action is RETRY else "create")
+        batch = History(1, retries=batch.retries + 1)
+    assert steps == ["create"] * MISSING_NODE_TRIES + [0.8, 1.6, 3.2, 5.0, 5.0]
+    assert decision == Decision(DEAD, reason=f"refused by the XMPP server: {NOT_FOUND}")
 
 
 def test_transient_retries_of_one_batch_are_bounded_and_grow() -> None:

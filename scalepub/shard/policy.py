@@ -1,4 +1,5 @@
-"""What a shard does when publishing fails: send as is, retry later, split, or dead-letter.
+"""What a shard does when publishing fails: send as is, retry later, create the node first,
+split, or dead-letter.
 
 A pure function of the failure and the batch's history, so the rules can be read in one
 place and tested as a table (tests/test_policy.py); publisher.py and reader.py carry them out.
@@ -22,10 +23,12 @@ MAX_TRANSIENT_RETRIES = 8
 TRANSIENT_CONDITIONS = frozenset({
     "internal-server-error", "resource-constraint", "remote-server-timeout",
     "service-unavailable", "recipient-unavailable",
-    # ejabberd answers item-not-found when two connections auto-create nodes at once and
-    # its mnesia transaction aborts; the retry finds the node.
-    "item-not-found",
 })
+# item-not-found: most likely the node's auto-creation aborted (ejabberd's mnesia
+# transaction, when two connections auto-create nodes at once): the batch goes to node
+# creation (creator.py) this many times, counted as retries; after that its refusals are
+# transient ones (retried with a delay up to MAX_TRANSIENT_RETRIES, then split).
+MISSING_NODE_TRIES = 3
 # The n-th transient retry waits TRANSIENT_RETRY_BASE_S * 2**n, at most TRANSIENT_RETRY_MAX_S.
 TRANSIENT_RETRY_BASE_S = 0.05
 TRANSIENT_RETRY_MAX_S = 5.0
@@ -45,6 +48,7 @@ class Failure(enum.Enum):
     REFUSED_CONTENT = "refused_content"  # any other refusal: something in the batch
     AUTH = "auth"  # error type auth: the account may not publish to the node (now)
     NO_SERVICE = "no_service"  # remote-server-not-found: no such pubsub service (a setting)
+    MISSING_NODE = "missing_node"  # item-not-found: the node does not exist (yet)
     CONNECTION_LOST = "connection_lost"  # in flight when the link dropped; now re-sent
     UNREADABLE_ENTRY = "unreadable_entry"  # the envelope does not decode, or a bad node
     TOO_LARGE = "too_large"  # one entry alone exceeds batch_max_bytes
@@ -56,6 +60,7 @@ class Action(enum.Enum):
 
     SEND = "send"  # publish it as it is (now)
     RETRY = "retry"  # publish it as it is after ``delay_s``, counting one more retry
+    CREATE_NODE = "create_node"  # create its node, then publish it, counting one more retry
     SPLIT = "split"  # publish its two halves instead, in order
     DEAD_LETTER = "dead_letter"  # move its single entry to the dead-letter stream
 
@@ -80,6 +85,7 @@ class Decision:
 
 
 SEND = Decision(Action.SEND)
+CREATE_NODE = Decision(Action.CREATE_NODE)
 
 
 def classify(error_type: str, condition: str) -> Failure:
@@ -88,6 +94,8 @@ def classify(error_type: str, condition: str) -> Failure:
         return Failure.AUTH
     if condition == "remote-server-not-found":  # about the addressee, never the content
         return Failure.NO_SERVICE
+    if condition == "item-not-found":
+        return Failure.MISSING_NODE
     if error_type == "wait" or condition in TRANSIENT_CONDITIONS:
         return Failure.REFUSED_TRANSIENT
     return Failure.REFUSED_CONTENT
@@ -103,7 +111,10 @@ def decide(failure: Failure, batch: History, detail: str = "") -> Decision:
         return _after_connection_loss(batch)
     if failure in (Failure.AUTH, Failure.NO_SERVICE):
         return Decision(Action.RETRY, delay_s=AUTH_RETRY_S)
-    if failure is Failure.REFUSED_TRANSIENT and batch.retries < MAX_TRANSIENT_RETRIES:
+    if failure is Failure.MISSING_NODE and batch.retries < MISSING_NODE_TRIES:
+        return CREATE_NODE
+    if (failure in (Failure.REFUSED_TRANSIENT, Failure.MISSING_NODE)
+            and batch.retries < MAX_TRANSIENT_RETRIES):
         return Decision(Action.RETRY, delay_s=transient_delay(batch.retries + 1))
     reason = _describe(failure, detail)
     if batch.entries > 1:  # isolate the entry at fault: never dead-letter its neighbours

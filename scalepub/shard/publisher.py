@@ -35,8 +35,6 @@ from scalepub.xmpp.link import Reply, XmppAuthError, XmppLink, XmppUnreachable
 
 log = logging.getLogger(__name__)
 
-# item-not-found refusals of one batch that send it to node creation; more go to the policy.
-MISSING_NODE_TRIES = 3
 # While the lease is not valid, the window is looked at again this often.
 REPUMP_S = 0.1
 
@@ -203,15 +201,15 @@ class Publisher:
 
     def _refused(self, batch: Batch, reply: Reply) -> None:
         self.meters.errors("xmpp_refused").inc()
-        if reply.condition == "item-not-found" and batch.retries < MISSING_NODE_TRIES:
+        decision = decide(classify(reply.error_type, reply.condition), history(batch),
+                          reply.reason)
+        if decision.action is Action.CREATE_NODE:
             # Most likely its auto-creation aborted (creator.py): create it, then publish.
             batch.retries += 1
             self.stats.retries += 1
             self.meters.retries.inc()
             self.creator.refused_missing(batch)
             return
-        decision = decide(classify(reply.error_type, reply.condition), history(batch),
-                          reply.reason)
         if decision.action is Action.RETRY:
             self.health.refused(batch.node, reply.error_type, reply.condition)
             log.warning("shard %s: publish to %s refused (%s), retrying in %.1f s",
