@@ -8,6 +8,7 @@ rule is exercised by every pool test; here the order of events is exact.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from scalepub.settings import Settings
@@ -47,12 +48,14 @@ class _Acks:
         self.acked.extend(ids)
 
 
-def _publisher(window: int = 32) -> tuple[Publisher, _Link, Batcher]:
+def _publisher(window: int = 32, allowed: Callable[[], bool] = lambda: True
+               ) -> tuple[Publisher, _Link, Batcher]:
+    """A Publisher on a fake link; ``allowed`` stands for the shard's lease (valid)."""
     settings = Settings(window=window, linger_ms=0)
     batcher = Batcher(Caps(250, 128_000, 0.0))
     pub = Publisher(settings, "t", "r", batcher, _Acks(), Stats(),  # type: ignore[arg-type]
                     Meters("t"), Health(), max_buffer=10_000, stop=asyncio.Event(),
-                    space=asyncio.Event(), spawn=lambda _c: None)
+                    space=asyncio.Event(), spawn=lambda _c: None, allowed=allowed)
     link = _Link()
     pub.link = link  # type: ignore[assignment]
     return pub, link, batcher
@@ -121,13 +124,12 @@ def test_a_pump_refused_by_the_lease_is_tried_again_without_another_trigger() ->
     lease was not valid (a late renewal). The publisher looks again by itself, so the held
     entries go once the lease is valid again (a shard once stalled holding 12,000)."""
     async def main() -> None:
-        pub, link, batcher = _publisher()
-        valid = False
-        pub.allowed = lambda: valid
+        lease = {"valid": False}
+        pub, link, batcher = _publisher(allowed=lambda: lease["valid"])
         batcher.add(entry("/a", 1), 0, now=0.0)
         pub.pump()
         assert link.sent == []
-        valid = True
+        lease["valid"] = True
         await asyncio.sleep(0.3)
         assert _nodes_and_seqs(link) == [("/a", [1])]
 

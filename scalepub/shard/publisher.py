@@ -50,7 +50,7 @@ class Publisher:
     def __init__(self, settings: Settings, name: str, resource: str, batcher: Batcher,
                  acks: Acks, stats: Stats, meters: Meters, health: Health, *,
                  max_buffer: int, stop: asyncio.Event, space: asyncio.Event,
-                 spawn: Spawn) -> None:
+                 spawn: Spawn, allowed: Callable[[], bool]) -> None:
         self.settings = settings
         self.name = name
         self.batcher = batcher
@@ -66,15 +66,12 @@ class Publisher:
         self.draining = False  # stopping: nothing more is sent
         self._repump: asyncio.TimerHandle | None = None
         # Checked right before each send and reconnect: the shard's lease (worker.py).
-        self.allowed: Callable[[], bool] = _always
+        self.allowed = allowed
         self.link = XmppLink(settings, resource, self._awaits, self._on_reply,
                              self._on_down, meters.ignored)
         self.creator = NodeCreator(acks.redis, acks.keys.node_creation, self.link,
                                    settings.pubsub_service, settings.node_access_model,
-                                   self._created, self._may_send, name)
-
-    def _may_send(self) -> bool:
-        return self.allowed()  # looked up each time: the worker sets it after __init__
+                                   self._created, allowed, name)
 
     def _awaits(self, iq_id: str) -> bool:
         """Whether ``iq_id`` is one of ours in flight: a publish, or a node creation."""
@@ -289,7 +286,3 @@ class Publisher:
                             self.name, exc, delay)
             await asyncio.sleep(delay)
             delay = backoff(delay, RECONNECT_MAX_S)
-
-
-def _always() -> bool:
-    return True

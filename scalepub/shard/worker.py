@@ -78,8 +78,7 @@ class ShardWorker:
         self.publisher = Publisher(
             settings, self._name, resource, self.batcher,
             self.acks, self.stats, self._meters, self.health, max_buffer=max_buffer,
-            stop=self._stop, space=self._space, spawn=self._spawn)
-        self.publisher.allowed = self.lease.valid
+            stop=self._stop, space=self._space, spawn=self._spawn, allowed=self.lease.valid)
         self.reader = Reader(self.redis, {stream: shard}, f"shard-{shard}", self.batcher,
                              self.acks, retrying, self.stats, self.lease, max_buffer=max_buffer,
                              stop=self._stop, space=self._space, on_taken=self.publisher.pump)
