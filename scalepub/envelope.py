@@ -16,7 +16,6 @@ from scalepub.xmpp.batch import entry_tail, payload_of_tail
 
 VERSION = 2  # what encode() and split_encode() write
 VERSIONS = (1, 2)  # what the readers accept
-FORMATS = ("xml", "json")
 
 # Map keys, short because they repeat in every entry. Version 2 has "w" instead of "payload".
 _FIELDS = ("v", "seq", "node", "ts", "model", "pk", "fmt", "payload")
@@ -44,7 +43,7 @@ class Envelope:
     ts_ns: int  # time.time_ns() at commit: the start of end-to-end latency
     model: str  # "app_label.modelname"
     pk: str
-    fmt: str  # "xml" or "json"
+    fmt: str  # one of scalepub.settings.PAYLOAD_FORMATS
     payload: bytes  # the serialized instance, embedded verbatim by the shard
 
 

@@ -17,7 +17,7 @@ import redis
 ENV_PREFIX = "SCALEPUB_"
 DJANGO_SETTING = "SCALEPUB"
 
-PAYLOAD_FORMATS = ("xml", "json")
+PAYLOAD_FORMATS = ("xml", "json")  # the payload formats an entry can carry (envelope "fmt")
 DELIVERY_MODES = ("outbox", "direct")
 RELAY_MODES = ("thread", "external")
 TLS_MODES = ("auto", "required", "off")

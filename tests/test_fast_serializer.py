@@ -34,9 +34,8 @@ from twitter.models import Tweet
 from scalepub.django.models import OutboxEntry
 from scalepub.django.rowformat import RowFormat, forget, row_format
 from scalepub.django.serialize import _clean, _render, django_text, serialize
-from tests.test_hostile import ANY_CHAR, ANY_TEXT
+from tests.test_hostile import ANY_CHAR, ANY_TEXT, FORMATS
 
-FORMATS = ("xml", "json")
 DECLARATION = '<?xml version="1.0" encoding="utf-8"?>\n'
 C0 = "".join(chr(c) for c in range(0x20) if chr(c) not in "\t\n\r")
 

@@ -43,13 +43,13 @@ from scalepub.django.serialize import (
 )
 from scalepub.nodes import InvalidNodeName, validate_node
 from scalepub.producer import PendingEntry, StreamProducer
-from scalepub.settings import Settings
+from scalepub.settings import PAYLOAD_FORMATS, Settings
 from scalepub.sharding import Keys, shard_for
 from scalepub.xmpp.batch import NS_BATCH, Batch, Entry, entry_part, publish_iq
 from tests.e2e import Collector, PoolProcess, create_nodes
 from tests.streams import StoredEntry, read_all
 
-FORMATS = ("xml", "json")
+FORMATS = PAYLOAD_FORMATS  # every format the PAYLOAD_FORMAT setting accepts
 # Fragments that broke or could break something: CDATA end, markup, XML-illegal characters,
 # CR (normalised to LF by parsers), astral-plane emoji, a lone surrogate, non-characters.
 HOSTILE = ["]]>", "]]", "]", ">", "<", "&", "&amp;", "<![CDATA[", "\x00", "\x01", "\x0b", "\x1f",
