@@ -41,6 +41,13 @@ def announce(items: Sequence[Item], using: str) -> None:
         transaction.on_commit(partial(_append, entries, using), using=using)
 
 
+def announced(using: str) -> None:
+    """What ``announce`` does after an outbox write, for an entry written with its row's
+    INSERT (scalepub.django.onestatement): count it, wake the relay on commit."""
+    outbox.written_total().inc()
+    transaction.on_commit(partial(runtime.wake, using), using=using)
+
+
 def publish(instance: Model, node: str | None = None) -> None:
     """Publish one instance explicitly (after commit when inside a transaction)."""
     publish_many([instance], node=node)

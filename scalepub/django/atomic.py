@@ -20,7 +20,7 @@ import django
 from django.db import DatabaseError, Error, connections, router, transaction
 from django.db.models import Model
 
-from scalepub.django import outbox
+from scalepub.django import onestatement, outbox
 from scalepub.django.announce import publish_many
 
 M = TypeVar("M", bound=Model)
@@ -36,26 +36,52 @@ def wrap_save(model: type[Model]) -> None:
 
     @functools.wraps(original)
     def save_base(self: Model, *args: Any, **kwargs: Any) -> Any:
+        flags = dict(zip(_SAVE_BASE_ARGS, args, strict=False)) | kwargs
         # Not only while _state.adding: a create that failed in post_save leaves the instance
         # with a pk and adding=False, and saving it again is a create Django finds out late.
-        if not kwargs.get("raw", args[0] if args else False):
-            using = kwargs.get("using") or (args[3] if len(args) > 3 else None)
-            using = using or router.db_for_write(type(self), instance=self)
+        if not flags.get("raw"):
+            using = flags.get("using") or router.db_for_write(type(self), instance=self)
             connection = connections[using]
             if connection.get_autocommit():  # not inside any transaction
-                return _atomic(connection.vendor, using, lambda: original(self, *args, **kwargs))
+                claim = onestatement.claim(self, using, connection.vendor, flags)
+                return _atomic(connection.vendor, using,
+                               lambda: original(self, *args, **kwargs), claim)
         return original(self, *args, **kwargs)
 
     setattr(save_base, _MARK, True)
     save_base.scalepub_own = own  # type: ignore[attr-defined]
     model.save_base = save_base
+    _wrap_insert(model)
 
 
-def _atomic(vendor: str, using: str, save: Callable[[], Any]) -> Any:
-    """``save()`` in a new transaction; on PostgreSQL its outbox rows ride with the COMMIT."""
+# save_base's parameters in order (Django 4.2-5.2), to read positional arguments.
+_SAVE_BASE_ARGS = ("raw", "force_insert", "force_update", "using", "update_fields")
+
+
+def _wrap_insert(model: type[Model]) -> None:
+    """Let onestatement know when the claimed create's own INSERT runs (Django's
+    ``_do_insert``, called once per table a save inserts into)."""
+    own = model.__dict__.get("_do_insert")
+    original: Callable[..., Any] = model._do_insert
+
+    @functools.wraps(original)
+    def _do_insert(self: Model, *args: Any, **kwargs: Any) -> Any:
+        if onestatement.claimed(self):
+            return onestatement.insert(self, original, args, kwargs)
+        return original(self, *args, **kwargs)
+
+    _do_insert.scalepub_own = own  # type: ignore[attr-defined]
+    model._do_insert = _do_insert
+
+
+def _atomic(vendor: str, using: str, save: Callable[[], Any],
+            claim: onestatement.Claim | None = None) -> Any:
+    """``save()`` in a new transaction, or (a ``claim``ed create) as one statement that is
+    its own transaction; on PostgreSQL outbox rows held by the transaction ride with its
+    COMMIT."""
     connection = connections[using]
     lean = _LEAN_DJANGO and vendor in _LEAN_VENDORS and not connection.queries_logged
-    block = _Outer(connection) if lean else transaction.atomic(using=using)
+    block = _Outer(connection, claim) if lean else transaction.atomic(using=using)
     if vendor != "postgresql":  # nothing to hold elsewhere: skip outbox.Held's checks
         with block:
             return save()
@@ -90,8 +116,11 @@ class _Outer:
 
     _from_testcase = False  # read by a durable atomic() nested inside (Django's check)
 
-    def __init__(self, connection: Any) -> None:
+    def __init__(self, connection: Any, claim: onestatement.Claim | None = None) -> None:
         self.connection = connection
+        # A create that may run as one statement (onestatement): then nothing is begun
+        # until the first statement shows whether it is that create's INSERT.
+        self.claim = claim
 
     def __enter__(self) -> None:
         c = self.connection
@@ -99,7 +128,10 @@ class _Outer:
         if c.connection is None:  # it was closed: reconnect, as set_autocommit would
             c.ensure_connection()
         c.commit_on_exit, c.needs_rollback = True, False
-        if c.vendor == "sqlite":
+        if self.claim is not None:
+            onestatement.begin(self.claim)
+            c.execute_wrappers.append(self._first)
+        elif c.vendor == "sqlite":
             mode = getattr(c, "transaction_mode", None)  # Django >= 5.1
             with c.wrap_database_errors:
                 c.connection.execute(f"BEGIN {mode}" if mode else "BEGIN")
@@ -112,16 +144,37 @@ class _Outer:
         c.atomic_blocks.append(self)
 
     def _first(self, execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
-        """PostgreSQL: BEGIN and the transaction's first statement (the model's INSERT) in
-        one pipeline, one round trip instead of two. psycopg, left in autocommit, sends no
-        BEGIN of its own (it would sync after it); its commit and rollback follow the
-        server's transaction status. Only the first statement: in a pipeline ``rowcount`` is
-        unknown until a sync and Django reads it after an UPDATE; this pipeline syncs before
-        ``execute`` returns. (A statement sent on the driver's connection directly, bypassing
-        Django's cursors, before any other would run outside the transaction.)"""
+        """The block's first statement: the claimed create's INSERT with its entry as one
+        statement (the transaction then begins at the next statement, if any), or BEGIN
+        and the statement."""
         self._unhook()
-        raw = self.connection.connection
-        with self.connection.wrap_database_errors, raw.pipeline():
+        claim, self.claim = self.claim, None
+        if claim is not None:
+            result = onestatement.run(claim, execute, sql, params, many, context)
+            if result is not onestatement.DECLINED:
+                self.connection.execute_wrappers.append(self._first)
+                return result
+        return self._begin(execute, sql, params, many, context)
+
+    def _begin(self, execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        """BEGIN, then the statement. PostgreSQL: in one pipeline, one round trip instead of
+        two. psycopg, left in autocommit, sends no BEGIN of its own (it would sync after it);
+        its commit and rollback follow the server's transaction status. Only the first
+        statement: in a pipeline ``rowcount`` is unknown until a sync and Django reads it
+        after an UPDATE; this pipeline syncs before ``execute`` returns. (A statement sent on
+        the driver's connection directly, bypassing Django's cursors, before any other would
+        run outside the transaction.)"""
+        c = self.connection
+        raw = c.connection
+        if c.vendor == "sqlite":
+            mode = getattr(c, "transaction_mode", None)  # Django >= 5.1
+            with c.wrap_database_errors:
+                raw.execute(f"BEGIN {mode}" if mode else "BEGIN")
+            return execute(sql, params, many, context)
+        if not outbox.pipelines(c):
+            c._set_autocommit(False)
+            return execute(sql, params, many, context)
+        with c.wrap_database_errors, raw.pipeline():
             raw.execute("BEGIN")
             return execute(sql, params, many, context)
 
@@ -133,6 +186,7 @@ class _Outer:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         c = self.connection
         self._unhook()
+        onestatement.end()
         c.atomic_blocks.pop()
         c.in_atomic_block = False
         try:
@@ -187,11 +241,12 @@ def unwrap_save(model: type[Model]) -> None:
     own = model.__dict__.get("save_base")
     if not getattr(own, _MARK, False):
         return
-    previous = own.scalepub_own  # type: ignore[union-attr]
-    if previous is None:
-        delattr(model, "save_base")
-    else:
-        model.save_base = previous
+    for name in ("save_base", "_do_insert"):
+        previous = getattr(model.__dict__[name], "scalepub_own", None)
+        if previous is None:
+            delattr(model, name)
+        else:
+            setattr(model, name, previous)
 
 
 def bulk_create(objs: Iterable[M], *, using: str | None = None, node: str | None = None,

@@ -57,7 +57,7 @@ def write(entries: Sequence[PendingEntry], using: str, path: str = "transaction"
     A database error propagates: in ``outbox`` delivery the entry is part of the save, and a
     save whose announcement cannot be recorded must fail loudly rather than lose it.
     """
-    _require_table(using)
+    require_table(using)
     connection = connections[using]
     rows = [(e.node, e.ts_ns, e.model, e.pk, e.fmt, e.payload) for e in entries]
     held = getattr(connection, _HELD, None)
@@ -115,8 +115,11 @@ class Held:
         nothing left to do. Raises Django's DatabaseError (the caller's atomic rolls back)."""
         connection = self.connection
         rows = getattr(connection, _HELD, None)
-        if not self.active or rows is None or connection.needs_rollback:
-            return  # Django's atomic commits (or rolls back) as usual
+        if not self.active or not rows or connection.needs_rollback:
+            # Django's atomic commits (or rolls back) as usual; with nothing held (the entry
+            # went with the INSERT, onestatement) there may be no transaction at all, and
+            # psycopg's commit of an idle connection sends nothing.
+            return
         setattr(connection, _HELD, None)
         raw = connection.connection
         with connection.wrap_database_errors, raw.pipeline():
@@ -146,6 +149,11 @@ def _direct(connection: Any) -> bool:
     the query (query logging under DEBUG, ``execute_wrapper`` instrumentation)."""
     return (connection.vendor == "sqlite" and connection.connection is not None
             and not connection.execute_wrappers and not connection.queries_logged)
+
+
+def written_total() -> Any:
+    """The counter of entries written in the save's transaction (or statement)."""
+    return _written("transaction")
 
 
 @functools.cache
@@ -198,7 +206,8 @@ def forget_tables(**kwargs: Any) -> None:
 _checked: set[str] = set()
 
 
-def _require_table(using: str) -> None:
+def require_table(using: str) -> None:
+    """Raise OutboxTableMissing (naming the fix) if the outbox table is missing (cached)."""
     if using in _checked:
         return
     if not table_exists(using):
@@ -220,6 +229,12 @@ def _insert_sql(using: str, rows: int, qmark: bool = False) -> str:
     table, columns = _table(using, _FIELDS)
     one = f"({', '.join(['?' if qmark else '%s'] * len(columns))})"
     return f"INSERT INTO {table} ({', '.join(columns)}) VALUES {', '.join([one] * rows)}"
+
+
+def target(using: str) -> tuple[str, list[str]]:
+    """The quoted outbox table and its quoted columns in write order (node, ts_ns, model,
+    object_pk, fmt, payload): for statements that insert rows of their own."""
+    return _table(using, _FIELDS)
 
 
 def _table(using: str, fields: Sequence[str]) -> tuple[str, list[str]]:

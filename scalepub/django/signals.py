@@ -10,7 +10,8 @@ from django.db import DEFAULT_DB_ALIAS
 from django.db.models import Model
 from django.db.models.signals import post_save
 
-from scalepub.django.announce import announce
+from scalepub.django import onestatement
+from scalepub.django.announce import announce, announced
 from scalepub.django.atomic import unwrap_save, wrap_save
 from scalepub.django.registry import NodeSpec, registry
 
@@ -51,6 +52,9 @@ def on_post_save(sender: type[Model], instance: Model, created: bool, raw: bool 
                  using: str = DEFAULT_DB_ALIAS, **kwargs: Any) -> None:
     """Announce created rows (ignore updates and fixtures), in the save's transaction."""
     if not created or raw:
+        return
+    if onestatement.take_written(instance):  # the entry went with the INSERT
+        announced(using)
         return
     reg = registry.get(sender)
     if reg is not None:

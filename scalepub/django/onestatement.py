@@ -1,0 +1,301 @@
+"""A registered create under autocommit as ONE statement: the row and its outbox entry.
+
+In autocommit one statement is its own transaction, so if the model's INSERT also writes the
+outbox row, the two commit together or not at all with no BEGIN, no COMMIT and (PostgreSQL)
+no second round trip. The entry needs the row's pk, known only inside the statement:
+
+- PostgreSQL: the INSERT becomes a data-modifying CTE, ``WITH r AS (<Django's INSERT ...
+  RETURNING pk>), o AS (INSERT INTO scalepub_outbox ... SELECT ..., head || r.pk || tail
+  FROM r) SELECT * FROM r``; Django reads its RETURNING row as before.
+- SQLite (no DML in CTEs): a TEMP trigger per connection and table, ``AFTER INSERT ... WHEN
+  scalepub_pending(table)``, whose outbox INSERT takes its values from Python functions of
+  this module (they read this thread's pending entry and splice ``NEW.pk`` in; they never
+  touch the database connection).
+
+The entry is made right before the INSERT runs (the fields' ``pre_save``, e.g.
+``auto_now_add``, has set their values by then) with a sentinel pk, and cut at the sentinel.
+This module only says yes where that is exactly the old path's entry; anywhere else
+``run`` declines and atomic._Outer begins a transaction as before (``claim``, ``_parts``).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from django.db.models import Model
+from django.db.models.fields import AutoFieldMixin
+from django.db.models.signals import post_save
+
+from scalepub.django import outbox
+from scalepub.django.registry import Registration, registry
+from scalepub.django.rowformat import row_format
+from scalepub.django.runtime import runtime
+from scalepub.django.serialize import TRUNCATION_MARK, serialize
+from scalepub.nodes import validate_node
+
+# Two pks the real one never is while the row is unsaved: a node rule gives the same node
+# for both, and neither appears in it, or its node depends on the pk (then: the old path).
+# 19 digits, as long as the longest positive BigAutoField pk: whatever fit the payload limit
+# with the sentinel fits with the real pk, so the old path would not have cut a field either.
+SENTINELS = (7340912651083426519, 7340912651083426520)
+_SENTINEL = str(SENTINELS[0])
+_CUT = TRUNCATION_MARK.split("%", 1)[0].encode()
+# False: every create takes the transaction path. Not a setting: the A/B switch of
+# loadtest/bench_ingest.py (the baseline in the same run) and of the tests that show what
+# this module changes.
+ENABLED = True
+DECLINED: Any = object()  # what ``run`` returns when the statement is left to the old path
+_TRIGGERS = "scalepub_one_statement_triggers"  # attribute of Django's SQLite connection
+
+
+@dataclass(slots=True)
+class Claim:
+    """A create that may run as one statement, from save_base until its block ends."""
+
+    instance: Model
+    reg: Registration
+    using: str
+
+
+@dataclass(slots=True)
+class _Parts:
+    """The entry of the row being inserted, cut at its pk."""
+
+    table: str
+    node: str
+    ts_ns: int
+    model: str
+    fmt: str
+    head: bytes
+    tail: bytes
+    fired: bool = False
+
+    def value(self, column: int, pk: Any) -> Any:
+        """Column ``column`` of the outbox row (outbox.target's order) for the row's ``pk``."""
+        if column == 3:
+            return str(pk)
+        if column == 5:
+            return self.head + str(pk).encode() + self.tail
+        return (self.node, self.ts_ns, self.model, None, self.fmt)[column]
+
+
+class _State(threading.local):
+    def __init__(self) -> None:
+        self.claim: Claim | None = None  # the block's create (atomic._Outer)
+        self.inserting: Model | None = None  # that create inside its _do_insert
+        self.written: Model | None = None  # its entry went with the INSERT
+        self.pending: _Parts | None = None  # SQLite: read by the trigger's functions
+
+
+_state = _State()
+
+
+def claim(instance: Model, using: str, vendor: str, flags: dict[str, Any]) -> Claim | None:
+    """A Claim if ``instance``'s save (save_base's ``flags``) is a plain create of a model
+    whose table gets exactly one INSERT with only its auto pk returned, in outbox delivery."""
+    if not ENABLED or vendor not in ("sqlite", "postgresql") or flags.get("raw"):
+        return None
+    if flags.get("force_update"):
+        return None
+    if flags.get("update_fields") is not None or not instance._state.adding:
+        return None
+    model = type(instance)
+    reg = registry.get(model)
+    if reg is None or not eligible(model) or instance.pk is not None or not _alone(model):
+        return None
+    if runtime.settings().delivery != "outbox":
+        return None
+    return Claim(instance, reg, using)
+
+
+def eligible(model: type[Model]) -> bool:
+    """Whether ``model``'s create is one INSERT into its own table returning its auto pk,
+    serialized by a prepared serializer with no query of its own (many-to-many)."""
+    try:
+        return _eligible[model]
+    except KeyError:
+        meta = model._meta
+        ok = _eligible[model] = (
+            not meta.proxy and not meta.parents and isinstance(meta.pk, AutoFieldMixin)
+            and not meta.local_many_to_many and row_format(model) is not None)
+        return ok
+
+
+_eligible: dict[type[Model], bool] = {}
+
+
+def _alone(model: type[Model]) -> bool:
+    """Whether scalepub's is the only ``post_save`` receiver of ``model``. Another one runs
+    after the INSERT, and under today's path a receiver that fails rolls the create back:
+    with one statement the row would already be committed (as in plain Django)."""
+    try:
+        sync, asynchronous = post_save._live_receivers(model)  # Django 5.x, cached per sender
+    except Exception:  # another Django's shape: keep the transaction
+        return False
+    return (not asynchronous and len(sync) == 1
+            and getattr(sync[0], "__module__", None) == "scalepub.django.signals")
+
+
+def begin(claimed: Claim) -> None:
+    """The block of ``claimed`` starts (atomic._Outer.__enter__)."""
+    _state.claim, _state.written, _state.inserting = claimed, None, None
+
+
+def end() -> None:
+    """The block ends: forget its create."""
+    _state.claim = _state.written = _state.inserting = None
+
+
+def claimed(instance: Model) -> bool:
+    """Whether ``instance`` is the create of this thread's block (for the _do_insert hook)."""
+    current = _state.claim
+    return current is not None and current.instance is instance
+
+
+def insert(instance: Model, do_insert: Callable[..., Any], args: tuple[Any, ...],
+           kwargs: dict[str, Any]) -> Any:
+    """Django's ``_do_insert`` for the claimed create: its INSERT is the one ``run`` takes,
+    if Django returns nothing but the pk (no db_default, no generated field)."""
+    returning, raw = [*args, kwargs.get("returning_fields"), kwargs.get("raw")][3:5]
+    if raw or list(returning or ()) != [instance._meta.pk]:
+        return do_insert(instance, *args, **kwargs)
+    _state.inserting = instance
+    try:
+        return do_insert(instance, *args, **kwargs)
+    finally:
+        _state.inserting = None
+
+
+def run(claimed: Claim, execute: Callable[..., Any], sql: str, params: Any, many: bool,
+        context: Any) -> Any:
+    """The first statement of the claimed create's block: the INSERT with its entry as one
+    statement, or DECLINED (nothing executed) for the old path."""
+    instance, connection = claimed.instance, context["connection"]
+    if many or _state.inserting is not instance:
+        return DECLINED  # not the create's own INSERT (a signal handler's, say)
+    table = claimed.instance._meta.db_table
+    if not sql.startswith(f"INSERT INTO {connection.ops.quote_name(table)} "):
+        return DECLINED
+    outbox.require_table(claimed.using)
+    parts = _parts(claimed, table)
+    if parts is None:
+        return DECLINED
+    if connection.vendor == "postgresql":
+        return _postgresql(claimed, parts, execute, sql, params, context)
+    return _sqlite(claimed, parts, execute, sql, params, context)
+
+
+def take_written(instance: Model) -> bool:
+    """Whether ``instance``'s entry went with its INSERT (post_save then writes none)."""
+    if _state.written is instance:
+        _state.written = None
+        return True
+    return False
+
+
+def _parts(claimed: Claim, table: str) -> _Parts | None:
+    """The entry with the sentinel pk cut out, or None where that would not be the entry the
+    old path writes with the real pk."""
+    instance, attname = claimed.instance, claimed.instance._meta.pk.attname
+    fmt = runtime.settings().payload_format
+    try:
+        nodes = set()
+        for sentinel in SENTINELS:
+            setattr(instance, attname, sentinel)
+            nodes.add(validate_node(claimed.reg.node_for(instance)))
+        setattr(instance, attname, SENTINELS[0])
+        payload = serialize(instance, fmt)
+    except Exception:  # the old path raises or logs it, naming the real pk
+        return None
+    finally:
+        setattr(instance, attname, None)
+    node = nodes.pop()
+    pieces = payload.split(_SENTINEL.encode())
+    if nodes or _SENTINEL in node or len(pieces) != 2 or _CUT in payload:
+        return None
+    head, tail = pieces
+    return _Parts(table, node, time.time_ns(), instance._meta.label_lower, fmt, head, tail)
+
+
+def _postgresql(claimed: Claim, parts: _Parts, execute: Callable[..., Any], sql: str,
+                params: Any, context: Any) -> Any:
+    pk = context["connection"].ops.quote_name(claimed.instance._meta.pk.column)
+    table, columns = outbox.target(claimed.using)
+    if not sql.endswith(f" RETURNING {context['connection'].ops.quote_name(parts.table)}.{pk}"):
+        return DECLINED
+    key = f"convert_to(r.{pk}::text, 'UTF8')"
+    one = (f"WITH r AS ({sql}), o AS (INSERT INTO {table} ({', '.join(columns)}) "
+           f"SELECT %s, %s, %s, r.{pk}::text, %s, %s || {key} || %s FROM r) SELECT * FROM r")
+    extra = [parts.node, parts.ts_ns, parts.model, parts.fmt, parts.head, parts.tail]
+    result = execute(one, [*params, *extra], False, context)
+    _state.written = claimed.instance
+    return result
+
+
+def _sqlite(claimed: Claim, parts: _Parts, execute: Callable[..., Any], sql: str,
+            params: Any, context: Any) -> Any:
+    if not _trigger(context["connection"], claimed):
+        return DECLINED
+    _state.pending = parts
+    try:
+        result = execute(sql, params, False, context)
+    finally:
+        _state.pending = None
+    if parts.fired:  # else: no trigger ran (its table was dropped?): post_save writes it
+        _state.written = claimed.instance
+    else:
+        _forget_triggers(context["connection"])
+    return result
+
+
+def _trigger(connection: Any, claimed: Claim) -> bool:
+    """Make the SQLite connection's functions and the table's TEMP trigger, once each."""
+    raw, meta = connection.connection, claimed.instance._meta
+    known = getattr(connection, _TRIGGERS, None)
+    try:
+        if known is None or known[0] is not raw:
+            raw.create_function("scalepub_pending", 1, _pending)
+            raw.create_function("scalepub_entry", 2, _entry_value)
+            known = (raw, set())
+            setattr(connection, _TRIGGERS, known)
+        if meta.db_table not in known[1]:
+            raw.execute(_trigger_sql(connection, claimed.using, meta.db_table, meta.pk.column))
+            known[1].add(meta.db_table)
+    except sqlite3.Error:  # the driver's own (not Django's) errors: then the old path
+        return False
+    return True
+
+
+def _forget_triggers(connection: Any) -> None:
+    setattr(connection, _TRIGGERS, None)
+
+
+def _trigger_sql(connection: Any, using: str, table: str, pk_column: str) -> str:
+    quote = connection.ops.quote_name
+    target, columns = outbox.target(using)
+    pk = f"NEW.{quote(pk_column)}"
+    values = ", ".join(f"scalepub_entry({i}, {pk})" for i in range(len(columns)))
+    literal = "'" + table.replace("'", "''") + "'"
+    return (f"CREATE TEMP TRIGGER IF NOT EXISTS {quote('scalepub_one_' + table)} AFTER INSERT "
+            f"ON main.{quote(table)} WHEN scalepub_pending({literal}) BEGIN INSERT INTO "
+            f"{target} ({', '.join(columns)}) VALUES ({values}); END")
+
+
+def _pending(table: str) -> int:
+    """SQLite function: 1 once for the pending row of ``table`` (the trigger's WHEN)."""
+    parts = _state.pending
+    if parts is None or parts.fired or parts.table != table:
+        return 0
+    parts.fired = True
+    return 1
+
+
+def _entry_value(column: int, pk: Any) -> Any:
+    """SQLite function: the outbox row's column (NULL, refused by NOT NULL, if none pends)."""
+    parts = _state.pending
+    return None if parts is None else parts.value(column, pk)
