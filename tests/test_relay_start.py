@@ -194,11 +194,11 @@ def seconds_to_entries(settings: Settings, count: int,
 
 def relay_state(settings: Settings) -> dict[str, str]:
     """The one relay state hash under this test's prefix."""
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
     try:
         keys = list(client.scan_iter(match=Keys(settings.key_prefix).relay_state_pattern))
         assert len(keys) == 1, keys
-        return {k.decode(): v.decode() for k, v in client.hgetall(keys[0]).items()}
+        return {str(k): str(v) for k, v in client.hgetall(keys[0]).items()}
     finally:
         client.close()
 
