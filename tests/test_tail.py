@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 from scalepub import exitcodes
 from scalepub.producer import PendingEntry, StreamProducer
 from scalepub.settings import Settings
-from tests.e2e import CuttableRelay, PoolProcess, settings_env
+from tests.e2e import CuttableRelay, PoolProcess, settings_env, wait_until
 from tests.stack import Stack, free_port
 from tests.test_cli import SCALEPUB
 
@@ -153,13 +154,23 @@ def test_a_lost_session_exits_3_saying_so(settings_for: Settings, stack: Stack) 
     proc = subprocess.Popen([SCALEPUB, "tail", "/tail/never"],
                             env={**os.environ, **settings_env(settings)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stderr = proc.stderr
+    assert stderr is not None
+    err_lines: list[str] = []
+    reader = threading.Thread(target=lambda: err_lines.extend(iter(stderr.readline, "")),
+                              daemon=True)
+    reader.start()
     try:
-        time.sleep(3.0)  # in session, waiting for the node
-        assert proc.poll() is None, proc.communicate()
+        # in session: it asked for the node and was told it does not exist yet
+        assert wait_until(lambda: any("waiting for node" in line for line in err_lines)
+                          or proc.poll() is not None, timeout=30), err_lines
+        assert proc.poll() is None, err_lines
         proxy.cut()
-        _, err = proc.communicate(timeout=15)
+        proc.wait(15)
+        reader.join(5)
     finally:
         proc.kill()
+    err = "".join(err_lines)
     assert proc.returncode == exitcodes.XMPP_UNREACHABLE, err
     assert f"lost the session with XMPP server 127.0.0.1:{proxy.port}" in err
     assert "Traceback" not in err
