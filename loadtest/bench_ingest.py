@@ -10,7 +10,10 @@ registered in both delivery modes: "outbox" (the default: post_save -> serialize
 INSERT in the same transaction; the relay thread of this same process moves rows to Redis
 concurrently unless ``--relay external``, so its cost shows up here too) and "direct"
 (on_commit -> serializer -> one EVALSHA to Redis). The ratio of each median to plain's is the
-number to watch; the goal is <= 1.5 (stretch 1.3).
+number to watch; the goal is <= 1.5 (stretch 1.3). "outbox-tx" is "outbox" with the
+one-statement create (scalepub/django/onestatement.py) switched off for its rounds: the
+transaction path every create took before (BEGIN, INSERT, outbox INSERT, COMMIT), the A/B
+baseline measured in the same run (``--modes`` picks the modes; plain always runs first).
 
 The database: ``DATABASE_URL`` (PostgreSQL, as ``ops/stack env`` exports it) or else the
 example's SQLite (WAL, synchronous=NORMAL); either way a fresh test database (Django's
@@ -51,6 +54,7 @@ GOAL, STRETCH = 1.5, 1.3
 AUTHORS = [f"bench{i}" for i in range(64)]
 TEXT = "a benchmark tweet of a realistic size, some words, a link https://example.com/x/y"
 MODELS = ("tweet", "wide")
+MODES = ("plain", "outbox", "outbox-tx", "direct")
 
 
 @dataclass
@@ -71,19 +75,26 @@ def parse_args() -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--saves", type=int, default=2000, help="timed saves per round")
-    p.add_argument("--rounds", type=int, default=6,
-                   help="rounds per model, cycling plain/outbox/direct (a multiple of 3)")
+    p.add_argument("--rounds", type=int, default=8,
+                   help="rounds per model, cycling the modes (a multiple of their number)")
+    p.add_argument("--modes", default=",".join(MODES),
+                   help=f"comma-separated, of {', '.join(MODES)} (plain is always first)")
     p.add_argument("--warmup", type=int, default=200, help="untimed saves per mode first")
     p.add_argument("--models", default="tweet,wide",
                    help=f"comma-separated, of {', '.join(MODELS)} (default both)")
     p.add_argument("--relay", choices=("thread", "external"), default="thread",
                    help="outbox relay thread in this process (default) or none while timing")
-    p.add_argument("--profile", choices=("plain", "outbox", "direct"),
+    p.add_argument("--profile", choices=MODES,
                    help="profile N saves of one mode with pyinstrument instead of comparing")
     args = p.parse_args()
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    if args.saves < 1 or args.rounds < 3 or args.rounds % 3 or args.warmup < 0:
-        p.error("need --saves >= 1, --rounds a multiple of 3, --warmup >= 0")
+    chosen = {m.strip() for m in args.modes.split(",")} | {"plain"}
+    if chosen - set(MODES):
+        p.error(f"--modes: a comma-separated list of {', '.join(MODES)}")
+    args.modes = [m for m in MODES if m in chosen]
+    n = len(args.modes)
+    if args.saves < 1 or args.rounds < n or args.rounds % n or args.warmup < 0:
+        p.error(f"need --saves >= 1, --rounds a multiple of {n} (the modes), --warmup >= 0")
     if not args.models or set(args.models) - set(MODELS):
         p.error(f"--models: a comma-separated list of {', '.join(MODELS)}")
     return args
@@ -164,12 +175,12 @@ def wide_maker() -> tuple[type[Any], Callable[[int], Any]]:
     return Wide, make
 
 
-def make_modes(model_name: str) -> list[Mode]:
+def make_modes(model_name: str, names: list[str]) -> list[Mode]:
     """Plain (unregistered), then registered with the model's node rule in each delivery."""
     from django.conf import settings
 
     import scalepub
-    from scalepub.django import producer
+    from scalepub.django import onestatement, producer
     from scalepub.django.registry import registry
 
     model, make = (tweet_maker if model_name == "tweet" else wide_maker)()
@@ -179,19 +190,23 @@ def make_modes(model_name: str) -> list[Mode]:
         sys.exit(1)
     base = dict(settings.SCALEPUB)
 
-    def registered(delivery: str) -> Callable[[], None]:
+    def registered(delivery: str, one_statement: bool = True) -> Callable[[], None]:
         def activate() -> None:
             if settings.SCALEPUB.get("DELIVERY") != delivery:
                 settings.SCALEPUB = {**base, "DELIVERY": delivery}
                 producer.reset()  # stops (and drains) the relay thread of the other mode
             scalepub.register(model, node=original.node)
+            onestatement.ENABLED = one_statement
         return activate
 
-    return [
-        Mode(model_name, "plain", lambda: scalepub.unregister(model), make),
-        Mode(model_name, "outbox", registered("outbox"), make),
-        Mode(model_name, "direct", registered("direct"), make),
-    ]
+    def plain() -> None:
+        scalepub.unregister(model)
+        onestatement.ENABLED = True
+
+    activate = {"plain": plain, "outbox": registered("outbox"),
+                "outbox-tx": registered("outbox", one_statement=False),
+                "direct": registered("direct")}
+    return [Mode(model_name, name, activate[name], make) for name in names]
 
 
 def run_saves(mode: Mode, count: int, timed: bool) -> None:
@@ -273,6 +288,10 @@ def report(modes: list[Mode], args: argparse.Namespace, database: str) -> None:
               f"{STRETCH}: {'MET' if ratio <= STRETCH else 'NOT MET'}), "
               f"+{(medians[m.name] - medians['plain']) / 1000:.1f} us; per-round ratios "
               f"{', '.join(f'{x:.2f}' for x in pairs)}")
+    if "outbox" in medians and "outbox-tx" in medians:
+        print(f"{plain.model} outbox (one statement) / outbox-tx (transaction path): "
+              f"{medians['outbox'] / medians['outbox-tx']:.2f}, "
+              f"{(medians['outbox'] - medians['outbox-tx']) / 1000:+.1f} us per save")
 
 
 def verify(client: Any, prefix: str, registered: list[Mode]) -> bool:
@@ -307,8 +326,7 @@ def profile(args: argparse.Namespace) -> int:
     except ImportError:
         log("--profile needs pyinstrument: .venv/bin/pip install pyinstrument")
         return 2
-    plain, *registered = make_modes(args.models[0])
-    mode = {m.name: m for m in (plain, *registered)}[args.profile]
+    mode = make_modes(args.models[0], [args.profile])[0]
     run_saves(mode, args.warmup, timed=False)
     profiler = Profiler(interval=0.0002)
     profiler.start()
@@ -331,7 +349,7 @@ def main() -> int:
             return profile(args)
         ok = True
         for name in args.models:
-            modes = make_modes(name)
+            modes = make_modes(name, args.modes)
             run_rounds(modes, args)
             report(modes, args, database)
             ok = verify(client, prefix, modes[1:]) and ok

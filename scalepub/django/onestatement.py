@@ -20,6 +20,7 @@ This module only says yes where that is exactly the old path's entry; anywhere e
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
@@ -50,6 +51,7 @@ _CUT = TRUNCATION_MARK.split("%", 1)[0].encode()
 # this module changes.
 ENABLED = True
 DECLINED: Any = object()  # what ``run`` returns when the statement is left to the old path
+_JSON = json.JSONEncoder(ensure_ascii=False)
 _TRIGGERS = "scalepub_one_statement_triggers"  # attribute of Django's SQLite connection
 
 
@@ -75,13 +77,11 @@ class _Parts:
     tail: bytes
     fired: bool = False
 
-    def value(self, column: int, pk: Any) -> Any:
-        """Column ``column`` of the outbox row (outbox.target's order) for the row's ``pk``."""
-        if column == 3:
-            return str(pk)
-        if column == 5:
-            return self.head + str(pk).encode() + self.tail
-        return (self.node, self.ts_ns, self.model, None, self.fmt)[column]
+    def json(self) -> str:
+        """The values the SQLite trigger reads, in one text (one call into Python per row:
+        each call waits for the GIL, which another thread, the relay's, may hold)."""
+        return _JSON.encode([self.node, self.ts_ns, self.model, self.fmt,
+                             self.head.decode(), self.tail.decode()])
 
 
 class _State(threading.local):
@@ -254,13 +254,12 @@ def _sqlite(claimed: Claim, parts: _Parts, execute: Callable[..., Any], sql: str
 
 
 def _trigger(connection: Any, claimed: Claim) -> bool:
-    """Make the SQLite connection's functions and the table's TEMP trigger, once each."""
+    """Make the SQLite connection's function and the table's TEMP trigger, once each."""
     raw, meta = connection.connection, claimed.instance._meta
     known = getattr(connection, _TRIGGERS, None)
     try:
         if known is None or known[0] is not raw:
-            raw.create_function("scalepub_pending", 1, _pending)
-            raw.create_function("scalepub_entry", 2, _entry_value)
+            raw.create_function("scalepub_entry", 1, _entry_json)
             known = (raw, set())
             setattr(connection, _TRIGGERS, known)
         if meta.db_table not in known[1]:
@@ -276,26 +275,27 @@ def _forget_triggers(connection: Any) -> None:
 
 
 def _trigger_sql(connection: Any, using: str, table: str, pk_column: str) -> str:
+    """The trigger: for a row inserted while an entry pends for ``table``, one outbox row
+    from the entry's JSON (read once: ``LIMIT 1`` keeps SQLite from flattening the subquery
+    and calling the function per column), the pk spliced in. The payload is UTF-8 text
+    (serialize's output) cast back to a BLOB."""
     quote = connection.ops.quote_name
     target, columns = outbox.target(using)
     pk = f"NEW.{quote(pk_column)}"
-    values = ", ".join(f"scalepub_entry({i}, {pk})" for i in range(len(columns)))
+    values = [f"json_extract(v, '$[{i}]')" for i in range(4)]
+    payload = f"CAST(json_extract(v, '$[4]') || {pk} || json_extract(v, '$[5]') AS BLOB)"
+    select = [*values[:3], f"CAST({pk} AS TEXT)", values[3], payload]
     literal = "'" + table.replace("'", "''") + "'"
     return (f"CREATE TEMP TRIGGER IF NOT EXISTS {quote('scalepub_one_' + table)} AFTER INSERT "
-            f"ON main.{quote(table)} WHEN scalepub_pending({literal}) BEGIN INSERT INTO "
-            f"{target} ({', '.join(columns)}) VALUES ({values}); END")
+            f"ON main.{quote(table)} BEGIN INSERT INTO {target} ({', '.join(columns)}) "
+            f"SELECT {', '.join(select)} FROM (SELECT scalepub_entry({literal}) AS v LIMIT 1) "
+            "WHERE v IS NOT NULL; END")
 
 
-def _pending(table: str) -> int:
-    """SQLite function: 1 once for the pending row of ``table`` (the trigger's WHEN)."""
+def _entry_json(table: str) -> str | None:
+    """SQLite function: the pending entry of ``table`` as JSON, once (else NULL: no row)."""
     parts = _state.pending
     if parts is None or parts.fired or parts.table != table:
-        return 0
+        return None
     parts.fired = True
-    return 1
-
-
-def _entry_value(column: int, pk: Any) -> Any:
-    """SQLite function: the outbox row's column (NULL, refused by NOT NULL, if none pends)."""
-    parts = _state.pending
-    return None if parts is None else parts.value(column, pk)
+    return parts.json()
