@@ -11,7 +11,7 @@ import functools
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aredis
@@ -54,14 +54,13 @@ class Health:
 
 
 class Heartbeat:
-    """Keeps the heartbeat hash of each of the process's shards fresh."""
+    """Keeps the heartbeat hash of the worker's shard fresh."""
 
-    def __init__(self, client: aredis.Redis, keys: Keys, shards: Sequence[int], stats: Stats,
+    def __init__(self, client: aredis.Redis, keys: Keys, shard: int, stats: Stats,
                  health: Health, retrying: Retrying) -> None:
         self.redis = client
         self.retrying = retrying
-        self.keys = keys
-        self.shards = list(shards)
+        self.key = keys.heartbeat(shard)
         self.stats = stats
         self.health = health
 
@@ -84,12 +83,10 @@ class Heartbeat:
             "dead_lettered": self.stats.dead_lettered, "problem": self.health.problem,
         }
         async with self.redis.pipeline(transaction=False) as pipe:
-            for shard in self.shards:
-                key = self.keys.heartbeat(shard)
-                pipe.hset(key, mapping=fields)
-                pipe.expire(key, int(HEARTBEAT_INTERVAL_S * 5))
+            pipe.hset(self.key, mapping=fields)
+            pipe.expire(self.key, int(HEARTBEAT_INTERVAL_S * 5))
             await pipe.execute()
 
     async def remove(self) -> None:
-        """Delete the hashes: a stopped shard is not a dead one."""
-        await self.redis.delete(*(self.keys.heartbeat(s) for s in self.shards))
+        """Delete the hash: a stopped shard is not a dead one."""
+        await self.redis.delete(self.key)

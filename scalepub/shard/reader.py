@@ -8,10 +8,9 @@ that cannot be published goes to the dead-letter stream at once.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import redis.asyncio as aredis
 
@@ -56,15 +55,15 @@ def build_entry(sid: bytes, raw: bytes, nodes: dict[bytes, str]) -> Entry:
 
 
 class Reader:
-    """Feeds the batcher from the streams of a process's shards, within the buffer bound."""
+    """Feeds the batcher from the stream of the worker's shard, within the buffer bound."""
 
-    def __init__(self, client: aredis.Redis, shard_of: Mapping[str, int], consumer: str,
+    def __init__(self, client: aredis.Redis, stream: str, shard: int, consumer: str,
                  batcher: Batcher, acks: Acks, retrying: Retrier, stats: Stats,
                  lease: ShardLease, *,
                  max_buffer: int, stop: asyncio.Event, space: asyncio.Event,
                  on_taken: Callable[[], None]) -> None:
         self.redis = client
-        self.shard_of = shard_of  # stream key → shard
+        self.stream, self.shard = stream, shard
         self.consumer = consumer
         self.batcher = batcher
         self.acks = acks
@@ -76,7 +75,7 @@ class Reader:
         self.on_taken = on_taken  # the publisher's pump
         self.byte_cap = batcher.caps.max_bytes
         self._nodes: dict[bytes, str] = {}
-        self._last_taken: dict[str, bytes] = {}  # stream → newest id read from it
+        self._last_taken = b"0-0"  # the newest id read from the stream
         self._reread = False
         # Checked before each read, and the read itself is fenced: without the shard's lease
         # nothing more is taken from the group; what was read stays pending for the next owner.
@@ -86,16 +85,15 @@ class Reader:
         """Claim what a predecessor left pending, then read new entries until stopped."""
         # Ends by the stop flag, not by cancellation: a cancelled blocking XREADGROUP was
         # seen to swallow the cancellation in redis-py and leave the loop retrying for ever.
-        for key, shard in self.shard_of.items():
-            await self.retrying(functools.partial(self._claim, key, shard))
+        await self.retrying(self._claim)
         while not self.stop.is_set():
             await self._wait_for_space()
             if self.stop.is_set():
                 return
             replies = await self.retrying(self._read_new)
             now = time.monotonic()
-            for stream, entries in replies or []:
-                self._take_all(stream.decode(), entries, now)
+            for _, entries in replies or []:  # the one stream's
+                self._take_all(entries, now)
             # A full read with room left: a backlog, read deeper before open batches go.
             self.batcher.reading_ahead = (
                 any(len(e) >= READ_COUNT for _, e in replies or [])
@@ -108,44 +106,42 @@ class Reader:
             return []
         if self._reread:  # the last read failed: its reply may be lost, its entries pending
             replies = await streams.read_own_pending(
-                self.redis, {k: self._last_taken.get(k, b"0-0") for k in self.shard_of},
-                self.consumer, READ_COUNT)
+                self.redis, {self.stream: self._last_taken}, self.consumer, READ_COUNT)
             if any(entries for _, entries in replies):
                 return replies
             self._reread = False
         self._reread = True  # until the reply is in hand
-        replies = await self.lease.read_new(self.redis, list(self.shard_of), self.consumer,
+        replies = await self.lease.read_new(self.redis, [self.stream], self.consumer,
                                             READ_COUNT, READ_BLOCK_MS)
         self._reread = False
         return replies
 
-    async def _claim(self, key: str, shard: int) -> None:
+    async def _claim(self) -> None:
         """Entries a dead predecessor read but never got confirmed: they go first."""
         cursor = b"0-0"
         while not self.stop.is_set():
             await self._wait_for_space()
             cursor, entries, trimmed = await streams.claim_pending(
-                self.redis, key, self.consumer, cursor, READ_COUNT)
+                self.redis, self.stream, self.consumer, cursor, READ_COUNT)
             self.stats.trimmed += trimmed
-            self._take_all(key, entries, time.monotonic())
+            self._take_all(entries, time.monotonic())
             self.on_taken()
             if cursor in (b"0-0", "0-0"):
                 break
         if self.stats.trimmed:
             log.error("shard %s: %d pending entries had been trimmed by MAXLEN before they "
-                      "were published (lost)", shard, self.stats.trimmed)
+                      "were published (lost)", self.shard, self.stats.trimmed)
 
     async def _wait_for_space(self) -> None:
         while self.batcher.held_bytes >= self.max_buffer and not self.stop.is_set():
             self.space.clear()
             await self.space.wait()
 
-    def _take_all(self, key: str, entries: streams.StreamEntries, now: float) -> None:
-        shard = self.shard_of[key]
+    def _take_all(self, entries: streams.StreamEntries, now: float) -> None:
         for sid, fields in entries:
-            self._take(shard, sid, fields, now)
+            self._take(self.shard, sid, fields, now)
         if entries:  # ascending: the newest id this worker has seen of the stream
-            self._last_taken[key] = entries[-1][0]
+            self._last_taken = entries[-1][0]
 
     def _take(self, shard: int, sid: bytes, fields: list[bytes] | None, now: float) -> None:
         """Decode one raw stream entry (``[b"e", envelope]``) into the batcher."""

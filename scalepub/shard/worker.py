@@ -79,16 +79,17 @@ class ShardWorker:
             settings, self._name, resource, self.batcher,
             self.acks, self.stats, self._meters, self.health, max_buffer=max_buffer,
             stop=self._stop, space=self._space, spawn=self._spawn, allowed=self.lease.valid)
-        self.reader = Reader(self.redis, {stream: shard}, f"shard-{shard}", self.batcher,
+        self.reader = Reader(self.redis, stream, shard, f"shard-{shard}", self.batcher,
                              self.acks, retrying, self.stats, self.lease, max_buffer=max_buffer,
                              stop=self._stop, space=self._space, on_taken=self.publisher.pump)
-        self.heartbeat = Heartbeat(self.redis, self.keys, [shard], self.stats, self.health,
+        self.heartbeat = Heartbeat(self.redis, self.keys, shard, self.stats, self.health,
                                    retrying)
 
     async def run(self) -> Stats:
         """Connect, publish until ``stop()``, then drain and return the counts."""
-        for key in self.reader.shard_of:  # through Redis hiccups, like every later call
-            await self.reader.retrying(functools.partial(streams.ensure_group, self.redis, key))
+        # through Redis hiccups, like every later call
+        await self.reader.retrying(
+            functools.partial(streams.ensure_group, self.redis, self.reader.stream))
         if not await self.lease.acquire(self._stop):
             await self.redis.aclose()
             return self.stats
