@@ -34,6 +34,7 @@ lint: venv
 ## bench: the benchmarks (needs `eval "$$(ops/stack env)"` or a running `make stack-up`)
 bench: venv stack-up
 	eval "$$(ops/stack env)" && $(BIN)/python loadtest/bench_ingest.py
+	eval "$$(ops/stack env)" && $(BIN)/python loadtest/bench_nudge.py
 	eval "$$(ops/stack env)" && $(BIN)/python loadtest/bench_publish.py
 	eval "$$(ops/stack env)" && $(BIN)/python loadtest/bench_history.py
 	$(BIN)/python loadtest/bench_decode.py
