@@ -14,6 +14,8 @@ number to watch; the goal is <= 1.5 (stretch 1.3). "outbox-tx" is "outbox" with 
 one-statement create (scalepub/django/onestatement.py) switched off for its rounds: the
 transaction path every create took before (BEGIN, INSERT, outbox INSERT, COMMIT), the A/B
 baseline measured in the same run (``--modes`` picks the modes; plain always runs first).
+"outbox-1s" forces the one-statement path on every database, SQLite's TEMP trigger included
+(off there by default: ``onestatement.VENDORS``); on PostgreSQL it is "outbox".
 
 The database: ``DATABASE_URL`` (PostgreSQL, as ``ops/stack env`` exports it) or else the
 example's SQLite (WAL, synchronous=NORMAL); either way a fresh test database (Django's
@@ -54,7 +56,7 @@ GOAL, STRETCH = 1.5, 1.3
 AUTHORS = [f"bench{i}" for i in range(64)]
 TEXT = "a benchmark tweet of a realistic size, some words, a link https://example.com/x/y"
 MODELS = ("tweet", "wide")
-MODES = ("plain", "outbox", "outbox-tx", "direct")
+MODES = ("plain", "outbox", "outbox-tx", "outbox-1s", "direct")
 
 
 @dataclass
@@ -77,7 +79,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--saves", type=int, default=2000, help="timed saves per round")
     p.add_argument("--rounds", type=int, default=8,
                    help="rounds per model, cycling the modes (a multiple of their number)")
-    p.add_argument("--modes", default=",".join(MODES),
+    p.add_argument("--modes", default="plain,outbox,outbox-tx,direct",
                    help=f"comma-separated, of {', '.join(MODES)} (plain is always first)")
     p.add_argument("--warmup", type=int, default=200, help="untimed saves per mode first")
     p.add_argument("--models", default="tweet,wide",
@@ -190,21 +192,26 @@ def make_modes(model_name: str, names: list[str]) -> list[Mode]:
         sys.exit(1)
     base = dict(settings.SCALEPUB)
 
-    def registered(delivery: str, one_statement: bool = True) -> Callable[[], None]:
+    vendors = onestatement.VENDORS
+
+    def registered(delivery: str, one_statement: bool = True,
+                   everywhere: bool = False) -> Callable[[], None]:
         def activate() -> None:
             if settings.SCALEPUB.get("DELIVERY") != delivery:
                 settings.SCALEPUB = {**base, "DELIVERY": delivery}
                 producer.reset()  # stops (and drains) the relay thread of the other mode
             scalepub.register(model, node=original.node)
             onestatement.ENABLED = one_statement
+            onestatement.VENDORS = vendors | {"sqlite", "postgresql"} if everywhere else vendors
         return activate
 
     def plain() -> None:
         scalepub.unregister(model)
-        onestatement.ENABLED = True
+        onestatement.ENABLED, onestatement.VENDORS = True, vendors
 
     activate = {"plain": plain, "outbox": registered("outbox"),
                 "outbox-tx": registered("outbox", one_statement=False),
+                "outbox-1s": registered("outbox", everywhere=True),
                 "direct": registered("direct")}
     return [Mode(model_name, name, activate[name], make) for name in names]
 
@@ -288,10 +295,11 @@ def report(modes: list[Mode], args: argparse.Namespace, database: str) -> None:
               f"{STRETCH}: {'MET' if ratio <= STRETCH else 'NOT MET'}), "
               f"+{(medians[m.name] - medians['plain']) / 1000:.1f} us; per-round ratios "
               f"{', '.join(f'{x:.2f}' for x in pairs)}")
-    if "outbox" in medians and "outbox-tx" in medians:
-        print(f"{plain.model} outbox (one statement) / outbox-tx (transaction path): "
-              f"{medians['outbox'] / medians['outbox-tx']:.2f}, "
-              f"{(medians['outbox'] - medians['outbox-tx']) / 1000:+.1f} us per save")
+    for name in ("outbox", "outbox-1s"):
+        if name in medians and "outbox-tx" in medians:
+            print(f"{plain.model} {name} / outbox-tx (transaction path): "
+                  f"{medians[name] / medians['outbox-tx']:.2f}, "
+                  f"{(medians[name] - medians['outbox-tx']) / 1000:+.1f} us per save")
 
 
 def verify(client: Any, prefix: str, registered: list[Mode]) -> bool:

@@ -50,6 +50,12 @@ _CUT = TRUNCATION_MARK.split("%", 1)[0].encode()
 # loadtest/bench_ingest.py (the baseline in the same run) and of the tests that show what
 # this module changes.
 ENABLED = True
+# Where it is used. SQLite's path works (tests/test_one_statement.py runs it) but measured
+# slower than its transaction (docs/benchmarks.md, ingest, third pass: 1.04-1.08x with the
+# relay external, 1.17-1.39x with the relay thread, whose GIL the trigger's call into Python
+# waits for while it holds the write lock): BEGIN and COMMIT cost SQLite, in process, less
+# than the trigger does. PostgreSQL saves a round trip (0.65-0.77x).
+VENDORS = frozenset({"postgresql"})
 DECLINED: Any = object()  # what ``run`` returns when the statement is left to the old path
 _JSON = json.JSONEncoder(ensure_ascii=False)
 _TRIGGERS = "scalepub_one_statement_triggers"  # attribute of Django's SQLite connection
@@ -98,7 +104,7 @@ _state = _State()
 def claim(instance: Model, using: str, vendor: str, flags: dict[str, Any]) -> Claim | None:
     """A Claim if ``instance``'s save (save_base's ``flags``) is a plain create of a model
     whose table gets exactly one INSERT with only its auto pk returned, in outbox delivery."""
-    if not ENABLED or vendor not in ("sqlite", "postgresql") or flags.get("raw"):
+    if not ENABLED or vendor not in VENDORS or flags.get("raw"):
         return None
     if flags.get("force_update"):
         return None
