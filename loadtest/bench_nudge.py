@@ -124,6 +124,10 @@ def main() -> int:
     if "SCALEPUB_REDIS_URL" not in os.environ:
         print('bench_nudge: run `eval "$(ops/stack env)"` first', file=sys.stderr)
         return 2
+    if "+cluster" in os.environ["SCALEPUB_REDIS_URL"].split("://")[0]:
+        print("bench_nudge: SCALEPUB_REDIS_URL must name a single Redis, not a cluster",
+              file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory() as tmp:
         db = Path(tmp) / "nudge.sqlite3"
         env = example_env(db, args.poll_ms)
