@@ -61,6 +61,7 @@ def variant_results(*, scenario: Scenario, variant: Variant, out: Path, ready: i
         **delivery,
         "latency_ms": {f"p{p:g}": _round(overall.percentile(p)) for p in PERCENTILES},
         "locust_entry_stats": _locust_stats(out / "locust_stats.csv"),
+        "locust_sample": scenario.locust_sample,
         "bosh_requests": _bosh_requests(out / "locust_stats.csv"),
         # Between the first and the last commit: the producers' start-up (Django, ~1 s of CPU
         # each) is not part of what a save costs.
@@ -490,6 +491,8 @@ def _locust_line(r: dict[str, Any]) -> str:
     stats = r["locust_entry_stats"]
     if not stats:
         return "none (locust_sample = 0)"
+    every = r.get("locust_sample", 1)
+    sampled = f" (every {every}th entry: locust_sample)" if every > 1 else ""
     return "; ".join(f"{s['Name']}: {s['Request Count']} entries, median "
                      f"{s['Median Response Time']} ms, p95 {s['95%']} ms, p99 {s['99%']} ms"
-                     for s in stats)
+                     for s in stats) + sampled
