@@ -231,10 +231,13 @@ def _insert_sql(using: str, rows: int, qmark: bool = False) -> str:
     return f"INSERT INTO {table} ({', '.join(columns)}) VALUES {', '.join([one] * rows)}"
 
 
-def target(using: str) -> tuple[str, list[str]]:
+@functools.lru_cache(maxsize=64)
+def target(using: str) -> tuple[str, tuple[str, ...]]:
     """The quoted outbox table and its quoted columns in write order (node, ts_ns, model,
-    object_pk, fmt, payload): for statements that insert rows of their own."""
-    return _table(using, _FIELDS)
+    object_pk, fmt, payload): for statements that insert rows of their own (cached: built
+    per save it was ~10 % of onestatement's own time)."""
+    table, columns = _table(using, _FIELDS)
+    return table, tuple(columns)
 
 
 def _table(using: str, fields: Sequence[str]) -> tuple[str, list[str]]:
