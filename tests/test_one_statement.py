@@ -32,7 +32,7 @@ import scalepub
 from scalepub.django import onestatement
 from scalepub.django.models import OutboxEntry
 from scalepub.django.registry import registry
-from scalepub.django.serialize import serialize
+from scalepub.django.serialize import NOT_XML_CHARS, serialize
 from scalepub.settings import Settings
 from tests.conftest import django_side
 from tests.test_atomic import REFUSED, refusing_outbox  # noqa: F401 (fixture)
@@ -176,7 +176,11 @@ def test_the_entry_is_byte_identical_for_every_field_kind(
         values = {**values, "tag": Tag.objects.create(name="t")}
     with Trips() as trips:
         wide = Wide.objects.create(**values)
-    assert trips.count == 1, trips.seen
+    # XML replaces characters it cannot carry (logged and counted): such rows take the
+    # transaction path, which logs them with the real pk.
+    altered = kept.payload_format == "xml" and any(
+        NOT_XML_CHARS.search(values[name]) for name in ("title", "body"))
+    assert trips.began if altered else trips.count == 1, trips.seen
     check_entry(wide, kept.payload_format, "/fieldzoo/Wide")
 
 

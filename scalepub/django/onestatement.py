@@ -36,7 +36,7 @@ from scalepub.django import outbox
 from scalepub.django.registry import Registration, registry
 from scalepub.django.rowformat import row_format
 from scalepub.django.runtime import runtime
-from scalepub.django.serialize import TRUNCATION_MARK, serialize
+from scalepub.django.serialize import plain_payload
 from scalepub.nodes import validate_node
 
 # Two pks the real one never is while the row is unsaved: a node rule gives the same node
@@ -45,7 +45,6 @@ from scalepub.nodes import validate_node
 # with the sentinel fits with the real pk, so the old path would not have cut a field either.
 SENTINELS = (7340912651083426519, 7340912651083426520)
 _SENTINEL = str(SENTINELS[0])
-_CUT = TRUNCATION_MARK.split("%", 1)[0].encode()
 # False: every create takes the transaction path. Not a setting: the A/B switch of
 # loadtest/bench_ingest.py (the baseline in the same run) and of the tests that show what
 # this module changes.
@@ -215,14 +214,16 @@ def _parts(claimed: Claim, table: str) -> _Parts | None:
             setattr(instance, attname, sentinel)
             nodes.add(validate_node(claimed.reg.node_for(instance)))
         setattr(instance, attname, SENTINELS[0])
-        payload = serialize(instance, fmt)
+        payload = plain_payload(instance, fmt)  # None: cut or altered (logged, counted)
     except Exception:  # the old path raises or logs it, naming the real pk
         return None
     finally:
         setattr(instance, attname, None)
     node = nodes.pop()
+    if payload is None or nodes or _SENTINEL in node:
+        return None
     pieces = payload.split(_SENTINEL.encode())
-    if nodes or _SENTINEL in node or len(pieces) != 2 or _CUT in payload:
+    if len(pieces) != 2:
         return None
     head, tail = pieces
     return _Parts(table, node, time.time_ns(), instance._meta.label_lower, fmt, head, tail)

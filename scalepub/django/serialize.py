@@ -76,6 +76,17 @@ def serialize(instance: Model, fmt: str, max_bytes: int | None = None) -> bytes:
     return data
 
 
+def plain_payload(instance: Model, fmt: str) -> bytes | None:
+    """What ``serialize`` returns for a row it neither cuts nor alters, without its log and
+    metrics; None for any other row (scalepub.django.onestatement, which serializes with a
+    stand-in pk, then leaves the row to ``serialize`` with the real one)."""
+    limit = payload_limit()
+    if any(len(value) > limit for _, value in _text_fields(instance)):
+        return None
+    data, replaced = _render(instance, fmt)
+    return data if not replaced and wire_size(data, fmt) <= limit else None
+
+
 def payload_limit() -> int:
     """The largest payload the Django side sends: what fits one batch with its entry tag."""
     return max(runtime.settings().batch_max_bytes - ENTRY_OVERHEAD_BYTES, 0)
