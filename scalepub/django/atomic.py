@@ -8,6 +8,10 @@ INSERT and ``post_save`` (the outbox row) together (an update, one statement in 
 transaction under autocommit anyway, is wrapped too). Inside the caller's own ``atomic()`` (or
 with autocommit off) the save is left as it is: the entry joins that transaction, no extra
 savepoint. ``bulk_create`` does the same for ``bulk_create`` plus ``publish_many``.
+
+A plain create that ``onestatement`` claims needs no transaction at all: ``_Outer`` then
+begins nothing until the first statement, and if that is the create's own INSERT it runs as
+one statement that also writes the entry (its own transaction under autocommit).
 """
 
 from __future__ import annotations
