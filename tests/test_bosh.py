@@ -3,15 +3,11 @@ transport), then against the real ejabberd of the test stack (plain blocking HTT
 
 from __future__ import annotations
 
-import http.server
-import socket
-import threading
 import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections import deque
 from collections.abc import Iterator
-from typing import ClassVar
 
 import pytest
 
@@ -26,6 +22,7 @@ from loadtest.bosh import (
     pubsub_items,
 )
 from loadtest.entries import Histogram, NodeTrack, Tracker, entries_of_batch, scan_body
+from tests.httpstub import Handler, serving
 
 B = f"xmlns='{NS_HTTPBIND}'"
 STREAM = "xmlns:stream='http://etherx.jabber.org/streams'"
@@ -200,52 +197,26 @@ def test_an_answer_that_is_not_a_bosh_body_is_an_error() -> None:
         client.poll()
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    answers: ClassVar[deque[tuple[int, bytes]]] = deque()
-    seen: ClassVar[list[bytes]] = []
-
-    def do_POST(self) -> None:
-        self.seen.append(self.rfile.read(int(self.headers["Content-Length"])))
-        status, body = self.answers.popleft()
-        if status == 0:  # drop the connection without an answer
-            self.close_connection = True
-            self.connection.shutdown(socket.SHUT_RDWR)
-            return
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *_args: object) -> None:
-        pass
-
-
 @pytest.fixture
 def http_server() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    _Handler.answers.clear()
-    _Handler.seen.clear()
-    yield f"http://127.0.0.1:{server.server_address[1]}/bosh"
-    server.shutdown()
-    server.server_close()
+    with serving() as address:
+        yield address
 
 
 def test_http_transport_keeps_the_connection_and_retries_a_dropped_one(http_server: str) -> None:
-    _Handler.answers.extend([(200, EMPTY.encode()), (0, b""), (200, EMPTY.encode())])
+    Handler.answers.extend([(200, EMPTY.encode(), {}), (0, b"", {}), (200, EMPTY.encode(), {})])
     transport = HTTPTransport(http_server)
     client = BoshClient(transport, "x", rid=7, sleep=lambda _s: None)
     client.session = Session("s", 5, 1, 2, 30)
     client.poll()
     client.poll()  # the server drops it once: resent with the same rid on a new connection
-    assert [ET.fromstring(b).get("rid") for b in _Handler.seen] == ["7", "8", "8"]
+    assert [ET.fromstring(b).get("rid") for _port, b in Handler.seen] == ["7", "8", "8"]
     assert client.retried == 1
     transport.close()
 
 
 def test_http_404_ends_the_session(http_server: str) -> None:
-    _Handler.answers.append((404, b""))
+    Handler.answers.append((404, b"", {}))
     client = BoshClient(HTTPTransport(http_server), "x", rid=1)
     client.session = Session("s", 5, 1, 2, 30)
     with pytest.raises(BoshTerminated) as info:
