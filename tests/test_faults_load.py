@@ -110,7 +110,7 @@ def alive(pid: int) -> bool:
     """The process runs (a zombie waiting for its reaper does not)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone before the open, or before the read
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
