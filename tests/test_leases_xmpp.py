@@ -7,9 +7,10 @@ sockets against the real ejabberd:
 
 1. Once the new session is bound, nothing the old session sends is published: the server
    closed it (``<conflict/>``) and drops the rest.
-2. What the old session wrote before the replacement is handled before the new session's
-   first publish: a subscriber sees all of it first (the old owner's stanzas can be
-   duplicates of the new owner's, never come after them).
+2. What the old session wrote before the replacement is handled in its order; usually all of
+   it before the new session's first publish, but ejabberd ends a replaced session
+   asynchronously, so the tail of a burst it had already received can be handled after it
+   (late duplicates with older seqs, never anything written after the replacement).
 """
 
 from __future__ import annotations
@@ -90,8 +91,20 @@ def test_a_replaced_session_publishes_nothing_after_the_new_login(
     marker = got.index(10_000)
     before, after = got[:marker], got[marker:]
     assert before[0] == 1 and before == sorted(before), before[:20]
-    assert after == [10_000, 10_001], f"the old session published after the new login: {after}"
+    # Nothing the old session wrote after it was told <conflict/> is ever published.
     assert not any(seq >= 20_000 for seq in got)
+    new_ones = [seq for seq in after if seq >= 10_000]
+    late = [seq for seq in after if seq < 10_000]
+    assert new_ones == [10_000, 10_001], after
+    # The old session's process can still be routing the burst it had already received when
+    # the new session publishes (ejabberd ends a replaced session asynchronously: seen once in
+    # a loaded CI run, 1 of 300 after the new login). Such late ones are only bytes written
+    # before the new login, in their order, and after everything handled before it: in a
+    # shard they are entries the new owner re-publishes (duplicates with older seqs, which
+    # subscribers drop by seq; docs/reliability.md §5, point 4).
+    burst = range(2, BURST + 2)
+    assert all(seq in burst for seq in late) and late == sorted(late), late
+    assert not late or late[0] > before[-1], (before[-5:], late[:5])
     print(f"old session: {len(before) - 1} of its {BURST} burst publishes were handled before the "
-          f"new login, none after; its later writes: "
+          f"new login, {len(late)} after it; its later writes: "
           f"{type(late_error).__name__ if late_error else 'accepted by the socket, dropped'}")
