@@ -8,6 +8,7 @@ import uuid
 import xml.etree.ElementTree as ET
 from collections import deque
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -22,6 +23,7 @@ from loadtest.bosh import (
     pubsub_items,
 )
 from loadtest.entries import Histogram, NodeTrack, Tracker, entries_of_batch, scan_body
+from loadtest.leanhttp import LeanTransport
 from tests.httpstub import Handler, serving
 
 B = f"xmlns='{NS_HTTPBIND}'"
@@ -203,21 +205,29 @@ def http_server() -> Iterator[str]:
         yield address
 
 
-def test_http_transport_keeps_the_connection_and_retries_a_dropped_one(http_server: str) -> None:
+# Both transports the BOSH client runs on: http.client's, and the load test's lean one.
+TRANSPORTS = [pytest.param(HTTPTransport, id="http.client"), pytest.param(LeanTransport, id="lean")]
+
+
+@pytest.mark.parametrize("transport_type", TRANSPORTS)
+def test_a_transport_keeps_the_connection_and_retries_a_dropped_one_with_the_same_rid(
+        http_server: str, transport_type: Any) -> None:
     Handler.answers.extend([(200, EMPTY.encode(), {}), (0, b"", {}), (200, EMPTY.encode(), {})])
-    transport = HTTPTransport(http_server)
+    transport = transport_type(http_server)
     client = BoshClient(transport, "x", rid=7, sleep=lambda _s: None)
     client.session = Session("s", 5, 1, 2, 30)
     client.poll()
     client.poll()  # the server drops it once: resent with the same rid on a new connection
     assert [ET.fromstring(b).get("rid") for _port, b in Handler.seen] == ["7", "8", "8"]
     assert client.retried == 1
+    assert len({port for port, _body in Handler.seen}) == 2  # a new connection after the drop
     transport.close()
 
 
-def test_http_404_ends_the_session(http_server: str) -> None:
+@pytest.mark.parametrize("transport_type", TRANSPORTS)
+def test_http_404_ends_the_session(http_server: str, transport_type: Any) -> None:
     Handler.answers.append((404, b"", {}))
-    client = BoshClient(HTTPTransport(http_server), "x", rid=1)
+    client = BoshClient(transport_type(http_server), "x", rid=1)
     client.session = Session("s", 5, 1, 2, 30)
     with pytest.raises(BoshTerminated) as info:
         client.poll()
