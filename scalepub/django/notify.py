@@ -19,12 +19,11 @@ from typing import Any
 from django.db import connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 
+from scalepub.django.wakeups import WAIT_S, WakeThread
+
 log = logging.getLogger(__name__)
 
 CHANNEL = "scalepub_outbox"
-# How long one wait for notifications lasts: the bound on noticing ``stop``.
-_WAIT_S = 0.5
-_RECONNECT_MAX_S = 5.0
 
 # The trigger, created by migration 0002 on PostgreSQL only (FOR EACH STATEMENT: one
 # pg_notify per INSERT statement, and PostgreSQL folds equal notifications of a transaction).
@@ -49,51 +48,28 @@ def supported(using: str) -> bool:
     return bool(connections[using].vendor == "postgresql")
 
 
-class Listener:
-    """A thread LISTENing on one PostgreSQL database; each notification sets ``wake``.
-
-    While its session is down (database restarting, network), ``listening`` is False and the
-    relay falls back to polling; after each (re)connection ``wake`` is set once, for the
-    commits it may have missed.
-    """
+class Listener(WakeThread):
+    """A thread LISTENing on one PostgreSQL database; each notification sets ``wake``."""
 
     def __init__(self, using: str, wake: threading.Event, stop: threading.Event) -> None:
-        self.using, self.wake, self.stop = using, wake, stop
-        self.listening = False
-        self.thread = threading.Thread(target=self._run, name=f"scalepub-listen-{using}",
-                                       daemon=True)
-        self.thread.start()
+        super().__init__(wake, stop, f"scalepub-listen-{using}")
+        self.using = using
+        self.what = f"LISTEN on {using}"
+        self.start()
 
-    def _run(self) -> None:
-        delay = 0.0
-        while not self.stop.wait(delay):
-            wrapper = connections.create_connection(self.using)
-            try:
-                self._listen(wrapper)
-                delay = 0.0
-            except Exception as exc:  # a database error or a bug: retry, never end the thread
-                # once per episode at WARNING (retries repeat until the database is back)
-                level = logging.DEBUG if delay else logging.WARNING
-                log.log(level, "scalepub relay: LISTEN on %s lost, polling until it is back: "
-                        "%s", self.using, exc)
-                delay = min(max(delay * 2, 0.1), _RECONNECT_MAX_S)
-            finally:
-                self.listening = False
-                _close(wrapper)
-
-    def _listen(self, wrapper: BaseDatabaseWrapper) -> None:
-        wrapper.connect()
-        raw: Any = wrapper.connection  # psycopg 3: autocommit, as Django leaves it
-        raw.execute(f"LISTEN {CHANNEL}")
-        self.listening = True
-        self.wake.set()
-        while not self.stop.is_set():
-            for _ in raw.notifies(timeout=_WAIT_S):
-                self.wake.set()
-
-    def join(self, timeout: float = _WAIT_S * 4) -> None:
-        """Wait for the thread after ``stop`` was set."""
-        self.thread.join(timeout)
+    def _listen(self) -> None:
+        wrapper = connections.create_connection(self.using)
+        try:
+            wrapper.connect()
+            raw: Any = wrapper.connection  # psycopg 3: autocommit, as Django leaves it
+            raw.execute(f"LISTEN {CHANNEL}")
+            self.listening = True
+            self.wake.set()
+            while self.running():
+                for _ in raw.notifies(timeout=WAIT_S):
+                    self.wake.set()
+        finally:
+            _close(wrapper)
 
 
 def available(using: str) -> bool:

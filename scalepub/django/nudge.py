@@ -23,12 +23,9 @@ from typing import Any
 import redis
 
 from scalepub.connections import cluster_of
+from scalepub.django.wakeups import WAIT_S, WakeThread
 
 log = logging.getLogger(__name__)
-
-# How long one wait for a message lasts: the bound on noticing ``stop``.
-_WAIT_S = 0.5
-_RECONNECT_MAX_S = 5.0
 
 
 def send(client: redis.Redis, channel: str) -> bool:
@@ -45,41 +42,16 @@ def send(client: redis.Redis, channel: str) -> bool:
     return True
 
 
-class Subscriber:
-    """A thread subscribed to ``channel``; each nudge sets ``wake``.
-
-    While the subscription is down, ``listening`` is False (the relay polls every
-    OUTBOX_POLL_MS as before); after each (re)subscription ``wake`` is set once, for the
-    nudges it may have missed. ``close()`` ends it (the relay stopped, or lost the lease).
-    """
+class Subscriber(WakeThread):
+    """A thread subscribed to ``channel``; each nudge sets ``wake``. ``close()`` ends it (the
+    relay stopped, or lost the lease)."""
 
     def __init__(self, client: redis.Redis, channel: str, wake: threading.Event,
                  stop: threading.Event) -> None:
-        self.client, self.channel, self.wake = client, channel, wake
-        self.stop, self.ended = stop, threading.Event()
-        self.listening = False
-        self.thread = threading.Thread(target=self._run, name="scalepub-nudges", daemon=True)
-        self.thread.start()
-
-    def _running(self) -> bool:
-        return not (self.stop.is_set() or self.ended.is_set())
-
-    def _run(self) -> None:
-        delay = 0.0
-        while self._running():
-            if delay and self.ended.wait(delay):
-                return
-            try:
-                self._listen()
-                delay = 0.0
-            except Exception as exc:  # Redis or a bug: retry, never end the thread
-                # once per episode at WARNING (retries repeat until Redis is back)
-                level = logging.DEBUG if delay else logging.WARNING
-                log.log(level, "scalepub relay: nudge subscription on %s lost, polling "
-                        "until it is back: %s", self.channel, exc)
-                delay = min(max(delay * 2, 0.1), _RECONNECT_MAX_S)
-            finally:
-                self.listening = False
+        super().__init__(wake, stop, "scalepub-nudges")
+        self.client, self.channel = client, channel
+        self.what = f"nudge subscription on {channel}"
+        self.start()
 
     def _listen(self) -> None:
         cluster: Any = cluster_of(self.client)
@@ -94,7 +66,7 @@ class Subscriber:
             self._confirm(pubsub, sharded)
             self.listening = True
             self.wake.set()
-            while self._running():
+            while self.running():
                 if self._next(pubsub, sharded) is not None:
                     self.wake.set()
         finally:
@@ -109,12 +81,7 @@ class Subscriber:
                                                       b"ssubscribe"):
             raise redis.ConnectionError(f"no subscribe reply for {self.channel}: {reply!r}")
 
-    def _next(self, pubsub: Any, sharded: bool, timeout: float = _WAIT_S) -> Any:
+    def _next(self, pubsub: Any, sharded: bool, timeout: float = WAIT_S) -> Any:
         if sharded:
             return pubsub.get_sharded_message(timeout=timeout)
         return pubsub.get_message(timeout=timeout)
-
-    def close(self, timeout: float = _WAIT_S * 4) -> None:
-        """End the subscription and wait for the thread."""
-        self.ended.set()
-        self.thread.join(timeout)
