@@ -207,7 +207,7 @@ def _report_progress() -> None:
         gevent.sleep(PROGRESS_EVERY_S)
 
 
-@events.init.add_listener
+@events.init.add_listener  # type: ignore[untyped-decorator]  # locust leaves it untyped
 def _on_init(environment: Environment, **_kwargs: Any) -> None:
     from locust.runners import MasterRunner
 
@@ -215,19 +215,19 @@ def _on_init(environment: Environment, **_kwargs: Any) -> None:
         gevent.spawn(_report_progress)
 
 
-@events.test_stopping.add_listener
+@events.test_stopping.add_listener  # type: ignore[untyped-decorator]  # locust leaves it untyped
 def _on_test_stopping(environment: Environment, **_kwargs: Any) -> None:
     # The run stops users only once every expected delivery arrived (loadtest/run.py drain),
     # so this dump is complete; a --processes worker may be killed before the events below.
     _dump()
 
 
-@events.test_stop.add_listener
+@events.test_stop.add_listener  # type: ignore[untyped-decorator]  # locust leaves it untyped
 def _on_test_stop(environment: Environment, **_kwargs: Any) -> None:
     _dump()  # users stopped: nothing is received after this one
 
 
-@events.quit.add_listener
+@events.quit.add_listener  # type: ignore[untyped-decorator]  # locust leaves it untyped
 def _on_quit(**_kwargs: Any) -> None:
     _dump()  # again at exit: the same figures if nothing arrived in between
 

@@ -20,7 +20,7 @@ import xml.etree.ElementTree as ET
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import redis
 import slixmpp
@@ -151,7 +151,7 @@ class Collector:
         self._error: BaseException | None = None
         self._client: Any = None
 
-    def start(self, timeout: float = 60.0) -> Collector:
+    def start(self, timeout: float = 60.0) -> Self:
         """Connect and subscribe to every node; returns once subscribed."""
         self._thread.start()
         if not self.subscribed.wait(timeout):
