@@ -15,7 +15,9 @@ one-statement create (scalepub/django/onestatement.py) switched off for its roun
 transaction path every create took before (BEGIN, INSERT, outbox INSERT, COMMIT), the A/B
 baseline measured in the same run (``--modes`` picks the modes; plain always runs first).
 "outbox-1s" forces the one-statement path on every database, SQLite's TEMP trigger included
-(off there by default: ``onestatement.VENDORS``); on PostgreSQL it is "outbox".
+(off there by default: ``onestatement.VENDORS``); on PostgreSQL it is "outbox". "outbox-cb" is
+"outbox" with the create's statement sent as Django binds it, on the client and unprepared
+(scalepub/django/prepared.py off): the A/B baseline of the prepared statement (PostgreSQL).
 
 The database: ``DATABASE_URL`` (PostgreSQL, as ``ops/stack env`` exports it) or else the
 example's SQLite (WAL, synchronous=NORMAL); either way a fresh test database (Django's
@@ -56,7 +58,7 @@ GOAL, STRETCH = 1.5, 1.3
 AUTHORS = [f"bench{i}" for i in range(64)]
 TEXT = "a benchmark tweet of a realistic size, some words, a link https://example.com/x/y"
 MODELS = ("tweet", "wide")
-MODES = ("plain", "outbox", "outbox-tx", "outbox-1s", "direct")
+MODES = ("plain", "outbox", "outbox-tx", "outbox-1s", "outbox-cb", "direct")
 
 
 @dataclass
@@ -195,25 +197,38 @@ def make_modes(model_name: str, names: list[str]) -> list[Mode]:
     vendors = onestatement.VENDORS
 
     def registered(delivery: str, one_statement: bool = True,
-                   everywhere: bool = False) -> Callable[[], None]:
+                   everywhere: bool = False, prepare: bool = True) -> Callable[[], None]:
         def activate() -> None:
             if settings.SCALEPUB.get("DELIVERY") != delivery:
                 settings.SCALEPUB = {**base, "DELIVERY": delivery}
                 producer.reset()  # stops (and drains) the relay thread of the other mode
             scalepub.register(model, node=original.node)
             onestatement.ENABLED = one_statement
+            set_prepared(prepare)
             onestatement.VENDORS = vendors | {"sqlite", "postgresql"} if everywhere else vendors
         return activate
 
     def plain() -> None:
         scalepub.unregister(model)
         onestatement.ENABLED, onestatement.VENDORS = True, vendors
+        set_prepared(True)
 
     activate = {"plain": plain, "outbox": registered("outbox"),
                 "outbox-tx": registered("outbox", one_statement=False),
                 "outbox-1s": registered("outbox", everywhere=True),
+                "outbox-cb": registered("outbox", prepare=False),
                 "direct": registered("direct")}
     return [Mode(model_name, name, activate[name], make) for name in names]
+
+
+def set_prepared(on: bool) -> None:
+    """Turn the prepared create statement (PostgreSQL) on or off; without psycopg there is
+    none."""
+    try:
+        from scalepub.django import prepared
+    except ImportError:
+        return
+    prepared.ENABLED = on
 
 
 def run_saves(mode: Mode, count: int, timed: bool) -> None:

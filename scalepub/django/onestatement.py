@@ -239,6 +239,9 @@ def _postgresql(claimed: Claim, parts: _Parts, execute: Callable[..., Any], sql:
     one = (f"WITH r AS ({sql}), o AS (INSERT INTO {table} ({', '.join(columns)}) "
            f"SELECT %s, %s, %s, r.{pk}::text, %s, %s || {key} || %s FROM r) SELECT * FROM r")
     extra = [parts.node, parts.ts_ns, parts.model, parts.fmt, parts.head, parts.tail]
+    from scalepub.django import prepared  # psycopg's: imported where PostgreSQL is in use
+
+    prepared.bind(context)  # parsed and planned once per connection, where it can be
     result = execute(one, [*params, *extra], False, context)
     _state.written = claimed.instance
     return result
