@@ -169,11 +169,12 @@ def run_script(script: Script, keys: Sequence[Any], args: Sequence[Any], client:
     """``script(keys, args, client)``, also queued in a cluster pipeline.
 
     redis-py's ClusterPipeline refuses ``evalsha`` by name (it cannot load a missing script
-    there); EVALSHA as a plain command goes to the keys' slot. A node without the script
-    answers NoScriptError for that command: ``script_missing`` tells, the caller runs it again
-    outside the pipeline (Script loads it then).
+    there); EVALSHA as a plain command goes to the keys' slot. A plain Pipeline would first
+    ask SCRIPT EXISTS, one more round trip per call (the relay's rounds of several shards).
+    A node without the script answers NoScriptError for that command: ``script_missing``
+    tells, the caller runs it again outside the pipeline (Script loads it then).
     """
-    if isinstance(client, ClusterPipeline):
+    if isinstance(client, (ClusterPipeline, redis.client.Pipeline)):
         return client.execute_command(  # type: ignore[no-untyped-call]
             "EVALSHA", script.sha, len(keys), *keys, *args)
     return script(keys=keys, args=args, client=client)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,29 +163,73 @@ def _written(path: str) -> Any:
 
 def oldest(using: str, limit: int) -> list[OutboxRow]:
     """Up to ``limit`` rows, oldest (lowest id) first."""
-    table, columns = _table(using, ("id", *_FIELDS))
-    with connections[using].cursor() as cursor:
-        cursor.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY {columns[0]} "
-                       "LIMIT %s", [limit])
-        return [_row(values) for values in cursor.fetchall()]
+    return [_row(values) for values in _query(using, _select_sql, [limit], fetch=True)]
 
 
 def count(using: str) -> int:
     """Rows waiting in the outbox."""
-    table, _ = _table(using, ())
-    with connections[using].cursor() as cursor:
-        cursor.execute(f"SELECT COUNT(*) FROM {table}")
-        return int(cursor.fetchone()[0])
+    [(rows,)] = _query(using, _count_sql, [], fetch=True)
+    return int(rows)
 
 
 def delete(using: str, ids: Sequence[int]) -> None:
     """Delete the rows ``ids`` (the relay's part once Redis holds them)."""
+    for start in range(0, len(ids), _DELETE_CHUNK):
+        chunk = list(ids[start:start + _DELETE_CHUNK])
+        _query(using, functools.partial(_delete_sql, rows=len(chunk)), chunk, fetch=False)
+
+
+def _query(using: str, sql: Callable[..., str], params: list[Any],
+           fetch: bool) -> list[tuple[Any, ...]]:
+    """Run the relay's statement ``sql(using, qmark)`` in autocommit.
+
+    A relay round is one SELECT and one DELETE per sparse commit: on the DB-API connection
+    (the statement text cached, SQLite's module keeping it prepared) they skip Django's
+    cursor, its query rewriting and wrappers, which were a third of the round's own CPU
+    (loadtest/bench_paced_save.py). Django's cursor where something wants to see the query.
+    """
+    connection = connections[using]
+    raw = connection.connection
+    if raw is not None and _plain(connection):
+        connection.validate_no_broken_transaction()
+        with connection.wrap_database_errors:
+            cursor = raw.execute(sql(using, connection.vendor == "sqlite"), params)
+            try:
+                return list(cursor.fetchall()) if fetch else []
+            finally:
+                cursor.close()
+    with connection.cursor() as cursor:
+        cursor.execute(sql(using, False), params)
+        return list(cursor.fetchall()) if fetch else []
+
+
+def _plain(connection: Any) -> bool:
+    """Whether statements may go to the DB-API connection itself: SQLite or psycopg 3 (both
+    have ``Connection.execute``), nothing that wants to see the query (query logging under
+    DEBUG, ``execute_wrapper`` instrumentation)."""
+    return (connection.vendor in ("sqlite", "postgresql")
+            and hasattr(connection.connection, "execute")
+            and not connection.execute_wrappers and not connection.queries_logged)
+
+
+@functools.lru_cache(maxsize=64)
+def _select_sql(using: str, qmark: bool) -> str:
+    table, columns = _table(using, ("id", *_FIELDS))
+    return (f"SELECT {', '.join(columns)} FROM {table} ORDER BY {columns[0]} "
+            f"LIMIT {'?' if qmark else '%s'}")
+
+
+@functools.lru_cache(maxsize=64)
+def _count_sql(using: str, qmark: bool) -> str:
+    table, _ = _table(using, ())
+    return f"SELECT COUNT(*) FROM {table}"
+
+
+@functools.lru_cache(maxsize=256)
+def _delete_sql(using: str, qmark: bool, rows: int) -> str:
     table, [id_column] = _table(using, ("id",))
-    with connections[using].cursor() as cursor:
-        for start in range(0, len(ids), _DELETE_CHUNK):
-            chunk = ids[start:start + _DELETE_CHUNK]
-            cursor.execute(f"DELETE FROM {table} WHERE {id_column} IN "
-                           f"({', '.join(['%s'] * len(chunk))})", chunk)
+    return (f"DELETE FROM {table} WHERE {id_column} IN "
+            f"({', '.join(['?' if qmark else '%s'] * rows)})")
 
 
 def table_exists(using: str) -> bool:

@@ -139,6 +139,18 @@ class Relay:
         self._listener: notify.Listener | None = None
         self._no_listener = False  # this database cannot notify: poll
 
+    @property
+    def notified(self) -> bool:
+        """Whether this process's commits need not wake the relay: its LISTEN session
+        announces them (PostgreSQL, leading), or it follows and has no leader to nudge.
+
+        A commit's own wake-up beside its notification made a second, empty round (a SELECT
+        that finds nothing) of every sparse commit (loadtest/bench_paced_save.py)."""
+        if self.following:
+            return not self.nudging
+        listener = self._listener
+        return listener is not None and listener.listening
+
     def relay_once(self) -> Round:
         """Append up to OUTBOX_BATCH of the oldest rows, delete those Redis took."""
         rows = outbox.oldest(self.using, self.settings.outbox_batch)

@@ -120,7 +120,9 @@ class Runtime:
         if self.settings().outbox_relay != "thread":
             return
         self._check_fork()
-        self._ensure(using).wake.set()
+        relay = self._ensure(using)
+        if not relay.relay.notified:  # else the commit's notification wakes it, once
+            relay.wake.set()
 
     def relaying(self) -> list[str]:
         """The databases whose relay thread runs in this process."""

@@ -1,0 +1,156 @@
+"""The relay round of a sparse commit (loadtest/bench_paced_save.py): one round per commit,
+its statements on the DB-API connection, Django's cursor where something watches queries.
+
+Runs in both passes (SQLite and PostgreSQL); the test of the notified leader is PostgreSQL's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from django.db import connection
+from twitter.models import Tweet
+
+from scalepub.django import outbox, relay
+from scalepub.django.relay import Relay, Round
+from scalepub.django.runtime import runtime
+from scalepub.producer import PendingEntry, StreamProducer
+from scalepub.settings import Settings
+from scalepub.sharding import shard_for
+from tests.conftest import django_side
+from tests.e2e import wait_until
+from tests.streams import wait_for_entries
+
+pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
+
+SAVES = 10
+
+
+@pytest.fixture
+def polling_never(outbox_django: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
+    """Idle relays that would look only every 60 s: commits alone wake them."""
+    monkeypatch.setattr(relay, "LISTENING_POLL_S", 60.0)
+    yield from django_side(outbox_django.replace(outbox_poll_ms=60_000))
+
+
+def _this_process_relay(settings: Settings, redis_client: redis.Redis) -> Relay:
+    """Start this process's relay with a first save; it leads once that entry is in Redis."""
+    Tweet.objects.create(author="ann", text="starts this process's relay")
+    assert len(wait_for_entries(redis_client, settings, 1)) == 1
+    return runtime._relays[connection.alias].relay
+
+
+def _count_rounds(monkeypatch: pytest.MonkeyPatch, leader: Relay) -> list[Round]:
+    """The rounds the relay thread runs from now on."""
+    rounds: list[Round] = []
+    original = leader.relay_once
+
+    def counted() -> Round:
+        done = original()
+        rounds.append(done)
+        return done
+
+    monkeypatch.setattr(leader, "relay_once", counted)
+    return rounds
+
+
+def test_sparse_commits_each_move_at_once_in_one_round(
+        polling_never: Settings, redis_client: redis.Redis,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no poll to fall back on, every commit still reaches Redis (woken by the commit:
+    its own process's wake-up on SQLite, the notification on PostgreSQL), in one round."""
+    leader = _this_process_relay(polling_never, redis_client)
+    time.sleep(0.5)  # idle now; on PostgreSQL LISTENing (its first wake-up done)
+    rounds = _count_rounds(monkeypatch, leader)
+    for i in range(SAVES):
+        Tweet.objects.create(author="bob", text=f"sparse {i}")
+        assert wait_until(lambda i=i: len(read_nodes(redis_client, polling_never)) == i + 2,
+                          timeout=5), f"commit {i} not relayed within 5 s (rounds: {rounds})"
+        time.sleep(0.02)
+    time.sleep(0.3)
+    assert [r.moved for r in rounds if r.moved] == [1] * SAVES, rounds
+    # On PostgreSQL the commit wakes the relay once (its notification), not also from this
+    # process: that second wake-up was an empty round (a SELECT finding nothing) per commit.
+    assert sum(1 for r in rounds if not r.moved) <= 1, rounds
+
+
+def read_nodes(client: redis.Redis, settings: Settings) -> list[str]:
+    """The nodes of the entries in Redis so far."""
+    return [e.env.node for e in wait_for_entries(client, settings, 0, timeout=0)]
+
+
+@pytest.mark.postgres
+def test_a_listening_leader_is_not_woken_by_its_own_commits(
+        polling_never: Settings, redis_client: redis.Redis) -> None:
+    leader = _this_process_relay(polling_never, redis_client)
+    assert wait_until(lambda: leader.notified, timeout=10), "the LISTEN session never came up"
+    wake = runtime._relays[connection.alias].wake
+    time.sleep(0.3)
+    wake.clear()
+    runtime.wake(connection.alias)  # what a commit of this process calls
+    assert not wake.is_set()
+    # the listener is what wakes it
+    Tweet.objects.create(author="cy", text="notified")
+    entries = wait_for_entries(redis_client, polling_never, 2, timeout=10)
+    assert [e.env.node for e in entries][-1] == "/twitter/Tweet/cy"
+
+
+def test_relay_statements_skip_djangos_cursor_unless_watched(outbox_django: Settings) -> None:
+    """oldest/delete/count run on the DB-API connection (Django's cursor refuses here), and
+    through Django's cursor while an execute_wrapper watches (it sees every statement)."""
+    entries = [PendingEntry(f"/n/{i}", time.time_ns(), "twitter.tweet", str(i), "xml",
+                            b"<o>%d</o>" % i) for i in range(3)]
+    outbox.write(entries, connection.alias)
+    connection.ensure_connection()
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the relay's statement went through Django's cursor")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(connection, "cursor", refuse)
+        rows = outbox.oldest(connection.alias, 2)
+        assert [(r.node, r.pk, r.payload) for r in rows] == [
+            ("/n/0", "0", b"<o>0</o>"), ("/n/1", "1", b"<o>1</o>")]
+        assert outbox.count(connection.alias) == 3
+        outbox.delete(connection.alias, [rows[0].id])
+    seen: list[str] = []
+
+    def watch(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        seen.append(sql.split(maxsplit=1)[0])
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(watch):
+        rows = outbox.oldest(connection.alias, 10)
+        assert [r.pk for r in rows] == ["1", "2"]
+        outbox.delete(connection.alias, [r.id for r in rows])
+        assert outbox.count(connection.alias) == 0
+    assert seen == ["SELECT", "DELETE", "SELECT"]
+
+
+def test_a_round_over_several_shards_is_one_pipeline_without_script_exists(
+        settings_for: Settings, redis_client: redis.Redis) -> None:
+    """The relay's append of rows of several shards: one EVALSHA per shard in one pipeline,
+    no SCRIPT EXISTS round trip first; a Redis that lost the script still takes them."""
+    producer = StreamProducer(settings_for)
+    nodes = [f"/round/{i}" for i in range(40)]
+    shards = {shard_for(n, settings_for.shards) for n in nodes}
+    assert len(shards) == settings_for.shards
+    entries = [PendingEntry(n, time.time_ns(), "twitter.tweet", str(i), "xml", b"<o/>", oid=i)
+               for i, n in enumerate(nodes)]
+    try:
+        producer.append(entries[:1], source="round-test")  # loads the script
+        redis_client.config_resetstat()
+        result = producer.append(entries[1:20], source="round-test")
+        assert not result.failures and len(result.appended) == 19
+        stats = redis_client.info("commandstats")
+        assert "cmdstat_script|exists" not in stats, stats
+        redis_client.script_flush()
+        result = producer.append(entries[20:], source="round-test")
+        assert not result.failures and len(result.appended) == 20
+    finally:
+        producer.close()
+    assert len(read_nodes(redis_client, settings_for)) == 40
