@@ -19,12 +19,16 @@ from __future__ import annotations
 
 import base64
 import time
+import uuid
+from collections.abc import Iterator
 from xml.sax.saxutils import quoteattr
 
+import pytest
+
 from scalepub.settings import Settings
-from tests.e2e import Collector, create_nodes
+from tests.e2e import Collector, Got, create_nodes
 from tests.rawxmpp import NS_PUBSUB, RawClient
-from tests.stack import Stack
+from tests.stack import Stack, running
 
 _STREAM = ("<?xml version='1.0'?><stream:stream to={domain} xmlns='jabber:client' "
            "xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>")
@@ -34,6 +38,10 @@ BURST = 1500
 ROUNDS = 4
 FIRST_NEW = 10_000
 LATE = 20_000
+CLUSTER_ROUNDS = 3
+# Seconds after a login before every node of a cluster knows (and replaces) its session
+# (tests/test_ejabberd_cluster.py measured it).
+SESSION_KNOWN_S = 2.0
 
 
 def _authenticate(env: dict[str, str]) -> RawClient:
@@ -66,22 +74,29 @@ def _acked(client: RawClient, who: str, seq: int, timeout: float = 20) -> None:
     client.read_until(f"id='{who}{seq}'|id=\"{who}{seq}\"".encode(), timeout=timeout)
 
 
-def _replace_once(env: dict[str, str], node: str, resource: str) -> str:
-    """Old session, its burst, then the new session's bind and first publish in one write."""
-    service = env["SCALEPUB_PUBSUB_SERVICE"]
-    new = _authenticate(env)
-    old = _authenticate(env)
+def _replace_once(old_env: dict[str, str], new_env: dict[str, str], node: str, resource: str,
+                  known_s: float = 0.0) -> str:
+    """Old session, its burst, then the new session's bind and first publish in one write.
+
+    ``known_s``: seconds the old session is given to be known on every node of a cluster.
+    """
+    service = old_env["SCALEPUB_PUBSUB_SERVICE"]
+    new = _authenticate(new_env)
+    old = _authenticate(old_env)
     old.send(_bind(resource))
     old.read_until(rb"</iq>")
     old.send(_publish(service, node, 1, "old"))
     _acked(old, "old", 1)
+    time.sleep(known_s)
     # The old owner has a burst in flight when the new owner logs in (a stalled owner's last
     # writes, or bytes a healed partition delivers late); its process is handling it.
     old.send("".join(_publish(service, node, seq, "old") for seq in range(2, BURST + 2)))
     _acked(old, "old", 2)
     # The new owner publishes as soon as it can: right behind its bind, in the same write.
+    started = time.monotonic()
     new.send(_bind(resource) + _publish(service, node, FIRST_NEW, "new"))
     _acked(new, "new", FIRST_NEW)
+    waited = time.monotonic() - started
     # The old session was told why it ended, and what it sends now goes nowhere.
     conflict = old.read_until(rb"<conflict|</stream:stream>", timeout=10)
     assert b"conflict" in conflict
@@ -96,7 +111,7 @@ def _replace_once(env: dict[str, str], node: str, resource: str) -> str:
     _acked(new, "new", FIRST_NEW + 1)
     old.sock.close()
     new.close()
-    return late_error
+    return f"its later writes: {late_error}; the new bind to its first publish's answer {waited:.3f} s"
 
 
 def _violations(got: list[int]) -> list[str]:
@@ -114,6 +129,25 @@ def _violations(got: list[int]) -> list[str]:
     return found
 
 
+def _assert_strict(by_node: dict[str, list[Got]], nodes: list[str], late: list[str]) -> None:
+    """Every round's node, as one subscriber saw it, keeps the strict claim."""
+    failed = {}
+    for k, node in enumerate(nodes):
+        got = [g.seq for g in by_node[node]]
+        handled = sum(seq < FIRST_NEW for seq in got)
+        print(f"round {k}: the old session's publishes: {handled} handled, "
+              f"{BURST + 1 - handled} dropped; {late[k]}")
+        if problems := _violations(got):
+            failed[k] = problems
+    assert not failed, f"{len(failed)} of {len(nodes)} rounds: {failed}"
+
+
+def _wait_for_rounds(collector: Collector, rounds: int) -> dict[str, list[Got]]:
+    assert collector.wait_for(lambda got: sum(g.seq == FIRST_NEW + 1 for g in got) == rounds, 30)
+    time.sleep(0.5)
+    return collector.by_node()
+
+
 def test_a_replaced_session_publishes_nothing_after_the_new_login(
         settings_for: Settings, stack: Stack) -> None:
     env = stack.env
@@ -122,19 +156,36 @@ def test_a_replaced_session_publishes_nothing_after_the_new_login(
     create_nodes(env, nodes)
     collector = Collector(env, nodes).start()
     try:
-        late = [_replace_once(env, node, resource) for node in nodes]
-        assert collector.wait_for(
-            lambda got: sum(g.seq == FIRST_NEW + 1 for g in got) == ROUNDS, 30)
-        time.sleep(0.5)
-        by_node = collector.by_node()
+        late = [_replace_once(env, env, node, resource) for node in nodes]
+        by_node = _wait_for_rounds(collector, ROUNDS)
     finally:
         collector.stop()
-    failed = {}
-    for k, node in enumerate(nodes):
-        got = [g.seq for g in by_node[node]]
-        handled = sum(seq < FIRST_NEW for seq in got)
-        print(f"round {k}: the old session's publishes: {handled} handled, "
-              f"{BURST + 1 - handled} dropped; its later writes: {late[k]}")
-        if problems := _violations(got):
-            failed[k] = problems
-    assert not failed, f"{len(failed)} of {ROUNDS} rounds: {failed}"
+    _assert_strict(by_node, nodes, late)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Stack]:
+    """Two clustered ejabberd nodes (no PostgreSQL: nothing here needs it)."""
+    yield from running(ejabberd_nodes=2, SCALEPUB_POSTGRES="off")
+
+
+def test_a_replaced_session_on_another_node_publishes_nothing_after_the_new_login(
+        cluster: Stack) -> None:
+    """The old owner on node 1, the new one on node 2: the module monitors a remote pid, and
+    subscribers on both nodes see nothing of the old session after the new one's first."""
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    resource = f"scalepub-{prefix}-shard-0"
+    nodes = [f"/lease/{prefix}/replaced-{k}" for k in range(CLUSTER_ROUNDS)]
+    env1, env2 = cluster.node_env(1), cluster.node_env(2)
+    for node in nodes:  # one at a time: creations at once abort each other on a cluster
+        create_nodes(env1, [node])
+    collectors = [Collector(env1, nodes).start(), Collector(env2, nodes).start()]
+    try:
+        late = [_replace_once(env1, env2, node, resource, SESSION_KNOWN_S) for node in nodes]
+        seen = [_wait_for_rounds(c, CLUSTER_ROUNDS) for c in collectors]
+    finally:
+        for c in collectors:
+            c.stop()
+    for where, by_node in zip(("node 1", "node 2"), seen, strict=True):
+        print(f"a subscriber on {where}:")
+        _assert_strict(by_node, nodes, late)
