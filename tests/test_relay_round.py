@@ -6,6 +6,7 @@ Runs in both passes (SQLite and PostgreSQL); the test of the notified leader is 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -68,8 +69,10 @@ def test_sparse_commits_each_move_at_once_in_one_round(
     rounds = _count_rounds(monkeypatch, leader)
     for i in range(SAVES):
         Tweet.objects.create(author="bob", text=f"sparse {i}")
-        assert wait_until(lambda i=i: len(read_nodes(redis_client, polling_never)) == i + 2,
-                          timeout=5), f"commit {i} not relayed within 5 s (rounds: {rounds})"
+        def relayed(count: int = i + 2) -> bool:
+            return len(read_nodes(redis_client, polling_never)) == count
+
+        assert wait_until(relayed, timeout=5), f"commit {i} not relayed in 5 s ({rounds})"
         time.sleep(0.02)
     time.sleep(0.3)
     assert [r.moved for r in rounds if r.moved] == [1] * SAVES, rounds
@@ -154,3 +157,47 @@ def test_a_round_over_several_shards_is_one_pipeline_without_script_exists(
     finally:
         producer.close()
     assert len(read_nodes(redis_client, settings_for)) == 40
+
+
+def test_an_idle_leader_looks_about_once_a_second_and_still_finds_unannounced_rows(
+        outbox_django: Settings, redis_client: redis.Redis,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Woken by commits (notifications on PostgreSQL, this process's wake-ups and the other
+    relays' nudges elsewhere), an idle leader's poll is the 1 s safety net, not a round every
+    OUTBOX_POLL_MS (10 ms: 100 empty rounds a second on SQLite before)."""
+    leader = _this_process_relay(outbox_django, redis_client)
+    assert wait_until(lambda: leader.notified or leader._nudged(), timeout=10)
+    time.sleep(0.3)
+    rounds = _count_rounds(monkeypatch, leader)
+    time.sleep(2.0)
+    assert len(rounds) <= 4, f"{len(rounds)} rounds in 2 s idle"
+    # a row nobody announced (no wake-up, no nudge: e.g. a process without a relay thread)
+    # moves at the safety net's next look
+    outbox.write([PendingEntry("/twitter/Tweet/quiet", time.time_ns(), "twitter.tweet", "7",
+                               "xml", b"<object/>")], connection.alias)
+    entries = wait_for_entries(redis_client, outbox_django, 2, timeout=5)
+    assert [e.env.node for e in entries][-1] == "/twitter/Tweet/quiet"
+
+
+@pytest.mark.parametrize("mode", ["thread", "external"])
+def test_the_idle_poll_stays_short_where_nobody_nudges(outbox_django: Settings,
+                                                      mode: str) -> None:
+    """With ``OUTBOX_RELAY = "external"`` no process runs a relay thread to nudge the service:
+    without LISTEN/NOTIFY it keeps polling every OUTBOX_POLL_MS."""
+    settings = outbox_django.replace(outbox_relay=mode, outbox_poll_ms=7.0)
+    leader, wake, stop = Relay(settings), threading.Event(), threading.Event()
+    try:
+        assert leader.lease.hold()
+        leader._idle_wait(wake, stop)  # opens its LISTEN session or nudge subscription
+        session = leader._listener or leader._nudges
+        assert session is not None and wait_until(lambda: session.listening, timeout=10)
+        waits = leader._idle_wait(wake, stop)
+    finally:
+        stop.set()
+        leader._unsubscribe()
+        if leader._listener is not None:
+            leader._listener.join()
+        leader.lease.release()
+    notified = connection.vendor == "postgresql"  # every writer's commit notifies
+    expected = relay.LISTENING_POLL_S if notified or mode == "thread" else 0.007
+    assert waits == expected

@@ -7,7 +7,8 @@ own commits; one that does not lead publishes one nudge per wake-up (however man
 gathered) on the database's nudge channel, and the leader, subscribed while it leads, wakes
 at once. The save never waits on Redis: the nudge is sent by the relay thread, after the
 commit. A lost nudge (Redis down, the subscription reconnecting) costs one poll interval:
-the poll stays as the safety net.
+the poll stays as the safety net (every OUTBOX_POLL_MS while the subscription is down or
+relays are external, once a second while it is up: ``relay.LISTENING_POLL_S``).
 
 On a single Redis: PUBLISH/SUBSCRIBE. On a Redis Cluster: sharded pub/sub (SPUBLISH and
 SSUBSCRIBE, Redis 7): the nudge goes to the master that owns the channel's slot only,

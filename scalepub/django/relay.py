@@ -4,7 +4,8 @@ One relay per database works at a time (a Redis lease), so rows leave the table 
 and per-node order survives (the order it guarantees when writers commit out of id order:
 docs/reliability.md §1, "Relay order"). On PostgreSQL an idle relay is woken by the commit
 notifications of any process (``notify``); elsewhere by its own process's commits and by the
-nudges the relays of other processes publish after theirs (``nudge``), and it still polls.
+nudges the relays of other processes publish after theirs (``nudge``); it still polls, once a
+second while those wake it, else every OUTBOX_POLL_MS.
 By default every serving Django process runs a relay thread that competes for the lease
 (``OUTBOX_RELAY = "thread"``, started by ``runtime``); ``manage.py scalepub_relay`` runs one
 on its own. Rows are deleted only after Redis appended them. A relay that dies in between, or
@@ -50,8 +51,9 @@ DRAIN_ON_STOP_S = 5.0
 # Retries while Redis or the database fail are at most this far apart, so waiting rows move
 # within ~1 s of Redis coming back (docs/reliability.md §1 promises 2 s).
 _BACKOFF_MAX_S = 1.0
-# An idle leader woken by commit notifications (PostgreSQL) still looks this often: rows a
-# notification never announced (a LISTEN session that was down and is back) wait no longer.
+# An idle leader woken by commit notifications (PostgreSQL) or nudges (elsewhere, relays
+# running as threads) still looks this often: rows a notification or nudge never announced
+# (a session that was down and is back, a writer that runs no relay thread) wait no longer.
 LISTENING_POLL_S = 1.0
 # A relay that does not lead tries to take the lease this often.
 FOLLOW_RETRY_S = 1.0
@@ -256,7 +258,8 @@ class Relay:
     def _idle_wait(self, wake: threading.Event, stop: threading.Event) -> float:
         """How long the idle leader waits for a wake-up: on PostgreSQL every commit notifies
         (started at the first idle round as leader: relays that never lead hold no LISTEN
-        session), and the short poll only covers a listener that is down."""
+        session), and the short poll only covers a listener that is down. Elsewhere the
+        same once nudges arrive (below)."""
         if self._listener is None and not self._no_listener:
             self._listener = notify.listener(self.using, wake, stop)
             self._no_listener = self._listener is None
@@ -264,7 +267,19 @@ class Relay:
             return LISTENING_POLL_S
         if self.nudging and self._nudges is None:
             self._nudges = nudge.Subscriber(self.lease.client, self.nudge_channel, wake, stop)
+        if self._nudged():
+            return LISTENING_POLL_S
         return self.settings.outbox_poll_ms / 1000
+
+    def _nudged(self) -> bool:
+        """Whether every commit reaches this idle leader as a wake-up: its subscription is up
+        and relays run as threads (each committing process has one, which nudges it, or
+        wakes it directly in this process). Then the short poll only made empty rounds, 100
+        a second, ~3 % of a core in an idle process and one or more per sparse commit
+        (loadtest/bench_paced_save.py); with ``OUTBOX_RELAY = "external"`` nobody nudges."""
+        nudges = self._nudges
+        return (self.settings.outbox_relay == "thread" and nudges is not None
+                and nudges.listening)
 
     def _unsubscribe(self) -> None:
         """Stop taking nudges (stopping, or another relay leads: a follower woken by nudges
