@@ -18,9 +18,12 @@ with raw sockets against the real ejabberd:
 from __future__ import annotations
 
 import base64
+import os
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
 import pytest
@@ -28,7 +31,7 @@ import pytest
 from scalepub.settings import Settings
 from tests.e2e import Collector, Got, create_nodes
 from tests.rawxmpp import NS_PUBSUB, RawClient
-from tests.stack import Stack, running
+from tests.stack import STACK, Stack, new_stack, running
 
 _STREAM = ("<?xml version='1.0'?><stream:stream to={domain} xmlns='jabber:client' "
            "xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>")
@@ -189,3 +192,40 @@ def test_a_replaced_session_on_another_node_publishes_nothing_after_the_new_logi
     for where, by_node in zip(("node 1", "node 2"), seen, strict=True):
         print(f"a subscriber on {where}:")
         _assert_strict(by_node, nodes, late)
+
+
+@pytest.fixture(scope="module")
+def short_wait() -> Iterator[Stack]:
+    """A stack whose binds wait at most 1 ms for a replaced session (less than any takes)."""
+    yield from running(SCALEPUB_POSTGRES="off", SCALEPUB_EJABBERD_REPLACED_WAIT_MS="1")
+
+
+def test_past_the_bound_the_new_session_goes_on_and_ejabberd_says_so(short_wait: Stack) -> None:
+    env = short_wait.env
+    resource = f"scalepub-t{uuid.uuid4().hex[:10]}-shard-0"
+    old = _authenticate(env)
+    old.send(_bind(resource))
+    old.read_until(rb"</iq>")
+    new = _authenticate(env)
+    new.send(_bind(resource) + "<iq type='get' id='ping'><ping xmlns='urn:xmpp:ping'/></iq>")
+    answer = new.read_until(rb"id='ping'[^>]*>|id=\"ping\"[^>]*>")
+    assert b"result" in answer, answer
+    assert b"conflict" in old.read_until(rb"<conflict|</stream:stream>", timeout=10)
+    old.sock.close()
+    new.close()
+    log = short_wait.state_dir / "ejabberd" / "log" / "ejabberd.log"
+    deadline = time.monotonic() + 10
+    while b"mod_scalepub_replaced" not in log.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    lines = [line for line in log.read_text().splitlines() if "mod_scalepub_replaced" in line]
+    assert any(f"/{resource}: 1 of 1 older session(s) still running" in line
+               for line in lines), lines
+
+
+@pytest.mark.parametrize("value", ["-1", "5s", "12345678"])
+def test_a_bad_wait_is_refused_naming_the_setting(tmp_path: Path, value: str) -> None:
+    stack = new_stack(SCALEPUB_STACK_DIR=str(tmp_path), SCALEPUB_EJABBERD_REPLACED_WAIT_MS=value)
+    done = subprocess.run([str(STACK), "env"], env={**os.environ, **stack.control}, text=True,
+                          capture_output=True, timeout=30, check=False)
+    assert done.returncode == 1, done
+    assert "SCALEPUB_EJABBERD_REPLACED_WAIT_MS" in done.stderr and value in done.stderr
