@@ -58,7 +58,7 @@ GOAL, STRETCH = 1.5, 1.3
 AUTHORS = [f"bench{i}" for i in range(64)]
 TEXT = "a benchmark tweet of a realistic size, some words, a link https://example.com/x/y"
 MODELS = ("tweet", "wide")
-MODES = ("plain", "outbox", "outbox-tx", "outbox-1s", "outbox-cb", "direct")
+MODES = ("plain", "outbox", "outbox-tx", "outbox-1s", "outbox-cb", "outbox-nq", "direct")
 
 
 @dataclass
@@ -197,7 +197,8 @@ def make_modes(model_name: str, names: list[str]) -> list[Mode]:
     vendors = onestatement.VENDORS
 
     def registered(delivery: str, one_statement: bool = True,
-                   everywhere: bool = False, prepare: bool = True) -> Callable[[], None]:
+                   everywhere: bool = False, prepare: bool = True,
+                   quiet: bool = True) -> Callable[[], None]:
         def activate() -> None:
             if settings.SCALEPUB.get("DELIVERY") != delivery:
                 settings.SCALEPUB = {**base, "DELIVERY": delivery}
@@ -205,18 +206,20 @@ def make_modes(model_name: str, names: list[str]) -> list[Mode]:
             scalepub.register(model, node=original.node)
             onestatement.ENABLED = one_statement
             set_prepared(prepare)
+            onestatement.QUIET = quiet
             onestatement.VENDORS = vendors | {"sqlite", "postgresql"} if everywhere else vendors
         return activate
 
     def plain() -> None:
         scalepub.unregister(model)
-        onestatement.ENABLED, onestatement.VENDORS = True, vendors
+        onestatement.ENABLED, onestatement.VENDORS, onestatement.QUIET = True, vendors, True
         set_prepared(True)
 
     activate = {"plain": plain, "outbox": registered("outbox"),
                 "outbox-tx": registered("outbox", one_statement=False),
                 "outbox-1s": registered("outbox", everywhere=True),
                 "outbox-cb": registered("outbox", prepare=False),
+                "outbox-nq": registered("outbox", quiet=False),
                 "direct": registered("direct")}
     return [Mode(model_name, name, activate[name], make) for name in names]
 

@@ -218,7 +218,7 @@ def test_missing_migration_on_postgres_is_a_clear_error_at_the_first_save(
     call_command("migrate", "scalepub", "0001", verbosity=0)  # an install that lacks 0002
     try:
         [warned] = [m for m in run_checks(databases=["default"]) if m.id == "scalepub.W001"]
-        assert "0002_outbox_notify not applied" in warned.msg and "saves work" in warned.msg
+        assert "0002_outbox_notify" in warned.msg and "saves work" in warned.msg
         Tweet.objects.create(author="ann", text="saved without the trigger")
     finally:
         call_command("migrate", "scalepub", verbosity=0)

@@ -5,8 +5,10 @@ outbox row, the two commit together or not at all with no BEGIN, no COMMIT and (
 no second round trip. The entry needs the row's pk, known only inside the statement:
 
 - PostgreSQL: the INSERT becomes a data-modifying CTE, ``WITH r AS (<Django's INSERT ...
-  RETURNING pk>), o AS (INSERT INTO scalepub_outbox ... SELECT ..., head || r.pk || tail
-  FROM r) SELECT * FROM r``; Django reads its RETURNING row as before.
+  RETURNING pk>), q AS (SELECT set_config('scalepub.notify', ...)), o AS (INSERT INTO
+  scalepub_outbox ... SELECT ..., head || r.pk || tail FROM r, q) SELECT * FROM r``; Django
+  reads its RETURNING row as before. It goes out as a prepared statement (``prepared``), and
+  skips the commit notification while this process's relay leads (``notify.QUIET_SETTING``).
 - SQLite (no DML in CTEs): a TEMP trigger per connection and table, ``AFTER INSERT ... WHEN
   scalepub_pending(table)``, whose outbox INSERT takes its values from Python functions of
   this module (they read this thread's pending entry and splice ``NEW.pk`` in; they never
@@ -32,7 +34,7 @@ from django.db.models import Model
 from django.db.models.fields import AutoFieldMixin
 from django.db.models.signals import post_save
 
-from scalepub.django import outbox
+from scalepub.django import notify, outbox
 from scalepub.django.registry import Registration, registry
 from scalepub.django.rowformat import row_format
 from scalepub.django.runtime import runtime
@@ -55,6 +57,9 @@ ENABLED = True
 # waits for while it holds the write lock): BEGIN and COMMIT cost SQLite, in process, less
 # than the trigger does. PostgreSQL saves a round trip (0.65-0.77x).
 VENDORS = frozenset({"postgresql"})
+# False: every one-statement create notifies, even while this process's relay leads (the A/B
+# switch of loadtest/bench_ingest.py's mode outbox-nq and of the tests).
+QUIET = True
 DECLINED: Any = object()  # what ``run`` returns when the statement is left to the old path
 _JSON = json.JSONEncoder(ensure_ascii=False)
 _TRIGGERS = "scalepub_one_statement_triggers"  # attribute of Django's SQLite connection
@@ -235,16 +240,30 @@ def _postgresql(claimed: Claim, parts: _Parts, execute: Callable[..., Any], sql:
     table, columns = outbox.target(claimed.using)
     if not sql.endswith(f" RETURNING {context['connection'].ops.quote_name(parts.table)}.{pk}"):
         return DECLINED
-    key = f"convert_to(r.{pk}::text, 'UTF8')"
-    one = (f"WITH r AS ({sql}), o AS (INSERT INTO {table} ({', '.join(columns)}) "
-           f"SELECT %s, %s, %s, r.{pk}::text, %s, %s || {key} || %s FROM r) SELECT * FROM r")
-    extra = [parts.node, parts.ts_ns, parts.model, parts.fmt, parts.head, parts.tail]
+    # Quiet: no commit notification (notify.QUIET_SETTING) while this process's relay leads;
+    # it is woken here instead, once the statement (its own transaction) has committed.
+    quiet = QUIET and runtime.leads(claimed.using)
+    one = _cte(sql, table, columns, pk)
+    extra = [notify.QUIET_SETTING, "off" if quiet else "on", parts.node, parts.ts_ns,
+             parts.model, parts.fmt, parts.head, parts.tail]
     from scalepub.django import prepared  # psycopg's: imported where PostgreSQL is in use
 
     prepared.bind(context)  # parsed and planned once per connection, where it can be
     result = execute(one, [*params, *extra], False, context)
     _state.written = claimed.instance
+    if quiet:
+        runtime.wake(claimed.using, notified=False)
     return result
+
+
+def _cte(sql: str, table: str, columns: tuple[str, ...], pk: str) -> str:
+    """Django's INSERT ... RETURNING pk (``sql``) as a CTE whose row the outbox INSERT
+    joins: set_config (q) runs before that INSERT ends, when the trigger's WHEN is read."""
+    key = f"convert_to(r.{pk}::text, 'UTF8')"
+    return (f"WITH r AS ({sql}), q AS (SELECT set_config(%s, %s, true)), "
+            f"o AS (INSERT INTO {table} ({', '.join(columns)}) "
+            f"SELECT %s, %s, %s, r.{pk}::text, %s, %s || {key} || %s FROM r, q) "
+            "SELECT * FROM r")
 
 
 def _sqlite(claimed: Claim, parts: _Parts, execute: Callable[..., Any], sql: str,

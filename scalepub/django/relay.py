@@ -105,6 +105,11 @@ class Lease:
         self._held_until = now + self.ttl_ms / 1000 if ok else 0.0
         return ok
 
+    def held(self) -> bool:
+        """Whether this relay holds the lease now, as far as it knows (no Redis call: until
+        the TTL counted from before its last successful take or renewal has passed)."""
+        return time.monotonic() < self._held_until
+
     def release(self) -> None:
         """Give the lease up at once (another relay takes over without waiting the TTL)."""
         if self._held_until:

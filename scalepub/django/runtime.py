@@ -115,14 +115,21 @@ class Runtime:
             self._ensure(using)
         self._all_started = True
 
-    def wake(self, using: str) -> None:
-        """After a commit that wrote outbox rows: make this process's relay look now."""
+    def wake(self, using: str, notified: bool = True) -> None:
+        """After a commit that wrote outbox rows: make this process's relay look now
+        (``notified=False``: the commit sent no notification, notify.QUIET_SETTING)."""
         if self.settings().outbox_relay != "thread":
             return
         self._check_fork()
         relay = self._ensure(using)
-        if not relay.relay.notified:  # else the commit's notification wakes it, once
+        if not (notified and relay.relay.notified):  # else its notification wakes it, once
             relay.wake.set()
+
+    def leads(self, using: str) -> bool:
+        """Whether this process's relay thread of ``using`` holds the lease now: its commits
+        wake it in-process, and no other relay needs to hear of them (notify.QUIET_SETTING)."""
+        current = self._relays.get(using)
+        return current is not None and current.alive and current.relay.lease.held()
 
     def relaying(self) -> list[str]:
         """The databases whose relay thread runs in this process."""

@@ -12,7 +12,7 @@ from scalepub.django import notify
 
 def create(apps: Any, schema_editor: Any) -> None:
     if schema_editor.connection.vendor == "postgresql":
-        schema_editor.execute(notify.CREATE_SQL, params=None)
+        schema_editor.execute(notify.UNGATED_SQL, params=None)  # 0003 adds its WHEN
 
 
 def drop(apps: Any, schema_editor: Any) -> None:
