@@ -236,14 +236,14 @@ def _parts(claimed: Claim, table: str) -> _Parts | None:
 
 def _postgresql(claimed: Claim, parts: _Parts, execute: Callable[..., Any], sql: str,
                 params: Any, context: Any) -> Any:
-    pk = context["connection"].ops.quote_name(claimed.instance._meta.pk.column)
-    table, columns = outbox.target(claimed.using)
-    if not sql.endswith(f" RETURNING {context['connection'].ops.quote_name(parts.table)}.{pk}"):
+    one = _ctes.get((claimed.using, sql))
+    if one is None:
+        one = _cte(context["connection"], claimed, parts.table, sql)
+    if not one:
         return DECLINED
     # Quiet: no commit notification (notify.QUIET_SETTING) while this process's relay leads;
     # it is woken here instead, once the statement (its own transaction) has committed.
     quiet = QUIET and runtime.leads(claimed.using)
-    one = _cte(sql, table, columns, pk)
     extra = [notify.QUIET_SETTING, "off" if quiet else "on", parts.node, parts.ts_ns,
              parts.model, parts.fmt, parts.head, parts.tail]
     from scalepub.django import prepared  # psycopg's: imported where PostgreSQL is in use
@@ -256,14 +256,29 @@ def _postgresql(claimed: Claim, parts: _Parts, execute: Callable[..., Any], sql:
     return result
 
 
-def _cte(sql: str, table: str, columns: tuple[str, ...], pk: str) -> str:
-    """Django's INSERT ... RETURNING pk (``sql``) as a CTE whose row the outbox INSERT
-    joins: set_config (q) runs before that INSERT ends, when the trigger's WHEN is read."""
-    key = f"convert_to(r.{pk}::text, 'UTF8')"
-    return (f"WITH r AS ({sql}), q AS (SELECT set_config(%s, %s, true)), "
-            f"o AS (INSERT INTO {table} ({', '.join(columns)}) "
-            f"SELECT %s, %s, %s, r.{pk}::text, %s, %s || {key} || %s FROM r, q) "
-            "SELECT * FROM r")
+def _cte(connection: Any, claimed: Claim, table: str, sql: str) -> str:
+    """Django's INSERT ... RETURNING pk (``sql``) as a CTE whose row the outbox INSERT joins
+    (set_config, q, runs before that INSERT ends, when the trigger's WHEN is read), or ""
+    if ``sql`` returns more than the pk. Cached per database and INSERT text (a model's
+    creates share one text): built per save it was most of this function's own time."""
+    quote = connection.ops.quote_name
+    pk = quote(claimed.instance._meta.pk.column)
+    target, columns = outbox.target(claimed.using)
+    one = ""
+    if sql.endswith(f" RETURNING {quote(table)}.{pk}"):
+        key = f"convert_to(r.{pk}::text, 'UTF8')"
+        one = (f"WITH r AS ({sql}), q AS (SELECT set_config(%s, %s, true)), "
+               f"o AS (INSERT INTO {target} ({', '.join(columns)}) "
+               f"SELECT %s, %s, %s, r.{pk}::text, %s, %s || {key} || %s FROM r, q) "
+               "SELECT * FROM r")
+    if len(_ctes) >= _MAX_CTES:  # texts that vary per row (an expression in a field)
+        _ctes.clear()
+    _ctes[(claimed.using, sql)] = one
+    return one
+
+
+_ctes: dict[tuple[str, str], str] = {}
+_MAX_CTES = 512
 
 
 def _sqlite(claimed: Claim, parts: _Parts, execute: Callable[..., Any], sql: str,
