@@ -40,6 +40,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,10 +178,14 @@ class Variant:
     label: str
     args: list[str]
     pythonpath: str = ""
+    envelope_version: int | None = None  # default: 1 for an older pool's tree, else 0
 
 
 def run_variant(v: Variant, env: dict[str, str], nodes: list[str], args: argparse.Namespace,
-                work: Path, groups: dict[str, list[int]]) -> dict[str, Any]:
+                work: Path, groups: dict[str, list[int]],
+                window: Callable[[], dict[str, float]] | None = None) -> dict[str, Any]:
+    """One variant's run; ``window``, if given, is read at the measured window's start and
+    end, its differences go to the row's ``window``."""
     from scalepub.settings import Settings
 
     port = free_port()
@@ -203,20 +208,31 @@ def run_variant(v: Variant, env: dict[str, str], nodes: list[str], args: argpars
         # An older pool gets version 1 envelopes: every pool reads those.
         producer = threading.Thread(target=produce, daemon=True,
                                     args=(Settings.from_env(env), nodes, args.rate, probe,
-                                          1 if v.pythonpath else 0))
+                                          _envelope_version(v)))
         producer.start()
         groups = {**groups, "pool": [pool.pid], "subscriber": [sub.pid]}
         time.sleep(args.warmup_s)
         t0, m0, c0 = time.time_ns(), scrape(port), cpu_seconds(groups)
+        w0 = window() if window else {}
         time.sleep(args.measure_s)
         t1, m1, c1 = time.time_ns(), scrape(port), cpu_seconds(groups)
+        w1 = window() if window else {}
         time.sleep(1.0)  # the last entries of the window arrive
         probe.stop.set()
         producer.join(5)
     finally:
         stop(sub)
         stop(pool)
-    return summarize(v, probe, (t0, t1), (m0, m1), (c0, c1), args)
+    row = summarize(v, probe, (t0, t1), (m0, m1), (c0, c1), args)
+    if window:
+        row["window"] = {k: w1[k] - w0.get(k, 0.0) for k in w1}
+    return row
+
+
+def _envelope_version(v: Variant) -> int:
+    if v.envelope_version is not None:
+        return v.envelope_version
+    return 1 if v.pythonpath else 0
 
 
 def _metrics_up(port: int) -> bool:

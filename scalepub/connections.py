@@ -9,6 +9,7 @@ which follows MOVED/ASK and failovers; every key of a shard shares the hash tag 
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Sequence
 from typing import Any, cast
@@ -185,6 +186,26 @@ def script_missing(reply: object) -> bool:
     return isinstance(reply, NoScriptError)
 
 
+class Lua:
+    """A hot Lua script of the shards, sent by its SHA1 (EVALSHA) in asyncio pipelines.
+
+    Not redis-py's Script: in a pipeline that asks SCRIPT EXISTS first, one more round trip.
+    A server that lacks the script (restarted, failed over, SCRIPT FLUSH) answers NOSCRIPT
+    to that command alone (``script_missing``); the caller sends it again with ``by_sha``
+    false, which also puts it in the server's cache for the next EVALSHA.
+    """
+
+    def __init__(self, body: str) -> None:
+        self.body = body
+        self.sha = hashlib.sha1(body.encode()).hexdigest()
+
+    def queue(self, pipe: Any, keys: Sequence[Any], args: Sequence[Any], *,
+              by_sha: bool = True) -> None:
+        """Add one run of the script to ``pipe`` (any asyncio pipeline, cluster ones too)."""
+        name, script = ("EVALSHA", self.sha) if by_sha else ("EVAL", self.body)
+        pipe.execute_command(name, script, len(keys), *keys, *args)
+
+
 def raise_transport_error(reply: object) -> None:
     """Raise a pipeline reply that says a node could not be reached (not a refusal).
 
@@ -311,7 +332,8 @@ class HiredisPackedConnection(aredis.Connection):
 
 
 def raw_replies(r: aredis.Redis) -> aredis.Redis:
-    """Skip redis-py's per-entry reply parsing (dicts) for the reads; ~3 us an entry."""
-    for command in ("XREADGROUP", "XAUTOCLAIM"):
+    """Skip redis-py's per-entry reply parsing (dicts) for the reads; ~3 us an entry. XREAD
+    only wakes a shard's read up (lease.ShardLease.read_new): its reply is not looked into."""
+    for command in ("XREADGROUP", "XAUTOCLAIM", "XREAD"):
         r.set_response_callback(command, lambda response, **_kw: response)
     return r

@@ -7,11 +7,13 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any
 
 import redis
 import redis.asyncio as aredis
 
 from scalepub.backlog import meta_of
+from scalepub.connections import Lua
 from scalepub.shard import streams
 from scalepub.shard.heartbeat import Health, Retrying
 from scalepub.shard.lease import FENCE_CHECK_LUA, ShardLease
@@ -30,6 +32,7 @@ FENCED_ACK_LUA = streams.ACK_FUNCTION_LUA + FENCE_CHECK_LUA + """
 if not holds(KEYS[3], ARGV[2]) then return -1 end
 return ack(KEYS[1], KEYS[2], ARGV[1], 3)
 """
+FENCED_ACK = Lua(FENCED_ACK_LUA)
 
 # One entry to the dead-letter stream with its ack, under the lease. KEYS: stream, meta, lease,
 # dead-letter stream. ARGV: group, fence, stream id, envelope, reason, at_ns, maxlen.
@@ -46,16 +49,21 @@ assert ENTRY_FIELD == b"e", "FENCED_DEAD_LETTER_LUA's entry field"
 Spawn = Callable[[Awaitable[None]], None]
 
 
-def queue_acks(pipe: aredis.client.Pipeline, keys: Keys, shard: int, fence: str,
-               ids: Sequence[bytes]) -> None:
+def queue_acks(pipe: Any, keys: Keys, shard: int, fence: str, ids: Sequence[bytes], *,
+               by_sha: bool = False) -> int:
     """Add fenced acks of ``ids`` (entries the server confirmed) to a pipeline; each reply is
-    the count acknowledged, or ``FENCED``."""
+    the count acknowledged, or ``FENCED``. Returns how many commands were added.
+
+    By default the script's body (EVAL): a flush of its own is rare (acks ride on reads,
+    ``Ride``) and then needs no NOSCRIPT recovery; ``by_sha`` where the caller has one.
+    """
     key = keys.stream(shard)
-    for start in range(0, len(ids), streams.ACK_CHUNK):
-        # EVAL rather than EVALSHA: a pipeline with scripts would first ask SCRIPT EXISTS, one
-        # more round trip per flush; Redis finds the cached script by its hash either way.
-        pipe.eval(FENCED_ACK_LUA, 3, key, meta_of(key), keys.lease(shard), CONSUMER_GROUP,
-                  fence, *ids[start:start + streams.ACK_CHUNK])
+    starts = range(0, len(ids), streams.ACK_CHUNK)
+    for start in starts:
+        FENCED_ACK.queue(pipe, [key, meta_of(key), keys.lease(shard)],
+                         [CONSUMER_GROUP, fence, *ids[start:start + streams.ACK_CHUNK]],
+                         by_sha=by_sha)
+    return len(starts)
 
 
 async def dead_letter(client: aredis.Redis, keys: Keys, shard: int, fence: str, *,
@@ -74,8 +82,12 @@ class Acks:
 
     def __init__(self, name: str, client: aredis.Redis, keys: Keys, stats: Stats,
                  meters: Meters, health: Health, retrying: Retrying, spawn: Spawn,
-                 lease: ShardLease) -> None:
+                 lease: ShardLease, *, ride_s: float = 0.0) -> None:
         self.name = name
+        # How long gathered acks wait for the reader's next read to carry them (Ride) before
+        # the loop sends them itself; 0: at once. Longer than the reader's blocking wait, so
+        # while it reads they always ride, and never later than this when it does not.
+        self.ride_s = ride_s
         self.lease = lease  # every ack and dead letter is fenced by it
         self.retrying = retrying
         self.spawn = spawn
@@ -86,6 +98,7 @@ class Acks:
         self.health = health
         self._ids: dict[int, list[bytes]] = defaultdict(list)
         self._wakeup = asyncio.Event()
+        self._rides = 0  # reads that took the gathered ids (Ride), none or some
         self._failing = False
 
     def add(self, shard: int, ids: Iterable[bytes]) -> None:
@@ -94,14 +107,37 @@ class Acks:
         self._wakeup.set()
 
     async def loop(self) -> None:
-        """Flush whenever there is something to acknowledge, until cancelled."""
+        """Flush what there is to acknowledge, until cancelled; with ``ride_s``, only what
+        no read carried: the reader's reads take the acks while it reads (at most ``ride_s``
+        apart); when it stops (waits for buffer space, claims, drains) the loop sends them."""
         # A cancellation that arrives while redis-py's pipeline finishes can be swallowed in
         # it (seen: the loop then waited for ever and held a graceful stop up for 3 s); the
         # task still counts the request (Task.cancelling), so the loop ends anyway.
         while not _cancelling():
             await self._wakeup.wait()
             self._wakeup.clear()
+            if self.ride_s:
+                rides = self._rides
+                await asyncio.sleep(self.ride_s)
+                if self._rides != rides and self._ids:
+                    self._wakeup.set()  # the reader reads: its next read carries these
+                    continue
             await self.flush()
+
+    def ride(self, shard: int) -> Ride:
+        """The acks of ``shard`` gathered so far, to send in front of the reader's next read."""
+        return Ride(self, shard)
+
+    def take(self, shard: int) -> list[bytes]:
+        """Remove and return the gathered ids of ``shard`` (a Ride sends them)."""
+        self._rides += 1
+        return self._ids.pop(shard, [])
+
+    def give_back(self, shard: int, ids: list[bytes]) -> None:
+        """Ids a Ride could not send: with the next flush or ride."""
+        if ids:
+            self._ids[shard][:0] = ids
+            self._wakeup.set()
 
     async def flush(self) -> None:
         """Send the gathered XACKs; on a Redis error keep them for the next flush."""
@@ -123,9 +159,9 @@ class Acks:
             self._wakeup.set()
             return
         self._set_failing(False)
-        self._count_fenced(replies, sum(len(v) for v in ids.values()))
+        self.count_fenced(replies, sum(len(v) for v in ids.values()))
 
-    def _count_fenced(self, replies: list[object], count: int) -> None:
+    def count_fenced(self, replies: list[object], count: int) -> None:
         """Acks refused by the fence are dropped: the shard's new owner re-publishes them."""
         if any(r == FENCED for r in replies):
             log.warning("shard %s: %d acks refused: the lease is no longer ours (%s); the next "
@@ -150,6 +186,34 @@ class Acks:
         if done == FENCED:
             log.warning("shard %d: entry %s not dead-lettered: the lease is no longer ours",
                         shard, sid.decode())
+
+
+class Ride:
+    """Acks sent in the reader's read round trip (lease.Carried): one write and one reply
+    for both at one entry per wake-up. Fenced as every ack: an old owner's are refused."""
+
+    def __init__(self, acks: Acks, shard: int) -> None:
+        self.acks = acks
+        self.shard = shard
+        self.ids: list[bytes] | None = None  # taken at the first queue, kept for a resend
+
+    def queue(self, pipe: Any, *, by_sha: bool) -> int:
+        """Add the fenced acks of the ids gathered until now; how many commands."""
+        if self.ids is None:
+            self.ids = self.acks.take(self.shard)
+        return queue_acks(pipe, self.acks.keys, self.shard, self.acks.lease.fence, self.ids,
+                          by_sha=by_sha)
+
+    def answered(self, replies: list[object]) -> None:
+        """Log refused acks, as a flush does."""
+        if self.ids:
+            self.acks.count_fenced(replies, len(self.ids))
+        self.ids = None
+
+    def failed(self) -> None:
+        """The round trip failed: the ids go back to the Acks."""
+        self.acks.give_back(self.shard, self.ids or [])
+        self.ids = None
 
 
 def _cancelling() -> bool:

@@ -19,11 +19,12 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, cast
 
 import redis
 import redis.asyncio as aredis
 
+from scalepub.connections import Lua, script_missing
 from scalepub.sharding import CONSUMER_GROUP, Keys
 
 log = logging.getLogger(__name__)
@@ -77,14 +78,11 @@ local function holds(lease_key, fence)
 end
 """
 
-# An idle shard's waits between two fenced reads (each up to the reader's block, 100 ms).
-IDLE_WAITS = 10
-
 # KEYS: stream, lease. ARGV: group, consumer, count, fence. New entries for the consumer only
 # while the lease holds: a reader that stalled between its own check and this read takes
 # nothing away from the next owner. Returns -1 (fenced), the XREADGROUP reply, or, when
 # nothing is new, the stream's last id (to wait for a newer one with a plain XREAD BLOCK,
-# which scripts cannot do).
+# which scripts cannot do). Sent by its SHA1 (``FENCED_READ``, ShardLease.read_new).
 FENCED_READ_LUA = FENCE_CHECK_LUA + """
 if not holds(KEYS[2], ARGV[4]) then return -1 end
 local got = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3],
@@ -94,6 +92,20 @@ local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 if #last > 0 then return last[1][1] end
 return '0-0'
 """
+FENCED_READ = Lua(FENCED_READ_LUA)
+
+
+class Carried(Protocol):
+    """Commands sent in front of a read, in its round trip (the worker's acks: acks.Ride)."""
+
+    def queue(self, pipe: Any, *, by_sha: bool) -> int:
+        """Add them to ``pipe``; how many commands were added."""
+
+    def answered(self, replies: list[object]) -> None:
+        """Their replies, in order."""
+
+    def failed(self) -> None:
+        """The round trip failed: they may not have run."""
 
 
 @dataclass(frozen=True)
@@ -150,8 +162,9 @@ class ShardLease:
         self.lost_reason = ""
         self._on_renew_failure = on_renew_failure
         self._on_acquired = on_acquired
-        self._idle_after: bytes | None = None  # the stream's last id when a read found nothing
-        self._idle_waits = 0
+        # The newest id of the stream known to be taken, when the last read took all that
+        # was new: the next read first waits for a newer one.
+        self._idle_after: bytes | None = None
 
     @property
     def fence(self) -> str:
@@ -222,30 +235,77 @@ class ShardLease:
             self.deadline = self.timing.valid_until(sent)
 
     async def read_new(self, r: aredis.Redis, keys: Sequence[str], consumer: str, count: int,
-                       block_ms: int) -> list[tuple[bytes, Any]]:
+                       block_ms: int, carried: Carried | None = None
+                       ) -> list[tuple[bytes, Any]]:
         """New entries of the shard's stream for ``consumer`` (XREADGROUP ``>``) while the lease
         holds: the group read is fenced in Redis.
 
-        An idle shard only waits (a plain XREAD BLOCK, one command a wait as before leases);
-        the fenced script runs when there is something to take.
+        One round trip (a pipeline): ``carried`` (the acks of what the server confirmed),
+        then, if the last read took all that was new, a plain XREAD BLOCK from the newest id
+        taken (it takes nothing; scripts cannot block), then the fenced read, which Redis
+        runs as soon as the wait ends: at one entry per wake-up one write and one reply
+        instead of a wait, a read, an empty read and an ack.
         """
         [key] = keys
-        # The script again at least every IDLE_WAITS waits: a stream recreated with lower ids
-        # (Redis restarted without its data, its clock behind) would not wake the wait.
-        if self._idle_after is not None and self._idle_waits < IDLE_WAITS:
-            self._idle_waits += 1
-            if not await r.xread({key: self._idle_after}, count=1, block=block_ms):
-                return []
-        self._idle_after, self._idle_waits = None, 0
-        reply = await r.eval(FENCED_READ_LUA, 2, key, self.key, CONSUMER_GROUP, consumer, count,
-                             self.fence)
+        try:
+            reply = await self._read_round(r, key, (CONSUMER_GROUP, consumer, count, self.fence),
+                                           block_ms, carried)
+        except BaseException:
+            if carried is not None:
+                carried.failed()  # they are sent again (an ack twice counts once)
+            raise
         if reply == -1:
             self.lost_reason = self.lost_reason or "taken over: the lease is no longer ours"
             return []
-        if isinstance(reply, list):
-            return [(stream, entries) for stream, entries in reply]
-        self._idle_after = reply
-        return []
+        if not isinstance(reply, list):
+            self._idle_after = cast(bytes, reply)  # nothing new: the stream's last id
+            return []
+        got = [(stream, entries) for stream, entries in reply]
+        taken = [entry for _, entries in got for entry in entries]
+        # Fewer than asked: everything new was taken, wait for a newer entry next time.
+        self._idle_after = taken[-1][0] if taken and len(taken) < count else None
+        return got
+
+    async def _read_round(self, r: aredis.Redis, key: str, args: tuple[Any, ...],
+                          block_ms: int, carried: Carried | None) -> object:
+        """The pipeline of ``read_new``; the fenced read's reply.
+
+        What Redis refused for lack of its script (restarted, failed over, flushed) is sent
+        again with the script's body, and only that: a read that ran took entries, which a
+        second read would leave pending and unseen.
+        """
+        wait = (self._idle_after, block_ms) if self._idle_after is not None else None
+        n, replies = await self._send(r, key, carried, args, wait, by_sha=True)
+        acked, reply = replies[:n], replies[-1]
+        acks_again = any(script_missing(x) for x in acked)
+        if acks_again or script_missing(reply):
+            log.info("shard %d: Redis lacked the fenced scripts (restarted, failed over or "
+                     "flushed); sending their bodies", self.shard)
+            m, again = await self._send(r, key, carried if acks_again else None,
+                                        args if script_missing(reply) else None, None,
+                                        by_sha=False)
+            acked = again[:m] if acks_again else acked
+            reply = again[-1] if script_missing(reply) else reply
+        for answer in (*acked, *replies[n:-1], reply):
+            if isinstance(answer, Exception):
+                raise answer  # e.g. NOGROUP: the Retrier re-creates the group
+        if carried is not None:
+            carried.answered(acked)
+        return reply
+
+    async def _send(self, r: aredis.Redis, key: str, carried: Carried | None,
+                    read_args: tuple[Any, ...] | None, wait: tuple[bytes, int] | None, *,
+                    by_sha: bool) -> tuple[int, list[object]]:
+        """One pipeline: the carried commands, the wait (for an id after ``wait[0]``, up to
+        ``wait[1]`` ms), the fenced read (each if given); how many carried commands, and
+        every reply."""
+        async with r.pipeline(transaction=False) as pipe:
+            n = carried.queue(pipe, by_sha=by_sha) if carried is not None else 0
+            if wait is not None:
+                pipe.xread({key: wait[0]}, count=1, block=wait[1])
+            if read_args is not None:
+                FENCED_READ.queue(pipe, [key, self.key], read_args, by_sha=by_sha)
+            return n, list(await pipe.execute(raise_on_error=False))
 
     async def release(self) -> None:
         """Let the next owner take the shard at once (only if the lease is still ours)."""

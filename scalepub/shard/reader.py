@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 # while it is in hand), which a 5,000-entry read made ~5 MB of each shard's peak RSS.
 READ_COUNT = 2000
 READ_BLOCK_MS = 100
+# Acks wait this long for the next read to carry them (acks.Ride): past one blocking wait.
+ACK_RIDE_S = READ_BLOCK_MS / 1000 + 0.05
 # Validated node names kept (raw bytes → name); forgotten all at once beyond this many.
 NODE_CACHE_MAX = 100_000
 
@@ -111,8 +113,10 @@ class Reader:
                 return replies
             self._reread = False
         self._reread = True  # until the reply is in hand
+        # The acks gathered so far ride on the read: one round trip for both.
         replies = await self.lease.read_new(self.redis, [self.stream], self.consumer,
-                                            READ_COUNT, READ_BLOCK_MS)
+                                            READ_COUNT, READ_BLOCK_MS,
+                                            self.acks.ride(self.shard))
         self._reread = False
         return replies
 

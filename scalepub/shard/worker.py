@@ -24,7 +24,7 @@ from scalepub.shard.batcher import Batcher, Caps
 from scalepub.shard.heartbeat import Health, Heartbeat
 from scalepub.shard.lease import LeaseTiming, ShardLease
 from scalepub.shard.publisher import Publisher
-from scalepub.shard.reader import Reader
+from scalepub.shard.reader import ACK_RIDE_S, Reader
 from scalepub.shard.retry import Retrier
 from scalepub.shard.stats import Meters, Stats
 from scalepub.sharding import Keys
@@ -71,7 +71,7 @@ class ShardWorker:
         # the reader reads ahead, i.e. how big per-node batches grow under a backlog.
         max_buffer = settings.buffer_max_bytes
         self.acks = Acks(self._name, self.redis, self.keys, self.stats, self._meters,
-                         self.health, retrying, self._spawn, self.lease)
+                         self.health, retrying, self._spawn, self.lease, ride_s=ACK_RIDE_S)
         # The same XMPP resource for every owner of the shard: a new owner's login replaces
         # its predecessor's session (docs/reliability.md, fencing).
         resource = f"scalepub-{settings.key_prefix}-shard-{shard}"
