@@ -141,8 +141,10 @@ def _run(opts: argparse.Namespace, env: dict[str, str], tmp: Path,
     producers = {(db, v.label): Producer(env, v, db, base)
                  for db in opts.databases for v in variants}
     got: dict[tuple[str, str, float], list[float]] = defaultdict(list)
+    order = list(producers.items())
     for r in range(1, opts.rounds + 1):
-        for (db, label), producer in producers.items():
+        # each round starts with the next variant: none always runs first (or last)
+        for (db, label), producer in order[r - 1:] + order[:r - 1]:
             start_up = producer.cpu(0, STARTUP_SAVES)
             for rate in (float(x) for x in opts.rates.split(",")):
                 count = round(rate * opts.seconds) if rate else opts.flat_count
