@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from django.db import connection
@@ -76,13 +77,40 @@ def test_switched_off_the_create_goes_as_django_sends_it(
     check_entry(tweet, kept.payload_format, NODE)
 
 
-def test_a_session_that_lost_the_statement_still_saves(kept: Settings) -> None:
+def test_a_session_that_lost_the_statement_prepares_it_again(kept: Settings) -> None:
+    """DEALLOCATE ALL (psycopg sends it after a rollback when prepare_threshold is set)."""
     warm(Tweet(author="bob", text="first"))
     connection.connection.execute("DEALLOCATE ALL")  # behind the record's back
-    tweet = Tweet.objects.create(author="ann", text="after DEALLOCATE")
+    with Trips() as trips:
+        tweet = Tweet.objects.create(author="ann", text="after DEALLOCATE")
+    assert len(_named(trips, "Parse")) == 1 and len(_named(trips, "Bind")) == 2, trips.lines
     check_entry(tweet, kept.payload_format, NODE)
     assert OutboxEntry.objects.count() == 2 and Tweet.objects.count() == 2
+    assert prepared._misses == {}
+    with Trips() as trips:  # prepared again: only bound
+        again = Tweet.objects.create(author="ann", text="bound")
+    assert _named(trips, "Parse") == [] and len(_named(trips, "Bind")) == 1, trips.lines
+    check_entry(again, kept.payload_format, NODE)
+
+
+def test_a_session_that_loses_it_again_at_once_sends_it_unprepared(
+    kept: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As behind a transaction-mode pooler: the Parse and the Bind reach different server
+    sessions, so the statement is missing even right after it was prepared."""
+    warm(Tweet(author="bob", text="first"))
+    original, pooled = prepared._Cursor._send_query_prepared, [True]
+
+    def dropped(self: Any, name: bytes, *args: Any, **kwargs: Any) -> None:
+        if pooled[0]:
+            self.connection.pgconn.exec_(b"DEALLOCATE ALL")  # another session's state
+        original(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(prepared._Cursor, "_send_query_prepared", dropped)
+    tweet = Tweet.objects.create(author="ann", text="after two misses")
+    check_entry(tweet, kept.payload_format, NODE)
     assert prepared._misses == {"default": 1}
+    pooled[0] = False
     with Trips() as trips:  # this session prepares no more; it still is one statement
         again = Tweet.objects.create(author="ann", text="unprepared")
     assert _named(trips, "Parse") == [] and _named(trips, "Bind") == [], trips.lines

@@ -11,11 +11,13 @@ Django leaves psycopg's own prepared statements off (``prepare_threshold`` None)
 of transaction-mode connection poolers: psycopg names them ``_pg3_0``, ``_pg3_1``... per client
 connection, and behind such a pooler a name can reach a server session where it is another
 client's statement. The name here is a hash of the statement's text and parameter types, so
-wherever it exists it is this very statement. A session that lacks it (a pooler moved the
-client, ``DISCARD ALL`` ran) or has it from someone else answers with an error before the
-statement ran; under autocommit nothing was written, and the statement is sent again
-unprepared. That connection then stops preparing, and after MAX_MISSES such misses the
-process stops on that database and says so once.
+wherever it exists it is this very statement. A session that lacks it (``DEALLOCATE ALL``,
+``DISCARD ALL``, a pooler moved the client) or has it from someone else answers with an error
+before the statement ran; under autocommit nothing was written. A missing statement is
+prepared again, once; if that misses too (behind a transaction-mode pooler the Parse and the
+Bind can reach different server sessions), or the name was taken, the statement is sent
+unprepared, that connection stops preparing, and after MAX_MISSES such misses the process
+stops on that database and says so once.
 """
 
 from __future__ import annotations
@@ -97,14 +99,32 @@ class _Cursor(psycopg.Cursor[Any]):
 
     def execute(self, query: Any, params: Any = None, *, prepare: bool | None = None,
                 binary: bool | None = None) -> Any:
-        """psycopg's execute; a statement the session did not hold is sent unprepared."""
+        """psycopg's execute; a statement the session did not hold is prepared again once
+        (its prepared statements were dropped: DEALLOCATE ALL, which psycopg itself sends
+        after a rollback when ``prepare_threshold`` is set), then sent unprepared."""
         try:
             return super().execute(query, params, prepare=prepare, binary=binary)
         except _MISSED as exc:
-            if self.connection.info.transaction_status != pq.TransactionStatus.IDLE:
-                raise  # inside a transaction: it is aborted, a retry would not help
-            self._missed(exc)
-            return super().execute(query, params, prepare=False, binary=binary)
+            if not self._idle():
+                raise
+            if not isinstance(exc, errors.InvalidSqlStatementName):
+                return self._unprepared(exc, query, params, binary)
+            self._session.names.clear()
+        try:
+            return super().execute(query, params, prepare=prepare, binary=binary)
+        except _MISSED as exc:
+            if not self._idle():
+                raise
+            return self._unprepared(exc, query, params, binary)
+
+    def _unprepared(self, exc: Exception, query: Any, params: Any, binary: bool | None) -> Any:
+        self._missed(exc)
+        return super().execute(query, params, prepare=False, binary=binary)
+
+    def _idle(self) -> bool:
+        """Outside a transaction: a failed statement wrote nothing, it may be sent again
+        (inside one it is aborted, and a retry would not help)."""
+        return bool(self.connection.info.transaction_status == pq.TransactionStatus.IDLE)
 
     def _get_prepared(self, pgq: Any, prepare: bool | None = None) -> tuple[Prepare, bytes]:
         """psycopg's hook: which statement to use (YES), to prepare first (SHOULD), or none."""
