@@ -186,6 +186,7 @@ def cluster() -> Iterator[Stack]:
     yield from running(ejabberd_nodes=2, SCALEPUB_POSTGRES="off")
 
 
+@pytest.mark.slow  # ~25 s with its own two-node cluster's start
 def test_a_replaced_session_on_another_node_publishes_nothing_after_the_new_login(
         cluster: Stack) -> None:
     """The old owner on node 1, the new one on node 2: the module monitors a remote pid, and
