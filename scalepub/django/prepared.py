@@ -28,7 +28,11 @@ from typing import Any
 
 import psycopg
 from psycopg import errors, pq
-from psycopg._preparing import Prepare  # the private hook _get_prepared answers with
+
+try:  # private to psycopg (3.1-3.3): a later release without it turns preparing off, never a save
+    from psycopg._preparing import Prepare  # what the private hook _get_prepared answers
+except ImportError:  # pragma: no cover - depends on the installed psycopg
+    Prepare = None  # type: ignore[assignment,misc]
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +54,9 @@ _MISSED = (errors.InvalidSqlStatementName, errors.DuplicatePreparedStatement,
 _SESSION = "scalepub_prepared_session"  # attribute of Django's connection
 _misses: dict[str, int] = {}
 # The psycopg cursor's hooks this module overrides (psycopg 3.1-3.3; private, so checked).
-_SUPPORTED = all(hasattr(psycopg.Cursor, hook)
-                 for hook in ("_get_prepared", "_send_query_prepared"))
+_SUPPORTED = Prepare is not None and all(
+    hasattr(psycopg.Cursor, hook)
+    for hook in ("_get_prepared", "_send_query_prepared"))
 _names: dict[tuple[bytes, tuple[int, ...]], bytes] = {}
 
 
