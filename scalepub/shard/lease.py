@@ -93,6 +93,8 @@ if #last > 0 then return last[1][1] end
 return '0-0'
 """
 FENCED_READ = Lua(FENCED_READ_LUA)
+# A quiet shard's waits between two fenced reads (each up to the reader's block, 100 ms).
+IDLE_WAITS = 10
 
 
 class Carried(Protocol):
@@ -165,6 +167,7 @@ class ShardLease:
         # The newest id of the stream known to be taken, when the last read took all that
         # was new: the next read first waits for a newer one.
         self._idle_after: bytes | None = None
+        self._quiet = 0  # waits in a row that found nothing new (0: entries came lately)
 
     @property
     def fence(self) -> str:
@@ -240,58 +243,80 @@ class ShardLease:
         """New entries of the shard's stream for ``consumer`` (XREADGROUP ``>``) while the lease
         holds: the group read is fenced in Redis.
 
-        One round trip (a pipeline): ``carried`` (the acks of what the server confirmed),
-        then, if the last read took all that was new, a plain XREAD BLOCK from the newest id
-        taken (it takes nothing; scripts cannot block), then the fenced read, which Redis
-        runs as soon as the wait ends: at one entry per wake-up one write and one reply
-        instead of a wait, a read, an empty read and an ack.
+        After a read that took entries, one round trip (a pipeline): ``carried`` (the acks
+        of what the server confirmed), a plain XREAD BLOCK from the newest id taken (it takes
+        nothing; scripts cannot block), then the fenced read, which Redis runs as soon as
+        the wait ends: at one entry per wake-up one write and one reply instead of a wait,
+        a read, an empty read and an ack. Once a wait found nothing, the shard is quiet: it
+        waits alone (an idle shard's cost as before leases) and reads when woken, and runs
+        the script at least every ``IDLE_WAITS`` waits anyway.
         """
         [key] = keys
         try:
-            reply = await self._read_round(r, key, (CONSUMER_GROUP, consumer, count, self.fence),
-                                           block_ms, carried)
+            reply = await self._take(r, key, (CONSUMER_GROUP, consumer, count, self.fence),
+                                     block_ms, carried)
         except BaseException:
             if carried is not None:
                 carried.failed()  # they are sent again (an ack twice counts once)
             raise
+        if reply is None:  # a quiet wait ended with nothing new
+            return []
         if reply == -1:
             self.lost_reason = self.lost_reason or "taken over: the lease is no longer ours"
             return []
         if not isinstance(reply, list):
-            self._idle_after = cast(bytes, reply)  # nothing new: the stream's last id
+            self._idle_after, self._quiet = cast(bytes, reply), 1  # the stream's last id
             return []
         got = [(stream, entries) for stream, entries in reply]
         taken = [entry for _, entries in got for entry in entries]
         # Fewer than asked: everything new was taken, wait for a newer entry next time.
         self._idle_after = taken[-1][0] if taken and len(taken) < count else None
+        self._quiet = 0
         return got
 
-    async def _read_round(self, r: aredis.Redis, key: str, args: tuple[Any, ...],
-                          block_ms: int, carried: Carried | None) -> object:
-        """The pipeline of ``read_new``; the fenced read's reply.
+    async def _take(self, r: aredis.Redis, key: str, args: tuple[Any, ...], block_ms: int,
+                    carried: Carried | None) -> object:
+        """The fenced read's reply, or None when a quiet shard's wait ended empty."""
+        wait = (self._idle_after, block_ms) if self._idle_after is not None else None
+        if wait is not None and 0 < self._quiet < IDLE_WAITS:
+            # The script again at least every IDLE_WAITS waits: a stream recreated with lower
+            # ids (Redis restarted without its data) would not end the wait.
+            woke, _ = await self._round(r, key, carried, None, wait)
+            if not woke:
+                self._quiet += 1
+                return None
+            carried, wait = None, None  # the acks went with the wait; read at once
+        return (await self._round(r, key, carried, args, wait))[1]
+
+    async def _round(self, r: aredis.Redis, key: str, carried: Carried | None,
+                     args: tuple[Any, ...] | None, wait: tuple[bytes, int] | None
+                     ) -> tuple[object, object]:
+        """One pipeline of ``read_new`` (each part if given); the wait's and the read's
+        replies (None for a part not sent).
 
         What Redis refused for lack of its script (restarted, failed over, flushed) is sent
         again with the script's body, and only that: a read that ran took entries, which a
         second read would leave pending and unseen.
         """
-        wait = (self._idle_after, block_ms) if self._idle_after is not None else None
         n, replies = await self._send(r, key, carried, args, wait, by_sha=True)
-        acked, reply = replies[:n], replies[-1]
+        acked = replies[:n]
+        woke = replies[n] if wait is not None else None
+        read = replies[-1] if args is not None else None
         acks_again = any(script_missing(x) for x in acked)
-        if acks_again or script_missing(reply):
+        if acks_again or script_missing(read):
             log.info("shard %d: Redis lacked the fenced scripts (restarted, failed over or "
                      "flushed); sending their bodies", self.shard)
             m, again = await self._send(r, key, carried if acks_again else None,
-                                        args if script_missing(reply) else None, None,
+                                        args if script_missing(read) else None, None,
                                         by_sha=False)
             acked = again[:m] if acks_again else acked
-            reply = again[-1] if script_missing(reply) else reply
-        for answer in (*acked, *replies[n:-1], reply):
+            read = again[-1] if script_missing(read) else read
+        for answer in (*acked, woke, read):
             if isinstance(answer, Exception):
                 raise answer  # e.g. NOGROUP: the Retrier re-creates the group
         if carried is not None:
             carried.answered(acked)
-        return reply
+        return woke, read
 
     async def _send(self, r: aredis.Redis, key: str, carried: Carried | None,
                     read_args: tuple[Any, ...] | None, wait: tuple[bytes, int] | None, *,
