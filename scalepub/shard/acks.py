@@ -86,7 +86,7 @@ class Acks:
         self.name = name
         # How long gathered acks wait for the reader's next read to carry them (Ride) before
         # the loop sends them itself; 0: at once. Longer than the reader's blocking wait, so
-        # while it reads they always ride, and never later than this when it does not.
+        # while it reads they always ride; when it stops reading they go within 2 * ride_s.
         self.ride_s = ride_s
         self.lease = lease  # every ack and dead letter is fenced by it
         self.retrying = retrying
