@@ -297,14 +297,13 @@ def baseline(rev: str, work: Path) -> Variant:
     return Variant(f"baseline {rev}", [], str(tree))
 
 
-def run(args: argparse.Namespace, work: Path, cleanup: contextlib.ExitStack) -> list[Any]:
+def lab(args: argparse.Namespace, work: Path, cleanup: contextlib.ExitStack, name: str
+        ) -> tuple[Any, dict[str, str], list[str], dict[str, list[int]]]:
+    """A private Redis + ejabberd (stopped by ``cleanup``) with ``args.nodes`` nodes made:
+    the stack, the pool's environment, the nodes, the stack's pids by part."""
     from loadtest.run import _create_nodes, ejabberd_pids, redis_pids
     from tests.stack import new_stack
 
-    variants = [Variant("defaults", [])]
-    variants += [Variant(lbl, opts.split()) for lbl, _, opts in
-                 (s.partition("=") for s in args.variant)]
-    variants[:0] = [baseline(rev, work) for rev in args.baseline_rev]
     stack = new_stack(SCALEPUB_POSTGRES="off")  # not needed: the producer appends itself
     cleanup.callback(shutil.rmtree, stack.state_dir, True)
     cleanup.callback(stack.down)
@@ -312,11 +311,19 @@ def run(args: argparse.Namespace, work: Path, cleanup: contextlib.ExitStack) -> 
     stack.up()
     env = {**os.environ, **stack.env, "SCALEPUB_KEY_PREFIX": PREFIX, "PYTHONPATH": str(REPO),
            "SCALEPUB_SHARDS": str(args.shards)}
-    nodes = [f"/bench/Tweet/lat{i}" for i in range(args.nodes)]
+    nodes = [f"/bench/Tweet/{name}{i}" for i in range(args.nodes)]
     (work / "nodes.json").write_text(json.dumps(nodes))
     _create_nodes(stack.env, nodes)
-    groups = {"ejabberd": ejabberd_pids(stack), "redis": redis_pids(stack),
-              "bench": [os.getpid()]}
+    return stack, env, nodes, {"ejabberd": ejabberd_pids(stack), "redis": redis_pids(stack)}
+
+
+def run(args: argparse.Namespace, work: Path, cleanup: contextlib.ExitStack) -> list[Any]:
+    variants = [Variant("defaults", [])]
+    variants += [Variant(lbl, opts.split()) for lbl, _, opts in
+                 (s.partition("=") for s in args.variant)]
+    variants[:0] = [baseline(rev, work) for rev in args.baseline_rev]
+    _, env, nodes, groups = lab(args, work, cleanup, "lat")
+    groups["bench"] = [os.getpid()]
     rows = []
     for v in variants:
         log(f"variant {v.label!r}: {args.rate:g} entries/s over {args.nodes} nodes")

@@ -32,7 +32,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from loadtest.bench_latency import PREFIX, Variant, baseline, run_variant  # noqa: E402
+from loadtest.bench_latency import Variant, baseline, lab, run_variant  # noqa: E402
 
 
 def log(message: str) -> None:
@@ -106,23 +106,10 @@ def ratios(rows: list[dict[str, Any]], old: str, new: str) -> str:
 
 
 def run(args: argparse.Namespace, work: Path, cleanup: contextlib.ExitStack) -> list[Any]:
-    from loadtest.run import _create_nodes, ejabberd_pids, redis_pids
-    from tests.stack import new_stack
-
     old = baseline(args.baseline_rev, work)
     old.envelope_version = 0  # the same envelopes for both
     new = Variant("checkout", [])
-    stack = new_stack(SCALEPUB_POSTGRES="off")
-    cleanup.callback(shutil.rmtree, stack.state_dir, True)
-    cleanup.callback(stack.down)
-    log("starting a private Redis + ejabberd")
-    stack.up()
-    env = {**os.environ, **stack.env, "SCALEPUB_KEY_PREFIX": PREFIX, "PYTHONPATH": str(REPO),
-           "SCALEPUB_SHARDS": str(args.shards)}
-    nodes = [f"/bench/Tweet/cpu{i}" for i in range(args.nodes)]
-    (work / "nodes.json").write_text(json.dumps(nodes))
-    _create_nodes(stack.env, nodes)
-    groups = {"ejabberd": ejabberd_pids(stack), "redis": redis_pids(stack)}
+    stack, env, nodes, groups = lab(args, work, cleanup, "cpu")
     window = commandstats(stack.env["SCALEPUB_REDIS_URL"])
     rows = []
     for r in range(1, args.rounds + 1):

@@ -7,8 +7,9 @@ go by SHA1 and come back after Redis lost them, an old owner's ride is refused.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import redis
@@ -44,6 +45,20 @@ async def _read(lease: ShardLease, client: aredis.Redis, stream: str, acks: Acks
     return [sid for _, entries in replies for sid, _ in entries]
 
 
+@contextlib.asynccontextmanager
+async def _owner(settings: Settings, stream: str) -> AsyncIterator[
+        tuple[aredis.Redis, ShardLease, Acks]]:
+    """Shard 0's group made and its lease held by "A": the client, the lease and its Acks;
+    the lease released and the client closed after."""
+    client = shard_client(settings)
+    await streams.ensure_group(client, stream)
+    lease = _lease(client, settings, "A")
+    assert await lease.acquire(asyncio.Event())
+    yield client, lease, _acks(client, settings, lease)
+    await lease.release()
+    await client.aclose()
+
+
 @pytest.fixture
 def one_shard(settings_for: Settings) -> Settings:
     return settings_for.replace(shards=1)
@@ -57,25 +72,19 @@ def test_acks_ride_on_the_read_and_the_read_waits_for_new_entries(
     produce(one_shard, [NODE], 3)
 
     async def go() -> None:
-        client = shard_client(one_shard)
-        await streams.ensure_group(client, stream)
-        lease = _lease(client, one_shard, "A")
-        assert await lease.acquire(asyncio.Event())
-        acks = _acks(client, one_shard, lease)
-        ids = await _read(lease, client, stream, acks)
-        assert len(ids) == 3
-        acks.add(0, ids[:2])
-        started = time.monotonic()
-        assert await _read(lease, client, stream, acks) == []  # waited: nothing new
-        assert time.monotonic() - started >= 0.09
-        assert acks.take(0) == []  # the ride took them
-        assert redis_client.xpending(stream, CONSUMER_GROUP)["pending"] == 1
-        waiting = asyncio.create_task(_read(lease, client, stream, acks, block_ms=5000))
-        await asyncio.sleep(0.1)
-        await asyncio.to_thread(produce, one_shard, [NODE], 1)
-        assert len(await asyncio.wait_for(waiting, 2)) == 1  # woken, and taken at once
-        await lease.release()
-        await client.aclose()
+        async with _owner(one_shard, stream) as (client, lease, acks):
+            ids = await _read(lease, client, stream, acks)
+            assert len(ids) == 3
+            acks.add(0, ids[:2])
+            started = time.monotonic()
+            assert await _read(lease, client, stream, acks) == []  # waited: nothing new
+            assert time.monotonic() - started >= 0.09
+            assert acks.take(0) == []  # the ride took them
+            assert redis_client.xpending(stream, CONSUMER_GROUP)["pending"] == 1
+            waiting = asyncio.create_task(_read(lease, client, stream, acks, block_ms=5000))
+            await asyncio.sleep(0.1)
+            await asyncio.to_thread(produce, one_shard, [NODE], 1)
+            assert len(await asyncio.wait_for(waiting, 2)) == 1  # woken, and taken at once
     asyncio.run(go())
     meta = redis_client.hgetall(Keys(one_shard.key_prefix).meta(0))
     assert meta[b"done"] == b"2"
@@ -89,23 +98,17 @@ def test_scripts_lost_by_redis_are_sent_again(one_shard: Settings,
     produce(one_shard, [NODE], 2)
 
     async def go() -> None:
-        client = shard_client(one_shard)
-        await streams.ensure_group(client, stream)
-        lease = _lease(client, one_shard, "A")
-        assert await lease.acquire(asyncio.Event())
-        acks = _acks(client, one_shard, lease)
-        first = await _read(lease, client, stream, acks, count=1)
-        acks.add(0, first)
-        redis_client.script_flush()
-        assert redis_client.script_exists(FENCED_READ.sha, FENCED_ACK.sha) == [False, False]
-        assert len(await _read(lease, client, stream, acks)) == 1  # no wait: count was full
-        assert redis_client.xpending(stream, CONSUMER_GROUP)["pending"] == 1
-        assert redis_client.script_exists(FENCED_READ.sha, FENCED_ACK.sha) == [True, True]
-        redis_client.script_flush()  # now while the read waits (XREAD ran, the script not)
-        await asyncio.to_thread(produce, one_shard, [NODE], 1)
-        assert len(await _read(lease, client, stream, acks)) == 1
-        await lease.release()
-        await client.aclose()
+        async with _owner(one_shard, stream) as (client, lease, acks):
+            first = await _read(lease, client, stream, acks, count=1)
+            acks.add(0, first)
+            redis_client.script_flush()
+            assert redis_client.script_exists(FENCED_READ.sha, FENCED_ACK.sha) == [False, False]
+            assert len(await _read(lease, client, stream, acks)) == 1  # no wait: count was full
+            assert redis_client.xpending(stream, CONSUMER_GROUP)["pending"] == 1
+            assert redis_client.script_exists(FENCED_READ.sha, FENCED_ACK.sha) == [True, True]
+            redis_client.script_flush()  # now while the read waits (XREAD ran, the script not)
+            await asyncio.to_thread(produce, one_shard, [NODE], 1)
+            assert len(await _read(lease, client, stream, acks)) == 1
     asyncio.run(go())
     assert redis_client.xpending(stream, CONSUMER_GROUP)["pending"] == 2
 
@@ -120,18 +123,12 @@ def test_only_what_lacked_its_script_is_sent_again(cached: str, one_shard: Setti
     produce(one_shard, [NODE], 2)
 
     async def go() -> None:
-        client = shard_client(one_shard)
-        await streams.ensure_group(client, stream)
-        lease = _lease(client, one_shard, "A")
-        assert await lease.acquire(asyncio.Event())
-        acks = _acks(client, one_shard, lease)
-        first = await _read(lease, client, stream, acks, count=1)
-        acks.add(0, first)
-        redis_client.script_flush()
-        redis_client.script_load(FENCED_READ.body if cached == "read" else FENCED_ACK.body)
-        assert len(await _read(lease, client, stream, acks)) == 1  # the second entry
-        await lease.release()
-        await client.aclose()
+        async with _owner(one_shard, stream) as (client, lease, acks):
+            first = await _read(lease, client, stream, acks, count=1)
+            acks.add(0, first)
+            redis_client.script_flush()
+            redis_client.script_load(FENCED_READ.body if cached == "read" else FENCED_ACK.body)
+            assert len(await _read(lease, client, stream, acks)) == 1  # the second entry
     asyncio.run(go())
     pending = redis_client.xpending(stream, CONSUMER_GROUP)["pending"]
     assert pending == 1  # the second entry, read once; the first acked
