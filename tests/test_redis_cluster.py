@@ -211,6 +211,10 @@ def test_outbox_relay_pool_and_history_on_the_cluster(cluster_stack: Stack,
         assert wait_until(outbox_empty, 30)
         client = sync_client(cluster_settings)
         try:
+            # Delivered is not yet acknowledged: acks ride on a shard's next read, or go on
+            # their own within 2 x ACK_RIDE_S (scalepub/shard/acks.py).
+            assert wait_until(lambda: all(s.lag == 0 and s.pending == 0 for s in collect(
+                cluster_settings, client)), 10), collect(cluster_settings, client)
             statuses = collect(cluster_settings, client)
             history = read_history(client, Keys(cluster_settings.key_prefix), SHARDS, nodes[0],
                                    after=45, limit=10)
