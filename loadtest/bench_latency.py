@@ -289,12 +289,9 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def baseline(rev: str, work: Path) -> Variant:
     """The pool of an older commit, from ``git archive`` (the checkout is left alone)."""
-    tree = work / f"rev-{rev.replace('/', '_')}"
-    tree.mkdir()
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "scalepub"],
-                             capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
-    return Variant(f"baseline {rev}", [], str(tree))
+    from loadtest.revisions import package_tree
+
+    return Variant(f"baseline {rev}", [], str(package_tree(rev, work)))
 
 
 def lab(args: argparse.Namespace, work: Path, cleanup: contextlib.ExitStack, name: str

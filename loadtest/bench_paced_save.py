@@ -99,12 +99,9 @@ class Producer:
 
 def _baseline(rev: str, work: Path) -> Variant:
     """The ``scalepub`` package of an older commit, from ``git archive``."""
-    tree = work / f"rev-{rev.replace('/', '_')}"
-    tree.mkdir()
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "scalepub"],
-                             capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
-    return Variant(f"baseline {rev}", tree)
+    from loadtest.revisions import package_tree
+
+    return Variant(f"baseline {rev}", package_tree(rev, work))
 
 
 def _options() -> argparse.Namespace:

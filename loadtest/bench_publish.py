@@ -422,13 +422,9 @@ def main() -> None:
 def baseline_tree(rev: str) -> str:
     """The ``scalepub`` package of ``rev`` in a temporary directory (git archive; the
     checkout is left alone), for PYTHONPATH."""
-    import tempfile
+    from loadtest.revisions import package_tree
 
-    tree = tempfile.mkdtemp(prefix="bench-publish-rev-")
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "scalepub"],
-                             capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
-    return tree
+    return str(package_tree(rev))
 
 
 def run_all(opts: argparse.Namespace) -> None:
