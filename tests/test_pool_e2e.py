@@ -85,7 +85,7 @@ def test_kill_minus_nine_of_a_shard_mid_stream_loses_nothing(
     tmp_path: Path,
 ) -> None:
     make_tweets(next(iter(authors))[:-2], 8_000, 200)  # a backlog, published slowly:
-    slow = ("--shards", "4", "--window", "1", "--batch-max-entries", "2")
+    slow = ("--shards", "4", "--window", "1", "--batch-max-entries", "1")
     with pool_and_collector(scalepub_django, stack, authors.values(), tmp_path / "pool.log",
                             *slow) as (pool, collector):
         assert collector.wait_for(distinct(1_500), timeout=60)
