@@ -2,7 +2,7 @@
 against the checkout's, interleaved in one run (issue 16 §4).
 
     .venv/bin/python loadtest/bench_pool_cpu.py [--baseline-rev HEAD] [--rounds 3]
-        [--rate 200] [--nodes 101] [--measure-s 20] [--json FILE]
+        [--rate 200] [--nodes 101] [--measure-s 20] [--idle] [--json FILE]
 
 One private Redis + ejabberd (``tests/stack.py``); per round each pool runs once, the order
 alternating between rounds, as ``bench_latency.py`` runs a variant: the pool's defaults, one
@@ -13,6 +13,10 @@ per delivered entry of the pool (supervisor and shard processes) and of Redis, R
 commands per entry (``INFO commandstats``), the subscriber's commit -> delivery p50/p99.
 Printed: every run, then the ratio checkout/baseline per round and its median. The box may be
 shared: the load average is printed with each run; compare within a round.
+
+``--idle``: no producer and no subscriber: each pool runs with nothing to publish (lease
+renewals, heartbeats, blocking reads, the supervisor's polling, metrics), and the figures are
+per second instead of per entry: the pool's CPU milliseconds and Redis's, Redis commands.
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,7 +38,14 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from loadtest.bench_latency import Variant, baseline, lab, run_variant  # noqa: E402
+from loadtest.bench_latency import (  # noqa: E402
+    Variant,
+    _metrics_up,
+    baseline,
+    lab,
+    run_variant,
+)
+from loadtest.bench_storm import cpu_seconds, free_port, start, stop, wait_until  # noqa: E402
 
 
 def log(message: str) -> None:
@@ -48,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shards", type=int, default=8)
     p.add_argument("--warmup-s", type=float, default=4.0)
     p.add_argument("--measure-s", type=float, default=20.0)
+    p.add_argument("--idle", action="store_true",
+                   help="no entries: the pools' CPU per second with nothing to do")
     p.add_argument("--json", default="", help="write the runs to this file too")
     return p.parse_args(argv)
 
@@ -80,7 +95,56 @@ def per_entry(row: dict[str, Any]) -> dict[str, float]:
             **{f"calls/{k}": v for k, v in sorted(calls.items())}}
 
 
+def run_idle(v: Variant, env: dict[str, str], args: argparse.Namespace, work: Path,
+             groups: dict[str, list[int]], window: Callable[[], dict[str, float]]
+             ) -> dict[str, Any]:
+    """One pool with nothing to publish: CPU and Redis commands over the measured window."""
+    port = free_port()
+    slug = re.sub(r"\W+", "-", v.label)
+    log_path = work / f"pool-idle-{slug}.log"
+    penv = {**env, "PYTHONPATH": v.pythonpath or env.get("PYTHONPATH", "")}
+    pool = start([str(Path(sys.executable).parent / "scalepub"), "run", "--metrics-port",
+                  str(port), *v.args], penv, log_path, cwd=v.pythonpath or REPO)
+    try:
+        wait_until(lambda: _metrics_up(port), "pool metrics")
+        wait_until(lambda: log_path.read_text().count("connected as") >= args.shards,
+                   "every shard's XMPP session")
+        groups = {**groups, "pool": [pool.pid]}
+        time.sleep(args.warmup_s)
+        c0, w0 = cpu_seconds(groups), window()
+        time.sleep(args.measure_s)
+        c1, w1 = cpu_seconds(groups), window()
+    finally:
+        stop(pool)
+    return {"variant": v.label, "received": 0, "expected": 0,
+            "cpu_s": {k: c1[k] - c0.get(k, 0.0) for k in c1},
+            "window": {k: w1[k] - w0.get(k, 0.0) for k in w1}}
+
+
+def per_second(row: dict[str, Any], seconds: float) -> dict[str, float]:
+    """An idle run's figures per second (CPU in milliseconds)."""
+    w = row["window"]
+    calls = {k.removeprefix("calls "): v / seconds for k, v in w.items()
+             if k.startswith("calls ") and v / seconds >= 0.05}
+    return {"pool_us": row["cpu_s"].get("pool", 0.0) / seconds * 1e3,
+            "redis_us": w.get("redis cpu s", 0.0) / seconds * 1e3,
+            "ejabberd_us": row["cpu_s"].get("ejabberd", 0.0) / seconds * 1e3,
+            "redis_calls": sum(calls.values()),
+            **{f"calls/{k}": v for k, v in sorted(calls.items())}}
+
+
+def idle_line(row: dict[str, Any]) -> str:
+    p = row["per_entry"]
+    calls = ", ".join(f"{k.removeprefix('calls/')} {v:.1f}" for k, v in p.items()
+                      if k.startswith("calls/"))
+    return (f"round {row['round']} {row['variant']:>22}: idle, pool {p['pool_us']:.1f} ms/s, "
+            f"Redis {p['redis_us']:.1f} ms/s, ejabberd {p['ejabberd_us']:.1f} ms/s, Redis "
+            f"calls/s {p['redis_calls']:.1f} ({calls}); load {row['load']}")
+
+
 def line(row: dict[str, Any]) -> str:
+    if not row["received"] and "e2e_ms" not in row:
+        return idle_line(row)
     e, p = row["e2e_ms"], row["per_entry"]
     calls = ", ".join(f"{k.removeprefix('calls/')} {v:.2f}" for k, v in p.items()
                       if k.startswith("calls/"))
@@ -115,9 +179,14 @@ def run(args: argparse.Namespace, work: Path, cleanup: contextlib.ExitStack) -> 
     for r in range(1, args.rounds + 1):
         for v in ([old, new] if r % 2 else [new, old]):
             log(f"round {r}: {v.label}")
-            row = run_variant(v, env, nodes, args, work, groups, window)
+            if args.idle:
+                row = run_idle(v, env, args, work, groups, window)
+                figures = per_second(row, args.measure_s)
+            else:
+                row = run_variant(v, env, nodes, args, work, groups, window)
+                figures = per_entry(row)
             row.update(round=r, load=" ".join(f"{x:.1f}" for x in os.getloadavg()),
-                       per_entry=per_entry(row))
+                       per_entry=figures)
             rows.append(row)
             log(line(row))
     return rows
