@@ -121,7 +121,7 @@ class Publisher:
             self.meters.sent(batch)
             self.link.send(publish_iq(iq_id, self.settings.pubsub_service, batch,
                                       self.link.publish_options))
-            self.meters.inflight.set(len(self.inflight))
+            self.meters.in_flight(len(self.inflight))
 
     def _pump_later(self) -> None:
         """Pump again shortly: the lease may be valid again after a late renewal, and with
@@ -176,7 +176,7 @@ class Publisher:
             self.creator.on_reply(reply)
             self.pump(replied=True)
             return
-        self.meters.inflight.set(len(self.inflight))
+        self.meters.in_flight(len(self.inflight))
         if reply.ok:
             self._confirmed(batch)
         else:
@@ -266,7 +266,7 @@ class Publisher:
         self.stats.reconnects += 1
         self.meters.reconnects.inc()
         self.meters.errors("connection_lost").inc()
-        self.meters.inflight.set(0)
+        self.meters.in_flight(0)
         log.warning("shard %s: XMPP connection lost with %d IQs in flight; reconnecting",
                     self.name, len(lost))
         if not self.stop.is_set():

@@ -151,6 +151,7 @@ class ShardWorker:
                                 asyncio.gather(*self._background, return_exceptions=True))
 
     async def _close(self) -> None:
+        self._meters.flush()  # what the last FLUSH_S gathered
         if self.lease.valid():  # a new owner's heartbeat is not ours
             await self._bounded("heartbeat", self.heartbeat.remove())
         await self._bounded("lease release", self.lease.release())
