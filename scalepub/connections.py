@@ -319,6 +319,74 @@ def unreplicated(client: redis.Redis, probes: dict[int, str], replicas: int,
     return failed
 
 
+class Commands:
+    """Commands gathered for one round trip (``OwnConnection.execute``); takes what an asyncio
+    pipeline's ``execute_command`` takes, so ``Lua.queue`` fills either."""
+
+    def __init__(self) -> None:
+        self.stack: list[tuple[Any, ...]] = []
+
+    def execute_command(self, *args: Any) -> None:
+        """Add one command (its name first)."""
+        self.stack.append(args)
+
+
+class OwnConnection:
+    """A connection of its own for a hot loop's round trips (a shard's reads): the commands
+    written at once, their replies read back in order.
+
+    Not redis-py's Pipeline, whose bookkeeping (a pool checkout under a lock, the retry
+    wrapper, the command stack, a reset) was ~300 us of a ~450 us round trip's CPU here
+    (docs/benchmarks.md, the shard's CPU per IQ); and no retry of its own: a read that ran
+    must not run twice (the caller decides). A plain client only (``of``): a cluster
+    client's pipelines route by slot.
+    """
+
+    def __init__(self, client: aredis.Redis) -> None:
+        self._pool = client.connection_pool
+        self._conn: aredis.Connection | None = None
+
+    @classmethod
+    def of(cls, client: object) -> OwnConnection | None:
+        """One for ``client``, or None where it must use its pipelines (a cluster)."""
+        return cls(client) if isinstance(client, aredis.Redis) else None
+
+    async def execute(self, commands: Sequence[tuple[Any, ...]]) -> list[object]:
+        """Each command's reply; an error reply as its exception (as a pipeline's
+        ``execute(raise_on_error=False)``). A connection error or a cancellation drops the
+        connection (its replies may be half read) and is raised."""
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = cast(aredis.Connection,
+                                    self._pool.make_connection())  # type: ignore[no-untyped-call]
+        try:
+            await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+            replies: list[object] = []
+            for _ in commands:
+                try:
+                    replies.append(await conn.read_response())
+                except redis.ResponseError as exc:
+                    replies.append(exc)
+            return replies
+        except BaseException:
+            self._conn = None
+            await _drop(conn)
+            raise
+
+    async def aclose(self) -> None:
+        """Close the connection (a later ``execute`` opens a new one)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.disconnect()
+
+
+async def _drop(conn: aredis.Connection) -> None:
+    try:
+        await conn.disconnect(nowait=True)
+    except Exception:  # the connection is abandoned either way
+        return
+
+
 class HiredisPackedConnection(aredis.Connection):
     """Packs commands with hiredis (C). redis-py's asyncio connection packs each argument in
     Python, ~4 us an id measured; XACK of every published entry then costs a shard more than

@@ -24,7 +24,7 @@ from typing import Any, Protocol, cast
 import redis
 import redis.asyncio as aredis
 
-from scalepub.connections import Lua, script_missing
+from scalepub.connections import Commands, Lua, OwnConnection, script_missing
 from scalepub.sharding import CONSUMER_GROUP, Keys
 
 log = logging.getLogger(__name__)
@@ -168,6 +168,8 @@ class ShardLease:
         # was new: the next read first waits for a newer one.
         self._idle_after: bytes | None = None
         self._quiet = 0  # waits in a row that found nothing new (0: entries came lately)
+        # The reads' round trips go over a connection of their own (one reader per lease).
+        self._own: tuple[aredis.Redis, OwnConnection | None] | None = None
 
     @property
     def fence(self) -> str:
@@ -324,13 +326,40 @@ class ShardLease:
         """One pipeline: the carried commands, the wait (for an id after ``wait[0]``, up to
         ``wait[1]`` ms), the fenced read (each if given); how many carried commands, and
         every reply."""
-        async with r.pipeline(transaction=False) as pipe:
-            n = carried.queue(pipe, by_sha=by_sha) if carried is not None else 0
-            if wait is not None:
-                pipe.xread({key: wait[0]}, count=1, block=wait[1])
-            if read_args is not None:
-                FENCED_READ.queue(pipe, [key, self.key], read_args, by_sha=by_sha)
-            return n, list(await pipe.execute(raise_on_error=False))
+        own = self._own_connection(r)
+        if own is None:  # a cluster client: its pipeline goes to the slot's master
+            async with r.pipeline(transaction=False) as pipe:
+                n = self._queue(pipe, key, carried, read_args, wait, by_sha)
+                return n, list(await pipe.execute(raise_on_error=False))
+        commands = Commands()
+        n = self._queue(commands, key, carried, read_args, wait, by_sha)
+        return n, await own.execute(commands.stack)
+
+    def _queue(self, pipe: Any, key: str, carried: Carried | None,
+               read_args: tuple[Any, ...] | None, wait: tuple[bytes, int] | None,
+               by_sha: bool) -> int:
+        """Add ``_send``'s commands to ``pipe``; how many carried commands."""
+        n = carried.queue(pipe, by_sha=by_sha) if carried is not None else 0
+        if wait is not None and isinstance(pipe, Commands):
+            pipe.execute_command("XREAD", "COUNT", 1, "BLOCK", wait[1], "STREAMS", key,
+                                 wait[0])
+        elif wait is not None:
+            pipe.xread({key: wait[0]}, count=1, block=wait[1])
+        if read_args is not None:
+            FENCED_READ.queue(pipe, [key, self.key], read_args, by_sha=by_sha)
+        return n
+
+    def _own_connection(self, r: aredis.Redis) -> OwnConnection | None:
+        """The reads' own connection to ``r``'s server (None for a cluster client)."""
+        if self._own is None or self._own[0] is not r:
+            self._own = (r, OwnConnection.of(r))
+        return self._own[1]
+
+    async def close(self) -> None:
+        """Close the reads' own connection."""
+        own, self._own = self._own, None
+        if own is not None and own[1] is not None:
+            await own[1].aclose()
 
     async def release(self) -> None:
         """Let the next owner take the shard at once (only if the lease is still ours)."""

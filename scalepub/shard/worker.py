@@ -155,6 +155,7 @@ class ShardWorker:
         if self.lease.valid():  # a new owner's heartbeat is not ours
             await self._bounded("heartbeat", self.heartbeat.remove())
         await self._bounded("lease release", self.lease.release())
+        await self._bounded("reads' Redis connection close", self.lease.close())
         await self._bounded("XMPP close", self.publisher.link.close())
         await self._bounded("Redis close", self.redis.aclose())
         log.info("shard %s: stopped: %s", self._name, self.stats.summary())
