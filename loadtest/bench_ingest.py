@@ -18,6 +18,10 @@ baseline measured in the same run (``--modes`` picks the modes; plain always run
 (off there by default: ``onestatement.VENDORS``); on PostgreSQL it is "outbox". "outbox-cb" is
 "outbox" with the create's statement sent as Django binds it, on the client and unprepared
 (scalepub/django/prepared.py off): the A/B baseline of the prepared statement (PostgreSQL).
+"outbox-bw" is "outbox" with the relay's gather window blind to how busy the process is
+(``relay.BUSY_WINDOW`` off: the window before it). "outbox-ext" is "outbox" with
+``OUTBOX_RELAY = "external"`` for its rounds (no relay thread; the rows it leaves are moved
+before the next mode's timer starts): the floor the relay thread adds to, in the same run.
 
 The database: ``DATABASE_URL`` (PostgreSQL, as ``ops/stack env`` exports it) or else the
 example's SQLite (WAL, synchronous=NORMAL); either way a fresh test database (Django's
@@ -33,18 +37,23 @@ registered saves, else a registered path is broken and the script exits 1; other
 0 whether the goal was met or not. Beside wall time, the table shows this process's CPU time
 per timed save (all threads, so the relay thread's work counts against the registered modes;
 the database server's does not): on a loaded box it moves less than wall time, which also
-waits for a core. ``--profile MODE`` instead runs pyinstrument (if installed)
+waits for a core. Per mode, the CPU time of this process's scalepub threads (the relay, its
+LISTEN session or nudge subscription) per row the relay moved meanwhile, and rows per round.
+``--profile MODE`` instead runs pyinstrument (if installed)
 over N saves of one mode of ``--models``' first model and prints where the time goes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import gc
+import io
 import os
 import statistics
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -58,7 +67,8 @@ GOAL, STRETCH = 1.5, 1.3
 AUTHORS = [f"bench{i}" for i in range(64)]
 TEXT = "a benchmark tweet of a realistic size, some words, a link https://example.com/x/y"
 MODELS = ("tweet", "wide")
-MODES = ("plain", "outbox", "outbox-tx", "outbox-1s", "outbox-cb", "outbox-nq", "direct")
+MODES = ("plain", "outbox", "outbox-tx", "outbox-1s", "outbox-cb", "outbox-nq", "outbox-bw",
+         "outbox-ext", "direct")
 
 
 @dataclass
@@ -73,6 +83,9 @@ class Mode:
     round_medians: list[float] = field(default_factory=list)
     saves: int = 0  # every save in this mode, warm-up included
     cpu_ns: int = 0  # this process's CPU (all threads: the relay's too) over the timed saves
+    relay_cpu_ns: int = 0  # the CPU of scalepub's threads (relay, LISTEN, nudges) meanwhile
+    relay_rounds: int = 0  # relay rounds that moved rows meanwhile
+    relay_rows: int = 0  # rows they moved
 
 
 def parse_args() -> argparse.Namespace:
@@ -184,7 +197,7 @@ def make_modes(model_name: str, names: list[str]) -> list[Mode]:
     from django.conf import settings
 
     import scalepub
-    from scalepub.django import onestatement, producer
+    from scalepub.django import onestatement, producer, relay
     from scalepub.django.registry import registry
 
     model, make = (tweet_maker if model_name == "tweet" else wide_maker)()
@@ -198,21 +211,29 @@ def make_modes(model_name: str, names: list[str]) -> list[Mode]:
 
     def registered(delivery: str, one_statement: bool = True,
                    everywhere: bool = False, prepare: bool = True,
-                   quiet: bool = True) -> Callable[[], None]:
+                   quiet: bool = True, busy_window: bool = True,
+                   relay_mode: str = "") -> Callable[[], None]:
+        wanted = {**base, "DELIVERY": delivery}
+        if relay_mode:
+            wanted["OUTBOX_RELAY"] = relay_mode
+
         def activate() -> None:
-            if settings.SCALEPUB.get("DELIVERY") != delivery:
-                settings.SCALEPUB = {**base, "DELIVERY": delivery}
+            if wanted != settings.SCALEPUB:
+                settings.SCALEPUB = wanted
                 producer.reset()  # stops (and drains) the relay thread of the other mode
+                drain_outbox()  # what a mode without a relay thread left, before the timer
             scalepub.register(model, node=original.node)
             onestatement.ENABLED = one_statement
             set_prepared(prepare)
             onestatement.QUIET = quiet
+            relay.BUSY_WINDOW = busy_window
             onestatement.VENDORS = vendors | {"sqlite", "postgresql"} if everywhere else vendors
         return activate
 
     def plain() -> None:
         scalepub.unregister(model)
         onestatement.ENABLED, onestatement.VENDORS, onestatement.QUIET = True, vendors, True
+        relay.BUSY_WINDOW = True
         set_prepared(True)
 
     activate = {"plain": plain, "outbox": registered("outbox"),
@@ -220,6 +241,8 @@ def make_modes(model_name: str, names: list[str]) -> list[Mode]:
                 "outbox-1s": registered("outbox", everywhere=True),
                 "outbox-cb": registered("outbox", prepare=False),
                 "outbox-nq": registered("outbox", quiet=False),
+                "outbox-bw": registered("outbox", busy_window=False),
+                "outbox-ext": registered("outbox", relay_mode="external"),
                 "direct": registered("direct")}
     return [Mode(model_name, name, activate[name], make) for name in names]
 
@@ -234,11 +257,42 @@ def set_prepared(on: bool) -> None:
     prepared.ENABLED = on
 
 
+# Rounds that moved rows and the rows they moved, counted by the relay_once wrapper below.
+_RELAYED = [0, 0]
+
+
+def count_relay_rounds() -> None:
+    """Wrap Relay.relay_once to count the rounds that moved rows and the rows moved."""
+    from scalepub.django.relay import Relay
+
+    original = Relay.relay_once
+
+    def relay_once(self: Relay) -> Any:
+        done = original(self)
+        if done.moved:
+            _RELAYED[0] += 1
+            _RELAYED[1] += done.moved
+        return done
+
+    Relay.relay_once = relay_once  # type: ignore[method-assign]
+
+
+def scalepub_threads_cpu_ns() -> int:
+    """CPU time of this process's scalepub threads (relay, LISTEN session, nudges)."""
+    total = 0
+    for thread in threading.enumerate():
+        if thread.name.startswith("scalepub-") and thread.ident is not None:
+            with contextlib.suppress(OSError):  # ended meanwhile
+                total += time.clock_gettime_ns(time.pthread_getcpuclockid(thread.ident))
+    return total
+
+
 def run_saves(mode: Mode, count: int, timed: bool) -> None:
     """``count`` saves of new rows in ``mode``, each timed alone when ``timed``."""
     mode.activate()
     gc.collect()
     clock, make = time.perf_counter_ns, mode.make
+    relayed, relay_cpu = list(_RELAYED), scalepub_threads_cpu_ns()
     cpu = time.process_time_ns()
     for i in range(count):
         row = make(i)
@@ -249,6 +303,9 @@ def run_saves(mode: Mode, count: int, timed: bool) -> None:
             mode.times.append(elapsed)
     if timed:
         mode.cpu_ns += time.process_time_ns() - cpu
+        mode.relay_cpu_ns += scalepub_threads_cpu_ns() - relay_cpu
+        mode.relay_rounds += _RELAYED[0] - relayed[0]
+        mode.relay_rows += _RELAYED[1] - relayed[1]
     mode.saves += count
 
 
@@ -305,6 +362,11 @@ def report(modes: list[Mode], args: argparse.Namespace, database: str) -> None:
               f"| {p90(m.times) / p90(plain.times):.2f} | {cpu[m.name] / 1000:.1f} "
               f"| {cpu[m.name] / cpu['plain']:.2f} |")
     print()
+    for m in modes:
+        if m.relay_rows:
+            print(f"{m.model} {m.name}: relay threads {m.relay_cpu_ns / m.relay_rows / 1000:.1f}"
+                  f" us CPU per moved row, {m.relay_rows / m.relay_rounds:.1f} rows per round "
+                  f"({m.relay_rounds} rounds)")
     for m in registered:
         ratio = medians[m.name] / medians["plain"]
         pairs = [b / a for a, b in zip(plain.round_medians, m.round_medians, strict=True)]
@@ -342,7 +404,7 @@ def drain_outbox() -> None:
     from scalepub.django import outbox
 
     if outbox.count("default"):
-        call_command("scalepub_relay", "--once", verbosity=0)
+        call_command("scalepub_relay", "--once", verbosity=0, stdout=io.StringIO())
 
 
 def profile(args: argparse.Namespace) -> int:
@@ -369,6 +431,7 @@ def main() -> int:
     args = parse_args()
     prefix = f"bench-ingest-{uuid.uuid4().hex[:12]}"
     database = setup_django(prefix, args.relay)
+    count_relay_rounds()
     client = redis_client()
     try:
         if args.profile:

@@ -201,3 +201,67 @@ def test_the_idle_poll_stays_short_where_nobody_nudges(outbox_django: Settings,
     notified = connection.vendor == "postgresql"  # every writer's commit notifies
     expected = relay.LISTENING_POLL_S if notified or mode == "thread" else 0.007
     assert waits == expected
+
+
+def _spin(seconds: float) -> None:
+    """Use ``seconds`` of this thread's CPU."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def test_the_gather_window_keeps_its_floor_while_the_process_idles() -> None:
+    assert relay.round_gap(0.0, 0.0) == relay._MIN_ROUND_GAP_S
+    assert relay.round_gap(0.0, relay._BUSY_FROM) == relay._MIN_ROUND_GAP_S
+
+
+def test_the_gather_window_widens_with_the_process_load_up_to_its_cap() -> None:
+    gaps = [relay.round_gap(0.0, tenths / 10) for tenths in range(11)]
+    assert gaps == sorted(gaps)
+    middle = relay.round_gap(0.0, (relay._BUSY_FROM + relay._BUSY_FULL) / 2)
+    assert relay._MIN_ROUND_GAP_S < middle < relay._MAX_ROUND_GAP_S
+    assert relay.round_gap(0.0, relay._BUSY_FULL) == relay._MAX_ROUND_GAP_S
+    assert relay.round_gap(0.0, 1.0) == relay._MAX_ROUND_GAP_S
+    # a round that cost more CPU than the floor allows still spaces the next by its CPU
+    took = relay._MAX_ROUND_GAP_S / relay._ROUND_GAP_FACTOR / 2
+    assert relay.round_gap(took, 0.0) == relay._ROUND_GAP_FACTOR * took
+
+
+def test_process_load_counts_the_other_threads_not_the_caller() -> None:
+    load = relay.ProcessLoad()
+    _spin(0.2)  # the relay's own rounds are not the load it backs off from
+    assert load.others() < relay._BUSY_FROM
+    spinner = threading.Thread(target=_spin, args=(0.3,))
+    spinner.start()
+    spinner.join()
+    assert load.others() > relay._BUSY_FROM
+
+
+@pytest.mark.parametrize("busy_window", [True, False])
+def test_saving_flat_out_widens_the_relay_window(
+        outbox_django: Settings, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch,
+        busy_window: bool) -> None:
+    """While this process saves flat out its relay sizes its window by that load (fewer,
+    fuller rounds); with BUSY_WINDOW off (the control) by its own rounds' CPU alone. Every
+    entry arrives either way."""
+    monkeypatch.setattr(relay, "BUSY_WINDOW", busy_window)
+    _this_process_relay(outbox_django, redis_client)
+    loads: list[float] = []
+    original = relay.round_gap
+
+    def recorded(took: float, busy: float = 0.0) -> float:
+        loads.append(busy)
+        return original(took, busy)
+
+    monkeypatch.setattr(relay, "round_gap", recorded)
+    saves, end = 0, time.monotonic() + 1.0
+    while time.monotonic() < end:
+        Tweet.objects.create(author=f"a{saves % 16}", text=f"flat out {saves}")
+        saves += 1
+    assert len(wait_for_entries(redis_client, outbox_django, saves + 1, timeout=10)) == saves + 1
+    assert loads, "no round gathered a window"
+    if busy_window:
+        assert max(loads) > relay._BUSY_FROM, loads
+        assert max(original(0.0, b) for b in loads) > relay._MIN_ROUND_GAP_S
+    else:
+        assert set(loads) == {0.0}, loads

@@ -71,6 +71,17 @@ _STOP_CHECK_S = 0.1
 _MIN_ROUND_GAP_S = 0.002
 _ROUND_GAP_FACTOR = 2.0
 _MAX_ROUND_GAP_S = 0.020
+# The window also widens with how busy the rest of this process is (the share of a core its
+# other threads used since the relay last looked, ``ProcessLoad``): from _MIN_ROUND_GAP_S at
+# _BUSY_FROM to _MAX_ROUND_GAP_S at _BUSY_FULL. In a web process saving flat out, rounds of
+# one or two rows each cost a SELECT, an append and a DELETE, ~0.5-1 ms of CPU per row that
+# the saves waited for (the GIL): a registered save cost 1.7-2.0x a plain one. Saving flat
+# out on PostgreSQL keeps the saving thread busy about half the time (it waits for the
+# server the rest); at 100 saves/s it is ~5 % busy, has a core to spare and keeps the floor.
+_BUSY_FROM = 0.1
+_BUSY_FULL = 0.5
+# False: the window ignores the process's load (the A/B baseline of loadtest/bench_ingest.py)
+BUSY_WINDOW = True
 
 # Renew only our own lease: a relay that stalled past its TTL must not extend a successor's.
 _RENEW_LUA = """
@@ -225,6 +236,7 @@ class Relay:
         wake = wake if wake is not None else threading.Event()
         in_round = round_lock if round_lock is not None else contextlib.nullcontext()
         delay = 0.0
+        load = ProcessLoad()
         try:
             while not stop.is_set():
                 started, cpu = time.monotonic(), time.thread_time()
@@ -239,8 +251,9 @@ class Relay:
                     _wait(wake, stop, self._idle_wait(wake, stop))
                     wake.clear()
                     # Woken by each commit: gather the commits of a window before the next
-                    # round (see _ROUND_GAP_FACTOR).
-                    stop.wait(started + round_gap(took) - time.monotonic())
+                    # round (see _ROUND_GAP_FACTOR and _BUSY_FROM).
+                    busy = load.others() if BUSY_WINDOW else 0.0
+                    stop.wait(started + round_gap(took, busy) - time.monotonic())
         finally:
             if self._listener is not None:
                 self._listener.join()
@@ -362,10 +375,32 @@ def _wait(wake: threading.Event, stop: threading.Event, timeout: float) -> None:
             return
 
 
-def round_gap(took: float) -> float:
+def round_gap(took: float, busy: float = 0.0) -> float:
     """The least time from one round's start to the next after a round that took ``took``
-    seconds of CPU."""
-    return min(max(_MIN_ROUND_GAP_S, _ROUND_GAP_FACTOR * took), _MAX_ROUND_GAP_S)
+    seconds of CPU, the rest of the process using ``busy`` of a core."""
+    floor = _MIN_ROUND_GAP_S + (_MAX_ROUND_GAP_S - _MIN_ROUND_GAP_S) * min(
+        max(busy - _BUSY_FROM, 0.0) / (_BUSY_FULL - _BUSY_FROM), 1.0)
+    return min(max(floor, _ROUND_GAP_FACTOR * took), _MAX_ROUND_GAP_S)
+
+
+class ProcessLoad:
+    """How busy this process's other threads are: the share of a core they used between two
+    looks (its CPU time less the calling thread's, over the wall time)."""
+
+    def __init__(self) -> None:
+        self._last = self._now()
+
+    @staticmethod
+    def _now() -> tuple[float, float, float]:
+        return time.monotonic(), time.process_time(), time.thread_time()
+
+    def others(self) -> float:
+        """The share (0 to 1) since the last call (or since this was made)."""
+        now, last = self._now(), self._last
+        self._last = now
+        wall = now[0] - last[0]
+        other = (now[1] - last[1]) - (now[2] - last[2])
+        return min(max(other / wall, 0.0), 1.0) if wall > 0 else 0.0
 
 
 def _longer(delay: float) -> float:
