@@ -20,7 +20,7 @@ from django.test.utils import CaptureQueriesContext
 from twitter.models import Tweet
 
 import scalepub
-from scalepub.django import notify, onestatement
+from scalepub.django import announce, notify, onestatement
 from scalepub.django.models import OutboxEntry
 from scalepub.settings import Settings
 from tests.conftest import django_side
@@ -136,3 +136,43 @@ def test_postgres_savepoint_rows_are_not_held_and_order_is_kept(outbox_kept: Set
     announced = [rows[int(pk)] for pk in
                  OutboxEntry.objects.order_by("id").values_list("object_pk", flat=True)]
     assert announced == ["outer", "held too", "in a savepoint"]  # ids in announcement order
+
+
+def wakes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Calls of the relay's wake, recorded (the hook announce registers on commit)."""
+    calls: list[str] = []
+    monkeypatch.setattr(announce.runtime, "wake", lambda using, notified=True: calls.append(using))
+    return calls
+
+
+@pytest.mark.django_db(transaction=True)
+def test_saves_in_one_transaction_wake_the_relay_once(outbox_kept: Settings,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    called = wakes(monkeypatch)
+    with transaction.atomic():
+        for i in range(5):
+            Tweet.objects.create(author="ann", text=f"one of five {i}")
+        assert len(connection.run_on_commit) == 1  # one hook, not one per save
+        assert called == []  # not before the commit
+    assert called == [connection.alias]
+    assert OutboxEntry.objects.count() == 5
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_rolled_back_savepoint_keeps_the_wake_of_the_rows_before_it(
+        outbox_kept: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    called = wakes(monkeypatch)
+    with transaction.atomic():
+        with transaction.atomic():  # a savepoint: its hook is its own
+            Tweet.objects.create(author="ann", text="rolled back")
+            transaction.set_rollback(True)
+        Tweet.objects.create(author="ann", text="kept")  # its hook is not the dropped one
+        with transaction.atomic():  # the outer hook covers a row inside a savepoint
+            Tweet.objects.create(author="ann", text="kept too")
+        assert len(connection.run_on_commit) == 1
+    assert called == [connection.alias]
+    assert [e.object_pk for e in OutboxEntry.objects.order_by("id")] == [
+        str(t.pk) for t in Tweet.objects.filter(text__startswith="kept").order_by("id")]
+    called.clear()
+    Tweet.objects.create(author="ann", text="autocommit")  # its own transaction: its own wake
+    assert called == [connection.alias]

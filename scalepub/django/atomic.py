@@ -24,7 +24,7 @@ import django
 from django.db import DatabaseError, Error, connections, router, transaction
 from django.db.models import Model
 
-from scalepub.django import onestatement, outbox
+from scalepub.django import atomic_state, onestatement, outbox
 from scalepub.django.announce import publish_many
 
 M = TypeVar("M", bound=Model)
@@ -40,7 +40,8 @@ def wrap_save(model: type[Model]) -> None:
 
     @functools.wraps(original)
     def save_base(self: Model, *args: Any, **kwargs: Any) -> Any:
-        flags = dict(zip(_SAVE_BASE_ARGS, args, strict=False)) | kwargs
+        # Model.save passes keywords only: no dict to build then.
+        flags = dict(zip(_SAVE_BASE_ARGS, args, strict=False)) | kwargs if args else kwargs
         # Not only while _state.adding: a create that failed in post_save leaves the instance
         # with a pk and adding=False, and saving it again is a create Django finds out late.
         if not flags.get("raw"):
@@ -48,8 +49,7 @@ def wrap_save(model: type[Model]) -> None:
             connection = connections[using]
             if connection.get_autocommit():  # not inside any transaction
                 claim = onestatement.claim(self, using, connection.vendor, flags)
-                return _atomic(connection.vendor, using,
-                               lambda: original(self, *args, **kwargs), claim)
+                return _atomic(connection, using, original, (self, *args), kwargs, claim)
         return original(self, *args, **kwargs)
 
     setattr(save_base, _MARK, True)
@@ -78,21 +78,25 @@ def _wrap_insert(model: type[Model]) -> None:
     model._do_insert = _do_insert
 
 
-def _atomic(vendor: str, using: str, save: Callable[[], Any],
-            claim: onestatement.Claim | None = None) -> Any:
-    """``save()`` in a new transaction, or (a ``claim``ed create) as one statement that is
-    its own transaction; on PostgreSQL outbox rows held by the transaction ride with its
-    COMMIT."""
-    connection = connections[using]
+def _atomic(connection: Any, using: str, save: Callable[..., Any], args: tuple[Any, ...],
+            kwargs: dict[str, Any], claim: onestatement.Claim | None = None) -> Any:
+    """``save(*args, **kwargs)`` in a new transaction on Django's ``connection`` of ``using``,
+    or (a ``claim``ed create) as one statement that is its own transaction; on PostgreSQL
+    outbox rows held by the transaction ride with its COMMIT."""
+    vendor = connection.vendor
     lean = _LEAN_DJANGO and vendor in _LEAN_VENDORS and not connection.queries_logged
     block = _Outer(connection, claim) if lean else transaction.atomic(using=using)
-    if vendor != "postgresql":  # nothing to hold elsewhere: skip outbox.Held's checks
-        with block:
-            return save()
-    with block, outbox.Held(using) as held:
-        result = save()
-        held.commit()  # outbox rows and COMMIT in one round trip
-    return result
+    before = atomic_state.enter(using, connection)  # announce needs no lookup of its own
+    try:
+        if vendor != "postgresql":  # nothing to hold elsewhere: skip outbox.Held's checks
+            with block:
+                return save(*args, **kwargs)
+        with block, outbox.Held(using) as held:
+            result = save(*args, **kwargs)
+            held.commit()  # outbox rows and COMMIT in one round trip
+        return result
+    finally:
+        atomic_state.leave(before)
 
 
 # Backends whose way into a transaction _Outer knows (SQLite: an explicit BEGIN; PostgreSQL:
@@ -125,6 +129,7 @@ class _Outer:
         # A create that may run as one statement (onestatement): then nothing is begun
         # until the first statement shows whether it is that create's INSERT.
         self.claim = claim
+        self.claimed = claim is not None  # onestatement's state to clear at the end
 
     def __enter__(self) -> None:
         c = self.connection
@@ -190,7 +195,8 @@ class _Outer:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         c = self.connection
         self._unhook()
-        onestatement.end()
+        if self.claimed:
+            onestatement.end()
         c.atomic_blocks.pop()
         c.in_atomic_block = False
         try:
@@ -213,7 +219,14 @@ def _commit(c: Any) -> None:
     log (the lean block never runs while queries are logged)."""
     try:
         with c.wrap_database_errors:
-            c.connection.commit()
+            raw = c.connection
+            if c.vendor != "sqlite":
+                raw.commit()
+            elif raw.in_transaction:  # not after a create that was one statement
+                # The driver is in autocommit (_Outer sent BEGIN itself): a COMMIT statement,
+                # which its statement cache keeps prepared, not commit(), which prepares
+                # one each time (~3 us).
+                raw.execute("COMMIT")
         c.errors_occurred = False
         c.run_commit_hooks_on_set_autocommit_on = True
     except DatabaseError:
@@ -233,7 +246,8 @@ def _autocommit_on(c: Any) -> None:
     if c.connection is None:  # closed by a failed rollback: Django's path reconnects
         c.set_autocommit(True)
         return
-    c._set_autocommit(True)
+    if c.vendor != "sqlite":  # SQLite's driver never left autocommit (_Outer sent BEGIN)
+        c._set_autocommit(True)
     c.autocommit = True
     if c.run_commit_hooks_on_set_autocommit_on:
         c.run_and_clear_commit_hooks()

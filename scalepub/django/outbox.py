@@ -50,6 +50,10 @@ class OutboxRow:
                             oid=self.id)
 
 
+# One outbox row in write order: node, ts_ns, model, object_pk, fmt, payload (_FIELDS).
+Row = tuple[str, int, str, str, str, bytes]
+
+
 def write(entries: Sequence[PendingEntry], using: str, path: str = "transaction") -> None:
     """Insert ``entries`` in the caller's transaction (if any), in one statement per
     ``bulk_batch_size`` rows (the database's limit of query parameters).
@@ -57,10 +61,16 @@ def write(entries: Sequence[PendingEntry], using: str, path: str = "transaction"
     A database error propagates: in ``outbox`` delivery the entry is part of the save, and a
     save whose announcement cannot be recorded must fail loudly rather than lose it.
     """
-    require_table(using)
-    connection = connections[using]
     rows = [(e.node, e.ts_ns, e.model, e.pk, e.fmt, e.payload) for e in entries]
-    held = getattr(connection, _HELD, None)
+    write_rows(connections[using], using, rows, path)
+
+
+def write_rows(connection: Any, using: str, rows: list[Row],
+               path: str = "transaction") -> None:
+    """``write`` for rows already in column order, on Django's ``connection`` of ``using``."""
+    if using not in _checked:
+        require_table(using)
+    held = connection.__dict__.get(_HELD)  # getattr's miss would raise and catch inside
     if held is not None:
         if not any(connection.savepoint_ids):  # no savepoint can roll them back alone
             held.extend(rows)
@@ -72,7 +82,7 @@ def write(entries: Sequence[PendingEntry], using: str, path: str = "transaction"
     _written(path).inc(len(rows))
 
 
-def _insert(connection: Any, using: str, rows: list[tuple[Any, ...]]) -> None:
+def _insert(connection: Any, using: str, rows: list[Row]) -> None:
     if len(rows) == 1 and _direct(connection):
         # SQLite's module keeps the statement prepared (keyed by its text): one row costs a
         # bind and a step, not Django's cursor, query rewriting and wrappers (most of it).

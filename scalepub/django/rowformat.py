@@ -77,7 +77,10 @@ class RowFormat:
             head = self.object_head + ">"
         elif self.pk_plain:
             pk = getattr(obj, self.pk.attname)
-            head = f"{self.object_head} pk={quoteattr(pk if type(pk) is str else str(pk))}>"
+            if type(pk) is int:  # digits and a sign: quoteattr would change nothing
+                head = f'{self.object_head} pk="{pk}">'
+            else:
+                head = f"{self.object_head} pk={quoteattr(pk if type(pk) is str else str(pk))}>"
         else:
             head = f"{self.object_head} pk={quoteattr(self.pk.value_to_string(obj))}>"
         body = "".join([part(obj) for part in self.xml_parts])
@@ -160,18 +163,25 @@ def _xml_part(model: type[Model], field: Field[Any, Any]) -> XmlPart:
     head = (f"<field name={quoteattr(field.name)} "
             f"type={quoteattr(field.get_internal_type())}>")
     none, attname = f"{head}{_XML_NONE}</field>", field.attname
+    # characters() of a str, inlined (escape): these run for every field of every row.
     if _plain(model, field):
         def plain(obj: Model) -> str:
             value = getattr(obj, attname)
             if value is None:
                 return none
-            return f"{head}{characters(value if type(value) is str else str(value))}</field>"
+            text = value if type(value) is str else str(value)
+            text = text.replace("&", "&amp;").replace(">", "&gt;").replace("<", "&lt;")
+            return f"{head}{text}</field>"
         return plain
     if type(field).value_to_string in _ISOFORMAT and _stored(model, field) \
             and type(field).value_from_object is Field.value_from_object:
         def isoformat(obj: Model) -> str:
             value = getattr(obj, attname)
-            return none if value is None else f"{head}{characters(value.isoformat())}</field>"
+            if value is None:
+                return none
+            text = value.isoformat()
+            text = text.replace("&", "&amp;").replace(">", "&gt;").replace("<", "&lt;")
+            return f"{head}{text}</field>"
         return isoformat
     return _xml_generic(field, head, none)
 

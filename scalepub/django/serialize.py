@@ -45,6 +45,8 @@ CUT_ROUNDS_PER_FIELD = 4
 
 # Not in XML 1.0's Char production: C0 controls but tab/LF/CR, surrogates, U+FFFE/U+FFFF.
 NOT_XML_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+# NOT_XML_CHARS or CR: a text without any needs no change at all.
+_NOT_XML_OR_CR = re.compile("[\x00-\x08\x0b-\x1f\ud800-\udfff\ufffe\uffff]")
 # What json.dumps(ensure_ascii=False) leaves raw although XML cannot carry it.
 _NOT_XML_IN_JSON = re.compile("[\ud800-\udfff\ufffe\uffff]")
 
@@ -61,14 +63,13 @@ def serialize(instance: Model, fmt: str, max_bytes: int | None = None) -> bytes:
     ``serializers.deserialize(fmt, ...)``, with the transformations in the module docstring.
     """
     limit = payload_limit() if max_bytes is None else max_bytes
-    texts = dict(_text_fields(instance))
-    if any(len(value) > limit for value in texts.values()):
+    if _too_long(instance, limit):
         # Cannot fit (a character is at least a byte): skip rendering it whole.
-        data, replaced = _cut_to_fit(instance, fmt, limit, texts)
+        data, replaced = _cut_to_fit(instance, fmt, limit, dict(_text_fields(instance)))
     else:
         data, replaced = _render(instance, fmt)
         if wire_size(data, fmt) > limit:
-            data, replaced = _cut_to_fit(instance, fmt, limit, texts)
+            data, replaced = _cut_to_fit(instance, fmt, limit, dict(_text_fields(instance)))
     if replaced:
         metrics.PAYLOADS_ALTERED.labels(reason="xml_chars").inc()
         log.warning("scalepub: %s pk=%s: %d characters XML 1.0 cannot carry replaced by U+FFFD",
@@ -125,6 +126,8 @@ def django_text(instance: Model, fmt: str) -> str:
 def _clean(instance: Model, fmt: str, text: str) -> tuple[bytes, int]:
     """The payload bytes of Django's ``text``, safe for a batch (the module docstring)."""
     if fmt == "xml":
+        if _NOT_XML_OR_CR.search(text) is None:  # the usual row: one scan, not three
+            return text.encode("utf-8"), 0
         text, replaced = NOT_XML_CHARS.subn(REPLACEMENT, text)
         # Attribute values come quoted with &#13; already; a raw CR can only be field text.
         return text.replace("\r", "&#13;").encode("utf-8"), replaced
@@ -179,6 +182,19 @@ def _cut_to_fit(instance: Model, fmt: str, limit: int,
         f"with its text fields cut (largest fields: {_largest_fields(instance)}); "
         "raise BATCH_MAX_BYTES or keep such data out of published models"
     )
+
+
+def _too_long(instance: Model, limit: int) -> bool:
+    """Whether a text field alone is longer than ``limit`` characters (a loop, not
+    ``_text_fields``' lists: this runs for every row)."""
+    prepared = row_format(type(instance))
+    if prepared is None:
+        return any(len(value) > limit for _, value in _text_fields(instance))
+    for name in prepared.cuttable:
+        value = getattr(instance, name)
+        if isinstance(value, str) and len(value) > limit:
+            return True
+    return False
 
 
 def _text_fields(instance: Model) -> list[tuple[str, str]]:
