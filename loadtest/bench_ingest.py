@@ -205,7 +205,8 @@ def make_modes(model_name: str, names: list[str]) -> list[Mode]:
     if original is None:
         log(f"{model._meta.label} is not registered by the example project; nothing to compare")
         sys.exit(1)
-    base = dict(settings.SCALEPUB)
+    # the relay of --relay: the last model's last mode may have left another in the setting
+    base = {**settings.SCALEPUB, "OUTBOX_RELAY": os.environ["SCALEPUB_OUTBOX_RELAY"]}
 
     vendors = onestatement.VENDORS
 

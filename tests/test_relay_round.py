@@ -265,3 +265,17 @@ def test_saving_flat_out_widens_the_relay_window(
         assert max(original(0.0, b) for b in loads) > relay._MIN_ROUND_GAP_S
     else:
         assert set(loads) == {0.0}, loads
+
+
+@pytest.mark.postgres
+def test_a_one_statement_create_starts_this_process_relay(
+        outbox_django: Settings, redis_client: redis.Redis) -> None:
+    """A process that saves but serves no request (a management command) runs a relay once
+    it commits outbox rows, also when the create is one statement (PostgreSQL) that sends a
+    commit notification (its relay does not lead: it has none)."""
+    _this_process_relay(outbox_django, redis_client)  # the create's statement is ready
+    runtime.stop()
+    assert connection.alias not in runtime.relaying()
+    Tweet.objects.create(author="dee", text="starts this process's relay again")
+    assert connection.alias in runtime.relaying()
+    assert len(wait_for_entries(redis_client, outbox_django, 2)) == 2
