@@ -47,6 +47,7 @@ CUT_ROUNDS_PER_FIELD = 4
 NOT_XML_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 # NOT_XML_CHARS or CR: a text without any needs no change at all.
 _NOT_XML_OR_CR = re.compile("[\x00-\x08\x0b-\x1f\ud800-\udfff\ufffe\uffff]")
+_ASCII_NOT_XML_OR_CR = bytes([*range(0x09), *range(0x0b, 0x20)])
 # What json.dumps(ensure_ascii=False) leaves raw although XML cannot carry it.
 _NOT_XML_IN_JSON = re.compile("[\ud800-\udfff\ufffe\uffff]")
 
@@ -126,7 +127,14 @@ def django_text(instance: Model, fmt: str) -> str:
 def _clean(instance: Model, fmt: str, text: str) -> tuple[bytes, int]:
     """The payload bytes of Django's ``text``, safe for a batch (the module docstring)."""
     if fmt == "xml":
-        if _NOT_XML_OR_CR.search(text) is None:  # the usual row: one scan, not three
+        # The usual row needs no change: one fast scan instead of three regex passes. ASCII
+        # text can only hold C0 controls of the characters to change (deleting them is a
+        # table lookup per byte, ~5x faster than the regex).
+        if text.isascii():
+            data = text.encode("ascii")
+            if len(data.translate(None, _ASCII_NOT_XML_OR_CR)) == len(data):
+                return data, 0
+        elif _NOT_XML_OR_CR.search(text) is None:
             return text.encode("utf-8"), 0
         text, replaced = NOT_XML_CHARS.subn(REPLACEMENT, text)
         # Attribute values come quoted with &#13; already; a raw CR can only be field text.
