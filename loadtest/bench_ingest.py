@@ -22,6 +22,8 @@ baseline measured in the same run (``--modes`` picks the modes; plain always run
 (``relay.BUSY_WINDOW`` off: the window before it). "outbox-ext" is "outbox" with
 ``OUTBOX_RELAY = "external"`` for its rounds (no relay thread; the rows it leaves are moved
 before the next mode's timer starts): the floor the relay thread adds to, in the same run.
+"outbox-rc" is "outbox" with the relay's appends through redis-py's client instead of a
+connection of its own (``producer.OWN_CONNECTION`` off; the relay thread restarts).
 
 The database: ``DATABASE_URL`` (PostgreSQL, as ``ops/stack env`` exports it) or else the
 example's SQLite (WAL, synchronous=NORMAL); either way a fresh test database (Django's
@@ -68,7 +70,7 @@ AUTHORS = [f"bench{i}" for i in range(64)]
 TEXT = "a benchmark tweet of a realistic size, some words, a link https://example.com/x/y"
 MODELS = ("tweet", "wide")
 MODES = ("plain", "outbox", "outbox-tx", "outbox-1s", "outbox-cb", "outbox-nq", "outbox-bw",
-         "outbox-ext", "direct")
+         "outbox-rc", "outbox-ext", "direct")
 
 
 @dataclass
@@ -197,6 +199,7 @@ def make_modes(model_name: str, names: list[str]) -> list[Mode]:
     from django.conf import settings
 
     import scalepub
+    from scalepub import producer as stream_producer
     from scalepub.django import onestatement, producer, relay
     from scalepub.django.registry import registry
 
@@ -213,14 +216,15 @@ def make_modes(model_name: str, names: list[str]) -> list[Mode]:
     def registered(delivery: str, one_statement: bool = True,
                    everywhere: bool = False, prepare: bool = True,
                    quiet: bool = True, busy_window: bool = True,
-                   relay_mode: str = "") -> Callable[[], None]:
+                   relay_mode: str = "", own_connection: bool = True) -> Callable[[], None]:
         wanted = {**base, "DELIVERY": delivery}
         if relay_mode:
             wanted["OUTBOX_RELAY"] = relay_mode
 
         def activate() -> None:
-            if wanted != settings.SCALEPUB:
+            if wanted != settings.SCALEPUB or own_connection != stream_producer.OWN_CONNECTION:
                 settings.SCALEPUB = wanted
+                stream_producer.OWN_CONNECTION = own_connection  # read by the next relay
                 producer.reset()  # stops (and drains) the relay thread of the other mode
                 drain_outbox()  # what a mode without a relay thread left, before the timer
             scalepub.register(model, node=original.node)
@@ -243,6 +247,7 @@ def make_modes(model_name: str, names: list[str]) -> list[Mode]:
                 "outbox-cb": registered("outbox", prepare=False),
                 "outbox-nq": registered("outbox", quiet=False),
                 "outbox-bw": registered("outbox", busy_window=False),
+                "outbox-rc": registered("outbox", own_connection=False),
                 "outbox-ext": registered("outbox", relay_mode="external"),
                 "direct": registered("direct")}
     return [Mode(model_name, name, activate[name], make) for name in names]

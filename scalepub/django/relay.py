@@ -142,7 +142,8 @@ class Relay:
     def __init__(self, settings: Settings, using: str = "default",
                  producer: StreamProducer | None = None) -> None:
         self.settings, self.using = settings, using
-        self.producer = producer if producer is not None else StreamProducer(settings)
+        self.producer = (producer if producer is not None
+                         else StreamProducer(settings, single_thread=True))
         self.database = database_id(using)
         keys = Keys(settings.key_prefix)
         self.lease = Lease(sync_client(settings), keys.relay_lease(self.database))
