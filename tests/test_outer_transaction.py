@@ -12,7 +12,7 @@ from django.db import DatabaseError, IntegrityError, connection, connections, tr
 from django.db.models.signals import post_save, pre_save
 from twitter.models import Tweet
 
-from scalepub.django import atomic
+from scalepub.django import atomic, atomic_state
 from scalepub.django.models import OutboxEntry
 from scalepub.settings import Settings
 from tests.test_atomic import REFUSED, refusing_outbox  # noqa: F401 (fixture)
@@ -162,3 +162,23 @@ def test_a_failed_health_check_before_the_save_reconnects(outbox_django: Setting
         wrapper.health_check_enabled = enabled
     _idle()
     assert sorted(Tweet.objects.values_list("author", flat=True)) == ["ann", "bob"]
+
+
+def test_the_save_s_connection_is_known_inside_its_block_only(
+        outbox_django: Settings, receiver: Callable[..., None]) -> None:
+    """announce takes the block's connection from atomic_state (no lookup of its own): set
+    while the save runs, for its database only, and cleared after a commit or a failure."""
+    seen: list[Any] = []
+
+    def during(sender: Any, instance: Tweet, **kwargs: Any) -> None:
+        seen.append(atomic_state._current.connection)
+        if instance.text == "fails":
+            raise ValueError("a receiver that fails the save")
+
+    receiver(during)
+    Tweet.objects.create(author="ann", text="kept")
+    with pytest.raises(ValueError):
+        Tweet.objects.create(author="ann", text="fails")
+    assert seen == [connection, connection]
+    assert atomic_state._current.using is None and atomic_state._current.connection is None
+    assert atomic_state.connection("default") is connections["default"]

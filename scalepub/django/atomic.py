@@ -85,10 +85,13 @@ def _atomic(connection: Any, using: str, save: Callable[..., Any], args: tuple[A
     outbox rows held by the transaction ride with its COMMIT."""
     vendor = connection.vendor
     lean = _LEAN_DJANGO and vendor in _LEAN_VENDORS and not connection.queries_logged
+    if lean and vendor != "postgresql":  # nothing to hold elsewhere: no outbox.Held
+        with _Outer(connection, claim, using):
+            return save(*args, **kwargs)
     block = _Outer(connection, claim) if lean else transaction.atomic(using=using)
     before = atomic_state.enter(using, connection)  # announce needs no lookup of its own
     try:
-        if vendor != "postgresql":  # nothing to hold elsewhere: skip outbox.Held's checks
+        if vendor != "postgresql":
             with block:
                 return save(*args, **kwargs)
         with block, outbox.Held(using) as held:
@@ -124,8 +127,11 @@ class _Outer:
 
     _from_testcase = False  # read by a durable atomic() nested inside (Django's check)
 
-    def __init__(self, connection: Any, claim: onestatement.Claim | None = None) -> None:
+    def __init__(self, connection: Any, claim: onestatement.Claim | None = None,
+                 using: str | None = None) -> None:
         self.connection = connection
+        self.using = using  # this thread's save runs on it (atomic_state), if given
+        self.before: tuple[str | None, Any] = (None, None)
         # A create that may run as one statement (onestatement): then nothing is begun
         # until the first statement shows whether it is that create's INSERT.
         self.claim = claim
@@ -151,6 +157,8 @@ class _Outer:
         c.autocommit = False
         c.in_atomic_block = True
         c.atomic_blocks.append(self)
+        if self.using is not None:  # announce needs no lookup of its own
+            self.before = atomic_state.enter(self.using, c)
 
     def _first(self, execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
         """The block's first statement: the claimed create's INSERT with its entry as one
@@ -197,6 +205,8 @@ class _Outer:
         self._unhook()
         if self.claimed:
             onestatement.end()
+        if self.using is not None:
+            atomic_state.leave(self.before)
         c.atomic_blocks.pop()
         c.in_atomic_block = False
         try:

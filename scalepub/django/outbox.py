@@ -88,7 +88,8 @@ def _insert(connection: Any, using: str, rows: list[Row]) -> None:
         # bind and a step, not Django's cursor, query rewriting and wrappers (most of it).
         connection.validate_no_broken_transaction()
         with connection.wrap_database_errors:
-            connection.connection.execute(_insert_sql(using, 1, qmark=True), rows[0])
+            connection.connection.execute(_insert_sql(using, 1, True), rows[0])  # positional:
+            # a keyword makes every lru_cache lookup build a longer key
     elif rows:
         size = min(max(connection.ops.bulk_batch_size(_FIELDS, rows), 1), _MAX_ROWS)
         with connection.cursor() as cursor:
