@@ -93,8 +93,9 @@ if #last > 0 then return last[1][1] end
 return '0-0'
 """
 FENCED_READ = Lua(FENCED_READ_LUA)
-# A quiet shard's waits between two fenced reads (each up to the reader's block, 100 ms).
-IDLE_WAITS = 10
+# A quiet shard's waits between two fenced reads (each up to the reader's quiet block,
+# 500 ms: the script runs at least once a second).
+IDLE_WAITS = 2
 
 
 class Carried(Protocol):
@@ -240,8 +241,8 @@ class ShardLease:
             self.deadline = self.timing.valid_until(sent)
 
     async def read_new(self, r: aredis.Redis, keys: Sequence[str], consumer: str, count: int,
-                       block_ms: int, carried: Carried | None = None
-                       ) -> list[tuple[bytes, Any]]:
+                       block_ms: int, carried: Carried | None = None, *,
+                       quiet_block_ms: int | None = None) -> list[tuple[bytes, Any]]:
         """New entries of the shard's stream for ``consumer`` (XREADGROUP ``>``) while the lease
         holds: the group read is fenced in Redis.
 
@@ -251,12 +252,15 @@ class ShardLease:
         the wait ends: at one entry per wake-up one write and one reply instead of a wait,
         a read, an empty read and an ack. Once a wait found nothing, the shard is quiet: it
         waits alone (an idle shard's cost as before leases) and reads when woken, and runs
-        the script at least every ``IDLE_WAITS`` waits anyway.
+        the script at least every ``IDLE_WAITS`` waits anyway. A quiet shard's waits last up to
+        ``quiet_block_ms`` (default ``block_ms``): an entry ends a wait at once whatever its
+        length, so a longer one costs no latency, only wake-ups of an idle shard.
         """
         [key] = keys
         try:
+            block = block_ms if not self._quiet else (quiet_block_ms or block_ms)
             reply = await self._take(r, key, (CONSUMER_GROUP, consumer, count, self.fence),
-                                     block_ms, carried)
+                                     block, carried)
         except BaseException:
             if carried is not None:
                 carried.failed()  # they are sent again (an ack twice counts once)

@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 # while it is in hand), which a 5,000-entry read made ~5 MB of each shard's peak RSS.
 READ_COUNT = 2000
 READ_BLOCK_MS = 100
+# A quiet shard's wait (its last wait found nothing): an entry ends it at once, so it costs no
+# latency; 10 wake-ups a second of each idle shard were most of an idle pool's CPU
+# (bench_pool_cpu --idle). A graceful stop waits for it to end (the reader stops between reads).
+QUIET_BLOCK_MS = 500
 # Acks wait this long for the next read to carry them (acks.Ride): past one blocking wait.
 ACK_RIDE_S = READ_BLOCK_MS / 1000 + 0.05
 # Validated node names kept (raw bytes → name); forgotten all at once beyond this many.
@@ -116,7 +120,8 @@ class Reader:
         # The acks gathered so far ride on the read: one round trip for both.
         replies = await self.lease.read_new(self.redis, [self.stream], self.consumer,
                                             READ_COUNT, READ_BLOCK_MS,
-                                            self.acks.ride(self.shard))
+                                            self.acks.ride(self.shard),
+                                            quiet_block_ms=QUIET_BLOCK_MS)
         self._reread = False
         return replies
 
