@@ -237,6 +237,18 @@ def test_process_load_counts_the_other_threads_not_the_caller() -> None:
     assert load.others() > relay._BUSY_FROM
 
 
+def test_process_load_is_not_fooled_by_one_save_between_two_looks() -> None:
+    """Paced saves (100/s) fall one at a time between two of the relay's looks a few ms
+    apart: busy for that gap, not for the process (the window would delay their entries)."""
+    load = relay.ProcessLoad()
+    time.sleep(2 * relay._LOAD_AVERAGE_S)
+    assert load.others() < relay._BUSY_FROM
+    spinner = threading.Thread(target=_spin, args=(relay._LOAD_AVERAGE_S / 50,))
+    spinner.start()
+    spinner.join()
+    assert load.others() < relay._BUSY_FROM
+
+
 @pytest.mark.parametrize("busy_window", [True, False])
 def test_saving_flat_out_widens_the_relay_window(
         outbox_django: Settings, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch,

@@ -72,14 +72,17 @@ _MIN_ROUND_GAP_S = 0.002
 _ROUND_GAP_FACTOR = 2.0
 _MAX_ROUND_GAP_S = 0.020
 # The window also widens with how busy the rest of this process is (the share of a core its
-# other threads used since the relay last looked, ``ProcessLoad``): from _MIN_ROUND_GAP_S at
-# _BUSY_FROM to _MAX_ROUND_GAP_S at _BUSY_FULL. In a web process saving flat out, rounds of
-# one or two rows each cost a SELECT, an append and a DELETE, ~0.5-1 ms of CPU per row that
-# the saves waited for (the GIL): a registered save cost 1.7-2.0x a plain one. Saving flat
-# out on PostgreSQL keeps the saving thread busy about half the time (it waits for the
-# server the rest); at 100 saves/s it is ~5 % busy, has a core to spare and keeps the floor.
-_BUSY_FROM = 0.1
+# other threads used, ``ProcessLoad``, averaged over about _LOAD_AVERAGE_S): from
+# _MIN_ROUND_GAP_S at _BUSY_FROM to _MAX_ROUND_GAP_S at _BUSY_FULL. In a web process saving
+# flat out, rounds of one or two rows each cost a SELECT, an append and a DELETE, ~0.5-1 ms
+# of CPU per row that the saves waited for (the GIL): a registered save cost 1.7-2.0x a plain
+# one. Saving flat out on PostgreSQL keeps the saving thread busy about half the time (it
+# waits for the server the rest); paced at 100 saves/s it was 0.10-0.13 busy (cold caches,
+# loadtest/bench_relay_latency.py), and a window widened from there delayed its entries
+# (commit -> append p90 1.4 -> 11.7 ms with the floor at 0.1 and no average).
+_BUSY_FROM = 0.25
 _BUSY_FULL = 0.5
+_LOAD_AVERAGE_S = 0.1
 # False: the window ignores the process's load (the A/B baseline of loadtest/bench_ingest.py)
 BUSY_WINDOW = True
 
@@ -385,23 +388,30 @@ def round_gap(took: float, busy: float = 0.0) -> float:
 
 
 class ProcessLoad:
-    """How busy this process's other threads are: the share of a core they used between two
-    looks (its CPU time less the calling thread's, over the wall time)."""
+    """How busy this process's other threads are: the share of a core they used (its CPU
+    time less the calling thread's, over the wall time), a moving average over about
+    _LOAD_AVERAGE_S: the gaps between two looks are a few ms, too short to tell a busy
+    process from one save that fell in between."""
 
     def __init__(self) -> None:
         self._last = self._now()
+        self._share = 0.0
 
     @staticmethod
     def _now() -> tuple[float, float, float]:
         return time.monotonic(), time.process_time(), time.thread_time()
 
     def others(self) -> float:
-        """The share (0 to 1) since the last call (or since this was made)."""
+        """The share (0 to 1), updated with the time since the last call."""
         now, last = self._now(), self._last
         self._last = now
         wall = now[0] - last[0]
+        if wall <= 0:
+            return self._share
         other = (now[1] - last[1]) - (now[2] - last[2])
-        return min(max(other / wall, 0.0), 1.0) if wall > 0 else 0.0
+        share = min(max(other / wall, 0.0), 1.0)
+        self._share += (share - self._share) * min(wall / _LOAD_AVERAGE_S, 1.0)
+        return self._share
 
 
 def _longer(delay: float) -> float:
