@@ -24,6 +24,7 @@ baseline measured in the same run (``--modes`` picks the modes; plain always run
 before the next mode's timer starts): the floor the relay thread adds to, in the same run.
 "outbox-rc" is "outbox" with the relay's appends through redis-py's client instead of a
 connection of its own (``producer.OWN_CONNECTION`` off; the relay thread restarts).
+"outbox-pre" turns both off: the relay thread as it was before them.
 
 The database: ``DATABASE_URL`` (PostgreSQL, as ``ops/stack env`` exports it) or else the
 example's SQLite (WAL, synchronous=NORMAL); either way a fresh test database (Django's
@@ -70,7 +71,7 @@ AUTHORS = [f"bench{i}" for i in range(64)]
 TEXT = "a benchmark tweet of a realistic size, some words, a link https://example.com/x/y"
 MODELS = ("tweet", "wide")
 MODES = ("plain", "outbox", "outbox-tx", "outbox-1s", "outbox-cb", "outbox-nq", "outbox-bw",
-         "outbox-rc", "outbox-ext", "direct")
+         "outbox-rc", "outbox-pre", "outbox-ext", "direct")
 
 
 @dataclass
@@ -248,6 +249,7 @@ def make_modes(model_name: str, names: list[str]) -> list[Mode]:
                 "outbox-nq": registered("outbox", quiet=False),
                 "outbox-bw": registered("outbox", busy_window=False),
                 "outbox-rc": registered("outbox", own_connection=False),
+                "outbox-pre": registered("outbox", busy_window=False, own_connection=False),
                 "outbox-ext": registered("outbox", relay_mode="external"),
                 "direct": registered("direct")}
     return [Mode(model_name, name, activate[name], make) for name in names]
