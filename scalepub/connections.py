@@ -9,6 +9,8 @@ which follows MOVED/ASK and failovers; every key of a shard shares the hash tag 
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
 import threading
 from collections.abc import Sequence
@@ -333,17 +335,22 @@ class Commands:
 
 class OwnConnection:
     """A connection of its own for a hot loop's round trips (a shard's reads): the commands
-    written at once, their replies read back in order.
+    written at once, their replies read back in order, under one deadline.
 
     Not redis-py's Pipeline, whose bookkeeping (a pool checkout under a lock, the retry
     wrapper, the command stack, a reset) was ~300 us of a ~450 us round trip's CPU here
-    (docs/benchmarks.md, the shard's CPU per IQ); and no retry of its own: a read that ran
-    must not run twice (the caller decides). A plain client only (``of``): a cluster
+    (docs/benchmarks.md, the shard's CPU per IQ); nor its per-call socket timeouts (a task
+    for each write, a timer for each reply): the client's socket timeout bounds the whole
+    round trip instead, plus the longest wait it asks for. No retry of its own: a read that
+    ran must not run twice (the caller decides). A plain client only (``of``): a cluster
     client's pipelines route by slot.
     """
 
     def __init__(self, client: aredis.Redis) -> None:
-        self._pool = client.connection_pool
+        pool = client.connection_pool
+        self._timeout_s = pool.connection_kwargs.get("socket_timeout") or SHARD_SOCKET_TIMEOUT_S
+        self._make = functools.partial(pool.connection_class,
+                                       **{**pool.connection_kwargs, "socket_timeout": None})
         self._conn: aredis.Connection | None = None
 
     @classmethod
@@ -351,23 +358,23 @@ class OwnConnection:
         """One for ``client``, or None where it must use its pipelines (a cluster)."""
         return cls(client) if isinstance(client, aredis.Redis) else None
 
-    async def execute(self, commands: Sequence[tuple[Any, ...]]) -> list[object]:
+    async def execute(self, commands: Sequence[tuple[Any, ...]], wait_s: float = 0.0
+                      ) -> list[object]:
         """Each command's reply; an error reply as its exception (as a pipeline's
-        ``execute(raise_on_error=False)``). A connection error or a cancellation drops the
-        connection (its replies may be half read) and is raised."""
+        ``execute(raise_on_error=False)``). ``wait_s``: how long a blocking command among
+        them may wait. A connection error, a timeout or a cancellation drops the connection
+        (its replies may be half read) and is raised (``redis.TimeoutError`` for a timeout)."""
         conn = self._conn
         if conn is None:
-            conn = self._conn = cast(aredis.Connection,
-                                    self._pool.make_connection())  # type: ignore[no-untyped-call]
+            conn = self._conn = cast(aredis.Connection, self._make())
         try:
-            await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
-            replies: list[object] = []
-            for _ in commands:
-                try:
-                    replies.append(await conn.read_response())
-                except redis.ResponseError as exc:
-                    replies.append(exc)
-            return replies
+            async with asyncio.timeout(self._timeout_s + wait_s):
+                return await _round_trip(conn, commands)
+        except TimeoutError as exc:
+            self._conn = None
+            await _drop(conn)
+            raise redis.TimeoutError(f"no reply from Redis within {self._timeout_s + wait_s:g} s"
+                                     ) from exc
         except BaseException:
             self._conn = None
             await _drop(conn)
@@ -378,6 +385,18 @@ class OwnConnection:
         conn, self._conn = self._conn, None
         if conn is not None:
             await conn.disconnect()
+
+
+async def _round_trip(conn: aredis.Connection, commands: Sequence[tuple[Any, ...]]
+                      ) -> list[object]:
+    await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+    replies: list[object] = []
+    for _ in commands:
+        try:
+            replies.append(await conn.read_response())
+        except redis.ResponseError as exc:
+            replies.append(exc)
+    return replies
 
 
 async def _drop(conn: aredis.Connection) -> None:

@@ -337,7 +337,7 @@ class ShardLease:
                 return n, list(await pipe.execute(raise_on_error=False))
         commands = Commands()
         n = self._queue(commands, key, carried, read_args, wait, by_sha)
-        return n, await own.execute(commands.stack)
+        return n, await own.execute(commands.stack, wait[1] / 1000 if wait else 0.0)
 
     def _queue(self, pipe: Any, key: str, carried: Carried | None,
                read_args: tuple[Any, ...] | None, wait: tuple[bytes, int] | None,
