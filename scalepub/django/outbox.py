@@ -87,9 +87,13 @@ def _insert(connection: Any, using: str, rows: list[Row]) -> None:
         # SQLite's module keeps the statement prepared (keyed by its text): one row costs a
         # bind and a step, not Django's cursor, query rewriting and wrappers (most of it).
         connection.validate_no_broken_transaction()
-        with connection.wrap_database_errors:
-            connection.connection.execute(_insert_sql(using, 1, True), rows[0])  # positional:
-            # a keyword makes every lru_cache lookup build a longer key
+        try:  # the SQL looked up positionally: a keyword lengthens every lru_cache key
+            connection.connection.execute(_insert_sql(using, 1, True), rows[0])
+        except Exception:
+            # Django's exception types, as its cursor raises them; the wrapper is built only
+            # on failure (per row it was ~1 us of this path)
+            with connection.wrap_database_errors:
+                raise
     elif rows:
         size = min(max(connection.ops.bulk_batch_size(_FIELDS, rows), 1), _MAX_ROWS)
         with connection.cursor() as cursor:
