@@ -237,6 +237,18 @@ def test_process_load_counts_the_other_threads_not_the_caller() -> None:
     assert load.others() > relay._BUSY_FROM
 
 
+def test_rows_coming_fast_count_as_a_busy_process_without_its_cpu() -> None:
+    """On a machine short of cores the saving thread gets little CPU, yet rows keep coming:
+    at twice _FULL_RATE rows a second the window is as wide as for a busy process."""
+    load = relay.ProcessLoad()
+    time.sleep(2 * relay._LOAD_AVERAGE_S)
+    assert load.busy(0) < relay._BUSY_FROM
+    time.sleep(2 * relay._LOAD_AVERAGE_S)
+    assert load.busy(int(4 * relay._LOAD_AVERAGE_S * relay._FULL_RATE)) >= relay._BUSY_FULL
+    time.sleep(2 * relay._LOAD_AVERAGE_S)  # then none: the average follows
+    assert load.busy(int(4 * relay._LOAD_AVERAGE_S * relay._FULL_RATE)) < relay._BUSY_FROM
+
+
 def test_process_load_is_not_fooled_by_one_save_between_two_looks() -> None:
     """Paced saves (100/s) fall one at a time between two of the relay's looks a few ms
     apart: busy for that gap, not for the process (the window would delay their entries)."""

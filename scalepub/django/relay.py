@@ -83,6 +83,10 @@ _MAX_ROUND_GAP_S = 0.020
 _BUSY_FROM = 0.25
 _BUSY_FULL = 0.5
 _LOAD_AVERAGE_S = 0.1
+# Rows moving at this rate count as a process busy at _BUSY_FULL however little CPU it got:
+# on a machine short of cores the saving thread waits for one, its share of a core falls
+# (load 4-5 on 2 cores: 2-3 rows per round instead of 8-15), yet rows keep coming.
+_FULL_RATE = 1000.0
 # False: the window ignores the process's load (the A/B baseline of loadtest/bench_ingest.py)
 BUSY_WINDOW = True
 
@@ -160,6 +164,7 @@ class Relay:
         self._reported = 0.0
         self._listener: notify.Listener | None = None
         self._no_listener = False  # this database cannot notify: poll
+        self.moved = 0  # rows moved so far (the gather window's rate)
 
     @property
     def notified(self) -> bool:
@@ -194,6 +199,7 @@ class Relay:
         done = [row.id for row, e in zip(rows, entries, strict=True) if id(e) not in refused]
         outbox.delete(self.using, done)
         metrics.OUTBOX_RELAYED.inc(len(done))
+        self.moved += len(done)
         left = len(rows) - len(done)
         # After the round, so a refusal is reported with the round that met it; the age is
         # the round's oldest row's (an upper bound when only later rows were refused).
@@ -256,7 +262,7 @@ class Relay:
                     wake.clear()
                     # Woken by each commit: gather the commits of a window before the next
                     # round (see _ROUND_GAP_FACTOR and _BUSY_FROM).
-                    busy = load.others() if BUSY_WINDOW else 0.0
+                    busy = load.busy(self.moved) if BUSY_WINDOW else 0.0
                     stop.wait(started + round_gap(took, busy) - time.monotonic())
         finally:
             if self._listener is not None:
@@ -396,6 +402,18 @@ class ProcessLoad:
     def __init__(self) -> None:
         self._last = self._now()
         self._share = 0.0
+        self._rows, self._rows_at, self._rate = 0, self._last[0], 0.0
+
+    def busy(self, moved: int) -> float:
+        """The share, or more while rows come fast (``moved``: rows moved so far in all):
+        _BUSY_FULL at _FULL_RATE rows a second, averaged like the share."""
+        share = self.others()
+        wall = self._last[0] - self._rows_at
+        if wall > 0:
+            rate = (moved - self._rows) / wall
+            self._rate += (rate - self._rate) * min(wall / _LOAD_AVERAGE_S, 1.0)
+            self._rows, self._rows_at = moved, self._last[0]
+        return max(share, _BUSY_FULL * self._rate / _FULL_RATE)
 
     @staticmethod
     def _now() -> tuple[float, float, float]:
