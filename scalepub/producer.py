@@ -202,13 +202,13 @@ class StreamProducer:
     def __init__(self, settings: Settings, client: redis.Redis | None = None,
                  spill: Spill | None = None, single_thread: bool = False) -> None:
         """``single_thread``: only one thread ever appends (the outbox relay), so the
-        appends may keep one connection of their own (``OwnConnection``)."""
+        appends may keep one connection of their own (``AppendConnection``)."""
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
         self.client = client if client is not None else sync_client(settings)
         self.spill = spill if spill is not None else LogSpill()
         self._append = self.client.register_script(APPEND_LUA)
-        self._own = (OwnConnection(self.client, self._append)
+        self._own = (AppendConnection(self.client, self._append)
                      if single_thread and OWN_CONNECTION and cluster_of(self.client) is None
                      else None)
         self._pool_shards: int | None = None  # the count the pool recorded, as last read
@@ -376,9 +376,10 @@ class StreamProducer:
 OWN_CONNECTION = True
 
 
-class OwnConnection:
+class AppendConnection:
     """One connection of a single Redis's pool, kept by a caller that appends from one
-    thread only (the outbox relay): its script calls skip redis-py's per-command pool
+    thread only (the outbox relay; the shard's asyncio reads have their own,
+    ``connections.OwnConnection``): its script calls skip redis-py's per-command pool
     checkout and release, retry wrapper and instrumentation, ~65 us of the ~115 us an EVALSHA
     cost the client here; the relay makes one per round. Several calls go out as one
     pipeline. As the client does (``connections.sync_client``), a broken connection is tried

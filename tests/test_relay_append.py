@@ -1,4 +1,4 @@
-"""The relay's appends on a connection of their own (``producer.OwnConnection``): kept across
+"""The relay's appends on a connection of their own (``producer.AppendConnection``): kept across
 calls (no pool checkout per call), several shards in one pipeline, and the same outcomes as
 through redis-py's client after a script flush, a killed connection and a shard's refusal."""
 
