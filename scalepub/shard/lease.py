@@ -93,6 +93,8 @@ if #last > 0 then return last[1][1] end
 return '0-0'
 """
 FENCED_READ = Lua(FENCED_READ_LUA)
+# The longest wait a round's acks may go after (``_acks_after_wait``): the reader's block.
+ACKS_AFTER_WAIT_MAX_MS = 100
 # A quiet shard's waits between two fenced reads (each up to the reader's quiet block,
 # 500 ms: the script runs at least once a second).
 IDLE_WAITS = 2
@@ -246,15 +248,16 @@ class ShardLease:
         """New entries of the shard's stream for ``consumer`` (XREADGROUP ``>``) while the lease
         holds: the group read is fenced in Redis.
 
-        After a read that took entries, one round trip (a pipeline): ``carried`` (the acks
-        of what the server confirmed), a plain XREAD BLOCK from the newest id taken (it takes
-        nothing; scripts cannot block), then the fenced read, which Redis runs as soon as
-        the wait ends: at one entry per wake-up one write and one reply instead of a wait,
-        a read, an empty read and an ack. Once a wait found nothing, the shard is quiet: it
-        waits alone (an idle shard's cost as before leases) and reads when woken, and runs
-        the script at least every ``IDLE_WAITS`` waits anyway. A quiet shard's waits last up to
-        ``quiet_block_ms`` (default ``block_ms``): an entry ends a wait at once whatever its
-        length, so a longer one costs no latency, only wake-ups of an idle shard.
+        After a read that took entries, one round trip (a pipeline): a plain XREAD BLOCK
+        from the newest id taken (it takes nothing; scripts cannot block), ``carried`` (the
+        acks of what the server confirmed), then the fenced read, which Redis runs as soon
+        as the wait ends: at one entry per wake-up one write and one reply instead of a
+        wait, a read, an empty read and an ack (``_acks_after_wait``). Once a wait found
+        nothing, the shard is quiet: it waits alone (an idle shard's cost as before leases)
+        and reads when woken, and runs the script at least every ``IDLE_WAITS`` waits anyway.
+        A quiet shard's waits last up to ``quiet_block_ms`` (default ``block_ms``): an entry
+        ends a wait at once whatever its length, so a longer one costs no latency, only
+        wake-ups of an idle shard.
         """
         [key] = keys
         try:
@@ -305,8 +308,10 @@ class ShardLease:
         second read would leave pending and unseen.
         """
         n, replies = await self._send(r, key, carried, args, wait, by_sha=True)
-        acked = replies[:n]
-        woke = replies[n] if wait is not None else None
+        if _acks_after_wait(wait, args):
+            woke, acked = replies[0], replies[1:1 + n]
+        else:
+            acked, woke = replies[:n], replies[n] if wait is not None else None
         read = replies[-1] if args is not None else None
         acks_again = any(script_missing(x) for x in acked)
         if acks_again or script_missing(read):
@@ -328,8 +333,9 @@ class ShardLease:
                     read_args: tuple[Any, ...] | None, wait: tuple[bytes, int] | None, *,
                     by_sha: bool) -> tuple[int, list[object]]:
         """One pipeline: the carried commands, the wait (for an id after ``wait[0]``, up to
-        ``wait[1]`` ms), the fenced read (each if given); how many carried commands, and
-        every reply."""
+        ``wait[1]`` ms), the fenced read (each if given; the carried ones after the wait when
+        a read follows it, ``_acks_after_wait``); how many carried commands, and every
+        reply."""
         own = self._own_connection(r)
         if own is None:  # a cluster client: its pipeline goes to the slot's master
             async with r.pipeline(transaction=False) as pipe:
@@ -343,12 +349,15 @@ class ShardLease:
                read_args: tuple[Any, ...] | None, wait: tuple[bytes, int] | None,
                by_sha: bool) -> int:
         """Add ``_send``'s commands to ``pipe``; how many carried commands."""
-        n = carried.queue(pipe, by_sha=by_sha) if carried is not None else 0
+        after = _acks_after_wait(wait, read_args)
+        n = carried.queue(pipe, by_sha=by_sha) if carried is not None and not after else 0
         if wait is not None and isinstance(pipe, Commands):
             pipe.execute_command("XREAD", "COUNT", 1, "BLOCK", wait[1], "STREAMS", key,
                                  wait[0])
         elif wait is not None:
             pipe.xread({key: wait[0]}, count=1, block=wait[1])
+        if carried is not None and after:
+            n = carried.queue(pipe, by_sha=by_sha)
         if read_args is not None:
             FENCED_READ.queue(pipe, [key, self.key], read_args, by_sha=by_sha)
         return n
@@ -374,6 +383,16 @@ class ShardLease:
         except redis.RedisError as exc:  # it expires by itself within the TTL
             log.warning("shard %d: could not release its lease (%s)", self.shard, exc)
         self.deadline = 0.0
+
+
+def _acks_after_wait(wait: tuple[bytes, int] | None, read_args: tuple[Any, ...] | None
+                     ) -> bool:
+    """Whether a round's carried acks go after its wait: when a read follows the wait (a busy
+    shard's round, the wait at most the reader's short block), so every reply comes back
+    at once when the wait ends: one wake-up of the shard per round trip instead of two (the
+    acks' replies came back at once, the wait's later). They run when the wait ends, still
+    fenced; a longer wait (a quiet shard's) keeps its acks in front."""
+    return wait is not None and read_args is not None and wait[1] <= ACKS_AFTER_WAIT_MAX_MS
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:
