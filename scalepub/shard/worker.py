@@ -16,7 +16,7 @@ import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
-from scalepub.connections import shard_client
+from scalepub.connections import TRANSIENT_ERRORS, shard_client
 from scalepub.settings import Settings
 from scalepub.shard import metrics, streams
 from scalepub.shard.acks import Acks
@@ -132,6 +132,14 @@ class ShardWorker:
             return
         if self._stop.is_set() and task.exception() is None:
             return  # the reader ends this way on stop
+        if self._stop.is_set() and self._draining and isinstance(task.exception(),
+                                                                 TRANSIENT_ERRORS):
+            # The Retrier gives up on an outage once draining (retry.py): what is not done
+            # stays pending for the next owner. Seen when Redis was still loading its AOF
+            # after the lease ran out: not a bug, so no crash and no process restart.
+            log.info("shard %s: a loop ended on a Redis outage while stopping: %s",
+                     self._name, task.exception())
+            return
         self.crashed = task.exception() or RuntimeError(f"{task.get_coro()} returned")
         self._meters.errors("internal").inc()
         log.error("shard %s: internal error, stopping", self._name, exc_info=self.crashed)
