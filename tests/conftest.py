@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import hypothesis  # imported before any test thread: CPython 3.11.7's gh-106905
@@ -36,8 +36,35 @@ def chosen_database() -> str:
     return value
 
 
+# The suite's own knobs; every other SCALEPUB_* variable, and DATABASE_URL, configures a
+# stack or the app and is left out of the run: a shell that ran `eval "$(ops/stack env)"`
+# (as the benchmarks ask) would otherwise point the example project at that stack's
+# PostgreSQL, or `ops/stack up` of a test stack at a Redis Cluster. Each test stack exports
+# its own values.
+KEPT_VARIABLES = frozenset({TEST_DATABASE_VAR, "SCALEPUB_FAULT_RESULTS",
+                            "SCALEPUB_EJABBERD_START_TIMEOUT", "SCALEPUB_EJABBERD_ERL_FLAGS"})
+
+
+def inherited_settings(environ: Mapping[str, str]) -> list[str]:
+    """The variables of ``environ`` a test run leaves out (``KEPT_VARIABLES`` stay)."""
+    return sorted(name for name in environ
+                  if (name.startswith("SCALEPUB_") or name == "DATABASE_URL")
+                  and name not in KEPT_VARIABLES)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     chosen_database()  # a bad value stops the run before any test
+    config.stash[_LEFT_OUT] = inherited_settings(os.environ)
+    for name in config.stash[_LEFT_OUT]:
+        del os.environ[name]
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    left_out = config.stash.get(_LEFT_OUT, [])
+    return f"left out of this run's environment: {', '.join(left_out)}" if left_out else None
+
+
+_LEFT_OUT = pytest.StashKey[list[str]]()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
