@@ -22,7 +22,7 @@ PG_TESTS := tests/test_atomic.py tests/test_outbox.py tests/test_django_handoff.
 	tests/test_admin.py tests/test_postgres.py tests/test_relay_order.py \
 	tests/test_outbox_writes.py tests/test_fast_serializer.py tests/test_outer_transaction.py \
 	tests/test_one_statement.py tests/test_prepared.py tests/test_relay_round.py \
-	tests/test_notify_quiet.py
+	tests/test_notify_quiet.py tests/test_inheritance.py
 test-postgres: venv
 	SCALEPUB_TEST_DATABASE=postgres $(BIN)/pytest -q -m "django_db or postgres" $(PG_TESTS)
 

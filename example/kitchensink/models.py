@@ -59,3 +59,32 @@ class Routed(models.Model):
 
     def __str__(self) -> str:
         return f"{self.note} -> {self.route}"
+
+
+@scalepub.register(node="/kitchensink/Animal")
+class Animal(models.Model):
+    """Inheritance: a row is published to the node of its own class only, as Django's
+    ``post_save`` names it (``sender``): a child's create is not its parent's."""
+
+    name = models.CharField(max_length=64)
+
+
+@scalepub.register(node="/kitchensink/Dog")
+class Dog(Animal):
+    """Multi-table inheritance, registered as well: one entry, the Dog's."""
+
+    breed = models.CharField(max_length=64, blank=True)
+
+
+class Cat(Animal):
+    """Inherits a registered model, not registered itself: no entry."""
+
+    indoor = models.BooleanField(default=True)
+
+
+@scalepub.register(node="/kitchensink/LoudAnimal")
+class LoudAnimal(Animal):
+    """A proxy of a registered model, registered on its own node."""
+
+    class Meta:
+        proxy = True

@@ -1,13 +1,14 @@
 """A registered create and its entry are one unit, in every transaction mode.
 
-Under autocommit, Django's ``save_base`` commits the INSERT before it sends ``post_save``, so
-an outbox row written from ``post_save`` would be a second transaction: a failure, or a
-process killed in between, would leave a row without its entry. ``wrap_save`` therefore
-runs a registered model's create outside any transaction in ``transaction.atomic()``, the
-INSERT and ``post_save`` (the outbox row) together (an update, one statement in its own
-transaction under autocommit anyway, is wrapped too). Inside the caller's own ``atomic()`` (or
-with autocommit off) the save is left as it is: the entry joins that transaction, no extra
-savepoint. ``bulk_create`` does the same for ``bulk_create`` plus ``publish_many``.
+A created row is announced right after its own INSERT (``_wrap_insert``: serialized, and in
+outbox delivery an outbox row written). Under autocommit, Django commits that INSERT by
+itself, so the outbox row would be a second transaction: a failure, or a process killed in
+between, would leave a row without its entry. ``wrap_save`` therefore runs a registered
+model's create outside any transaction in ``transaction.atomic()`` (an update, one statement
+in its own transaction under autocommit anyway, is wrapped too). Inside the caller's own
+``atomic()`` (or with autocommit off) the save is left as it is: the entry joins that
+transaction, no extra savepoint. ``bulk_create`` does the same for ``bulk_create`` plus
+``publish_many``.
 
 A plain create that ``onestatement`` claims needs no transaction at all: ``_Outer`` then
 begins nothing until the first statement, and if that is the create's own INSERT it runs as
@@ -25,14 +26,15 @@ from django.db import DatabaseError, Error, connections, router, transaction
 from django.db.models import Model
 
 from scalepub.django import atomic_state, onestatement, outbox
-from scalepub.django.announce import publish_many
+from scalepub.django.announce import announce, announced, publish_many
+from scalepub.django.registry import Registration, registry
 
 M = TypeVar("M", bound=Model)
 _MARK = "scalepub_atomic_create"
 
 
 def wrap_save(model: type[Model]) -> None:
-    """Make ``model``'s saves outside a transaction atomic with their ``post_save``."""
+    """Make ``model``'s saves outside a transaction atomic with their entry."""
     own = model.__dict__.get("save_base")
     if getattr(own, _MARK, False):
         return
@@ -42,7 +44,7 @@ def wrap_save(model: type[Model]) -> None:
     def save_base(self: Model, *args: Any, **kwargs: Any) -> Any:
         # Model.save passes keywords only: no dict to build then.
         flags = dict(zip(_SAVE_BASE_ARGS, args, strict=False)) | kwargs if args else kwargs
-        # Not only while _state.adding: a create that failed in post_save leaves the instance
+        # Not only while _state.adding: a create that failed after its INSERT leaves the instance
         # with a pk and adding=False, and saving it again is a create Django finds out late.
         if not flags.get("raw"):
             using = flags.get("using") or router.db_for_write(type(self), instance=self)
@@ -66,19 +68,47 @@ _SAVE_BASE_ARGS = ("raw", "force_insert", "force_update", "using", "update_field
 
 
 def _wrap_insert(model: type[Model]) -> None:
-    """Let onestatement know when the claimed create's own INSERT runs (Django's
-    ``_do_insert``, called once per table a save inserts into)."""
+    """Announce the created row right after its own INSERT (Django's ``_do_insert``, called
+    once per table a save inserts into; a raw save, a fixture, is not announced), in the
+    save's transaction; for the create ``onestatement`` claimed, that INSERT also writes the
+    entry. Here rather than in a ``post_save`` receiver: Django's dispatch to one receiver
+    was ~20 us of a ~250 us SQLite save (loadtest/bench_ingest.py). The entry is made before
+    any ``post_save`` receiver runs, as the receiver connected at ``register()`` did."""
     own = model.__dict__.get("_do_insert")
     original: Callable[..., Any] = model._do_insert
 
     @functools.wraps(original)
-    def _do_insert(self: Model, *args: Any, **kwargs: Any) -> Any:
+    def _do_insert(self: Model, manager: Any, using: str, fields: Any, returning_fields: Any,
+                   raw: bool, *args: Any, **kwargs: Any) -> Any:
+        call = (manager, using, fields, returning_fields, raw, *args)
         if onestatement.claimed(self):
-            return onestatement.insert(self, original, args, kwargs)
-        return original(self, *args, **kwargs)
+            results = onestatement.insert(self, original, call, kwargs)
+        else:
+            results = original(self, *call, **kwargs)
+        # The row of this very class, not a parent's (multi-table inheritance): a subclass
+        # inherits this wrapper (or calls it from its own), and post_save's sender, which
+        # the receiver this replaces listened to, was the instance's own class.
+        if not raw and type(self) is model and manager.model is model._meta.concrete_model:
+            reg = registry.get(model)
+            if reg is not None:
+                _created(self, reg, using, results, returning_fields)
+        return results
 
     _do_insert.scalepub_own = own  # type: ignore[attr-defined]
     model._do_insert = _do_insert
+
+
+def _created(instance: Model, reg: Registration, using: str, results: Any,
+             returning_fields: Any) -> None:
+    """Announce ``instance``, inserted just now: the values the INSERT returned (its pk) set
+    first, as ``_save_table`` does next."""
+    if onestatement.take_written(instance):  # the entry went with the INSERT
+        announced(using)
+        return
+    if results:
+        for value, field in zip(results[0], returning_fields, strict=False):
+            setattr(instance, field.attname, value)
+    announce([(instance, reg)], using)
 
 
 def _atomic(connection: Any, using: str, save: Callable[..., Any], args: tuple[Any, ...],

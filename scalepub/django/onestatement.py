@@ -140,15 +140,15 @@ _eligible: dict[type[Model], bool] = {}
 
 
 def _alone(model: type[Model]) -> bool:
-    """Whether scalepub's is the only ``post_save`` receiver of ``model``. Another one runs
-    after the INSERT, and under today's path a receiver that fails rolls the create back:
-    with one statement the row would already be committed (as in plain Django)."""
+    """Whether ``model`` has no ``post_save`` receiver (scalepub needs none: atomic's
+    ``_do_insert`` hook announces). One would run after the INSERT, and on the transaction
+    path a receiver that fails rolls the create back: with one statement the row would
+    already be committed (as in plain Django)."""
     try:
         sync, asynchronous = post_save._live_receivers(model)  # Django 5.x, cached per sender
     except Exception:  # another Django's shape: keep the transaction
         return False
-    return (not asynchronous and len(sync) == 1
-            and getattr(sync[0], "__module__", None) == "scalepub.django.signals")
+    return not sync and not asynchronous
 
 
 def begin(claimed: Claim) -> None:
@@ -201,7 +201,7 @@ def run(claimed: Claim, execute: Callable[..., Any], sql: str, params: Any, many
 
 
 def take_written(instance: Model) -> bool:
-    """Whether ``instance``'s entry went with its INSERT (post_save then writes none)."""
+    """Whether ``instance``'s entry went with its INSERT (atomic then writes none)."""
     if _state.written is instance:
         _state.written = None
         return True
@@ -290,7 +290,7 @@ def _sqlite(claimed: Claim, parts: _Parts, execute: Callable[..., Any], sql: str
         result = execute(sql, params, False, context)
     finally:
         _state.pending = None
-    if parts.fired:  # else: no trigger ran (its table was dropped?): post_save writes it
+    if parts.fired:  # else: no trigger ran (its table was dropped?): atomic writes it
         _state.written = claimed.instance
     else:
         _forget_triggers(context["connection"])
