@@ -31,6 +31,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from twitter.models import Tweet
 
+from scalepub.django import serialize as serialize_module
 from scalepub.django.models import OutboxEntry
 from scalepub.django.rowformat import RowFormat, forget, row_format
 from scalepub.django.serialize import _clean, _render, django_text, serialize
@@ -150,6 +151,41 @@ def test_errors_are_djangos_too(values: dict[str, Any]) -> None:
 @settings(max_examples=200, deadline=None)
 def test_the_example_model_matches_django(author: str, text: str, at: dt.datetime) -> None:
     assert_same(Tweet(pk=3, author=author, text=text, created_at=at))
+
+
+ASCII_TEXT = st.text(st.characters(max_codepoint=0x7F), max_size=60)
+
+
+def full_path(obj: Any, fmt: str, limit: int) -> bytes | type[Exception]:
+    """``serialize`` without its one-pass shortcut (what it returned before the shortcut), or
+    the type of the error it raised."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(serialize_module, "_plain_ascii", lambda *args: None)
+        try:
+            return serialize(obj, fmt, max_bytes=limit)
+        except Exception as exc:
+            return type(exc)
+
+
+def one_pass(obj: Any, fmt: str, limit: int) -> bytes | type[Exception]:
+    try:
+        return serialize(obj, fmt, max_bytes=limit)
+    except Exception as exc:
+        return type(exc)
+
+
+@settings(max_examples=300, deadline=None)
+@given(author=st.one_of(ASCII_TEXT, ANY_TEXT), text=st.one_of(ASCII_TEXT, ANY_TEXT),
+       at=st.datetimes(timezones=ZONES), slack=st.integers(-40, 40))
+def test_the_one_pass_payload_is_the_full_paths(author: str, text: str, at: dt.datetime,
+                                               slack: int) -> None:
+    """serialize's shortcut for the usual row (prepared serializer, plain ASCII, within the
+    limit) returns what the full path returns, around the byte limit too (a cut row)."""
+    obj = Tweet(pk=3, author=author, text=text, created_at=at)
+    for fmt in FORMATS:
+        size = len(fast_text(obj, fmt).encode("utf-8", "surrogatepass"))
+        for limit in (10**6, max(size + slack, 0)):
+            assert one_pass(obj, fmt, limit) == full_path(obj, fmt, limit), (fmt, limit)
 
 
 @pytest.mark.django_db
