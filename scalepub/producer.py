@@ -126,6 +126,7 @@ assert (APPENDED_FIELD, DONE_FIELD) == ("appended", "done"), "APPEND_LUA's count
 _SHARD_MISMATCH = "SHARDMISMATCH"
 # How often a producer re-reads the shard count the pool recorded (one GET).
 SHARD_COUNT_CHECK_S = 5.0
+_NODES_KEPT = 4096  # nodes whose shard and history key a producer remembers
 
 
 class Refusal(enum.Enum):
@@ -213,6 +214,7 @@ class StreamProducer:
                      if single_thread and OWN_CONNECTION and cluster_of(self.client) is None
                      else None)
         self._pool_shards: int | None = None  # the count the pool recorded, as last read
+        self._nodes: dict[str, tuple[int, str]] = {}  # _node_keys
         self._pool_shards_at = -SHARD_COUNT_CHECK_S
         # Replicas that must have an outbox row's entry before the row is deleted.
         self.wait_replicas = wait_replicas(settings)
@@ -252,7 +254,7 @@ class StreamProducer:
         """
         by_shard: dict[int, list[PendingEntry]] = defaultdict(list)
         for entry in entries:
-            by_shard[shard_for(entry.node, self.settings.shards)].append(entry)
+            by_shard[self._node_keys(entry.node)[0]].append(entry)
         result = AppendResult([], [])
         if self._disagrees(by_shard, result):
             return result
@@ -262,7 +264,7 @@ class StreamProducer:
                 result.failures.append(ShardFailure(shard, batch, _refusal(reply), str(reply)))
                 continue
             pairs = list(zip(reply[::2], reply[1::2], strict=True))
-            result.appended += [Appended(shard, _text(sid), int(str(seq)))
+            result.appended += [Appended(shard, _text(sid), int(seq))  # int or its digits
                                 for sid, seq in pairs if sid is not None]
             refused = [e for e, (sid, _) in zip(batch, pairs, strict=True) if sid is None]
             if refused:  # the stream took only what fit under MAXLEN
@@ -348,7 +350,7 @@ class StreamProducer:
         meta = self.keys.meta(shard)
         keys = [self.keys.stream(shard), self.keys.seqs(shard), meta,
                 self.keys.relay_record(shard, source) if source else meta]
-        keys += [self.keys.history(shard, e.node) for e in batch]
+        keys += [self._node_keys(e.node)[1] for e in batch]
         oids = b""
         if source:
             # with the save time: a database that reuses the ids of deleted rows (MySQL before
@@ -364,6 +366,17 @@ class StreamProducer:
             )
             args += [e.node, head, tail]
         return keys, args
+
+    def _node_keys(self, node: str) -> tuple[int, str]:
+        """``node``'s shard and history key, worked out once per node (per-author nodes
+        repeat; the relay appends hundreds of entries a round)."""
+        known = self._nodes.get(node)
+        if known is None:
+            if len(self._nodes) >= _NODES_KEPT:
+                self._nodes.clear()
+            shard = shard_for(node, self.settings.shards)
+            known = self._nodes[node] = (shard, self.keys.history(shard, node))
+        return known
 
     def close(self) -> None:
         """Release the connection pool."""

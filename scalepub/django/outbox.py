@@ -34,7 +34,7 @@ class OutboxTableMissing(ImproperlyConfigured):
 
 @dataclass(frozen=True, slots=True)
 class OutboxRow:
-    """One waiting entry, as the relay reads it."""
+    """One waiting entry, as ``oldest`` reads it (the relay reads ``oldest_entries``)."""
 
     id: int
     node: str
@@ -43,11 +43,6 @@ class OutboxRow:
     pk: str
     fmt: str
     payload: bytes
-
-    def entry(self) -> PendingEntry:
-        """The entry to append, carrying this row's id (the append script's retry record)."""
-        return PendingEntry(self.node, self.ts_ns, self.model, self.pk, self.fmt, self.payload,
-                            oid=self.id)
 
 
 # One outbox row in write order: node, ts_ns, model, object_pk, fmt, payload (_FIELDS).
@@ -179,6 +174,15 @@ def _written(path: str) -> Any:
 def oldest(using: str, limit: int) -> list[OutboxRow]:
     """Up to ``limit`` rows, oldest (lowest id) first."""
     return [_row(values) for values in _query(using, _select_sql, [limit], fetch=True)]
+
+
+def oldest_entries(using: str, limit: int) -> list[PendingEntry]:
+    """``oldest`` as the entries the relay appends (each carrying its row id as ``oid``):
+    one object per row instead of two, in the relay thread whose Python the saves of its
+    process wait for (the GIL)."""
+    return [PendingEntry(node, int(ts_ns), model, pk, fmt, bytes(payload), int(oid))
+            for oid, node, ts_ns, model, pk, fmt, payload
+            in _query(using, _select_sql, [limit], fetch=True)]
 
 
 def count(using: str) -> int:

@@ -180,30 +180,32 @@ class Relay:
 
     def relay_once(self) -> Round:
         """Append up to OUTBOX_BATCH of the oldest rows, delete those Redis took."""
-        rows = outbox.oldest(self.using, self.settings.outbox_batch)
-        age = (time.time_ns() - rows[0].ts_ns) / 1e9 if rows else 0.0
+        entries = outbox.oldest_entries(self.using, self.settings.outbox_batch)
+        age = (time.time_ns() - entries[0].ts_ns) / 1e9 if entries else 0.0
         metrics.OUTBOX_OLDEST_AGE.set(age)
-        if not rows:
+        if not entries:
             self._refused_reason = ""
             self._report(0.0, 0)
             return Round(0, 0)
-        entries = [row.entry() for row in rows]
         # With the database as source, rows appended by a call whose reply was lost (a
         # timeout) are recognised when this or the next relay appends them again.
         result = self.producer.append(entries, source=self.database)
-        refused = {id(e) for f in result.failures for e in f.entries}
         reason = ""
         for failure in result.failures:
             reason = self._refused(failure.reason, failure.message, len(failure.entries))
         self._refused_reason = reason
-        done = [row.id for row, e in zip(rows, entries, strict=True) if id(e) not in refused]
+        if result.failures:
+            refused = {id(e) for f in result.failures for e in f.entries}
+            done = [cast(int, e.oid) for e in entries if id(e) not in refused]
+        else:
+            done = [cast(int, e.oid) for e in entries]
         outbox.delete(self.using, done)
         metrics.OUTBOX_RELAYED.inc(len(done))
         self.moved += len(done)
-        left = len(rows) - len(done)
+        left = len(entries) - len(done)
         # After the round, so a refusal is reported with the round that met it; the age is
         # the round's oldest row's (an upper bound when only later rows were refused).
-        self._report(age if left else 0.0, left, full=len(rows) == self.settings.outbox_batch)
+        self._report(age if left else 0.0, left, full=len(entries) == self.settings.outbox_batch)
         return Round(len(done), left)
 
     def _report(self, oldest_age_s: float, left: int, full: bool = False) -> None:

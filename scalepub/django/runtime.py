@@ -122,7 +122,9 @@ class Runtime:
             return
         self._check_fork()
         relay = self._ensure(using)
-        if not (notified and relay.relay.notified):  # else its notification wakes it, once
+        # else its notification wakes it, once; an Event already set (commits of one
+        # gather window) needs no second set(): that takes its lock and notifies
+        if not (notified and relay.relay.notified) and not relay.wake.is_set():
             relay.wake.set()
 
     def leads(self, using: str) -> bool:
