@@ -103,7 +103,7 @@ def test_a_listening_leader_is_not_woken_by_its_own_commits(
 
 
 def test_relay_statements_skip_djangos_cursor_unless_watched(outbox_django: Settings) -> None:
-    """oldest/delete/count run on the DB-API connection (Django's cursor refuses here), and
+    """oldest_entries/delete/count run on the DB-API connection (Django's cursor refuses here), and
     through Django's cursor while an execute_wrapper watches (it sees every statement)."""
     entries = [PendingEntry(f"/n/{i}", time.time_ns(), "twitter.tweet", str(i), "xml",
                             b"<o>%d</o>" % i) for i in range(3)]
@@ -115,11 +115,11 @@ def test_relay_statements_skip_djangos_cursor_unless_watched(outbox_django: Sett
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(connection, "cursor", refuse)
-        rows = outbox.oldest(connection.alias, 2)
+        rows = outbox.oldest_entries(connection.alias, 2)
         assert [(r.node, r.pk, r.payload) for r in rows] == [
             ("/n/0", "0", b"<o>0</o>"), ("/n/1", "1", b"<o>1</o>")]
         assert outbox.count(connection.alias) == 3
-        outbox.delete(connection.alias, [rows[0].id])
+        outbox.delete(connection.alias, [rows[0].oid])
     seen: list[str] = []
 
     def watch(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
@@ -127,9 +127,9 @@ def test_relay_statements_skip_djangos_cursor_unless_watched(outbox_django: Sett
         return execute(sql, params, many, context)
 
     with connection.execute_wrapper(watch):
-        rows = outbox.oldest(connection.alias, 10)
+        rows = outbox.oldest_entries(connection.alias, 10)
         assert [r.pk for r in rows] == ["1", "2"]
-        outbox.delete(connection.alias, [r.id for r in rows])
+        outbox.delete(connection.alias, [r.oid for r in rows])
         assert outbox.count(connection.alias) == 0
     assert seen == ["SELECT", "DELETE", "SELECT"]
 

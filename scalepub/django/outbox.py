@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
@@ -30,19 +29,6 @@ _HELD = "scalepub_held_outbox_rows"  # attribute of Django's connection while He
 
 class OutboxTableMissing(ImproperlyConfigured):
     """The ``scalepub_outbox`` table does not exist: the scalepub migration was not applied."""
-
-
-@dataclass(frozen=True, slots=True)
-class OutboxRow:
-    """One waiting entry, as ``oldest`` reads it (the relay reads ``oldest_entries``)."""
-
-    id: int
-    node: str
-    ts_ns: int
-    model: str
-    pk: str
-    fmt: str
-    payload: bytes
 
 
 # One outbox row in write order: node, ts_ns, model, object_pk, fmt, payload (_FIELDS).
@@ -171,15 +157,9 @@ def _written(path: str) -> Any:
     return metrics.OUTBOX_WRITTEN.labels(path=path)
 
 
-def oldest(using: str, limit: int) -> list[OutboxRow]:
-    """Up to ``limit`` rows, oldest (lowest id) first."""
-    return [_row(values) for values in _query(using, _select_sql, [limit], fetch=True)]
-
-
 def oldest_entries(using: str, limit: int) -> list[PendingEntry]:
-    """``oldest`` as the entries the relay appends (each carrying its row id as ``oid``):
-    one object per row instead of two, in the relay thread whose Python the saves of its
-    process wait for (the GIL)."""
+    """Up to ``limit`` rows, oldest (lowest id) first, as the entries the relay appends (each
+    carrying its row id as ``oid``)."""
     return [PendingEntry(node, int(ts_ns), model, pk, fmt, bytes(payload), int(oid))
             for oid, node, ts_ns, model, pk, fmt, payload
             in _query(using, _select_sql, [limit], fetch=True)]
@@ -279,11 +259,6 @@ def require_table(using: str) -> None:
             f"`manage.py migrate` (or `manage.py migrate scalepub --database {using}`); "
             "the save was not committed")
     _checked.add(using)
-
-
-def _row(values: Sequence[Any]) -> OutboxRow:
-    oid, node, ts_ns, model, pk, fmt, payload = values
-    return OutboxRow(int(oid), node, int(ts_ns), model, pk, fmt, bytes(payload))
 
 
 @functools.lru_cache(maxsize=256)

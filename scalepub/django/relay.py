@@ -194,11 +194,8 @@ class Relay:
         for failure in result.failures:
             reason = self._refused(failure.reason, failure.message, len(failure.entries))
         self._refused_reason = reason
-        if result.failures:
-            refused = {id(e) for f in result.failures for e in f.entries}
-            done = [cast(int, e.oid) for e in entries if id(e) not in refused]
-        else:
-            done = [cast(int, e.oid) for e in entries]
+        refused = {id(e) for f in result.failures for e in f.entries}
+        done = [cast(int, e.oid) for e in entries if id(e) not in refused]
         outbox.delete(self.using, done)
         metrics.OUTBOX_RELAYED.inc(len(done))
         self.moved += len(done)

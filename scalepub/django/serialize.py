@@ -90,13 +90,8 @@ def _plain_ascii(instance: Model, fmt: str, limit: int) -> bytes | None:
     if prepared is None:
         return None
     if fmt == "xml":
-        text = prepared.xml(instance)
-        if text.isascii():
-            data = text.encode("ascii")
-            if len(data) <= limit and \
-                    len(data.translate(None, _ASCII_NOT_XML_OR_CR)) == len(data):
-                return data
-        return None
+        data = _ascii_as_is(prepared.xml(instance))
+        return data if data is not None and len(data) <= limit else None
     text = prepared.json(instance)
     if text.isascii():  # JSON text in ASCII holds no character XML cannot carry
         data = text.encode("ascii")
@@ -154,12 +149,10 @@ def django_text(instance: Model, fmt: str) -> str:
 def _clean(instance: Model, fmt: str, text: str) -> tuple[bytes, int]:
     """The payload bytes of Django's ``text``, safe for a batch (the module docstring)."""
     if fmt == "xml":
-        # The usual row needs no change: one fast scan instead of three regex passes. ASCII
-        # text can only hold C0 controls of the characters to change (deleting them is a
-        # table lookup per byte, ~5x faster than the regex).
+        # The usual row needs no change: one fast scan instead of three regex passes.
         if text.isascii():
-            data = text.encode("ascii")
-            if len(data.translate(None, _ASCII_NOT_XML_OR_CR)) == len(data):
+            data = _ascii_as_is(text)
+            if data is not None:
                 return data, 0
         elif _NOT_XML_OR_CR.search(text) is None:
             return text.encode("utf-8"), 0
@@ -167,6 +160,16 @@ def _clean(instance: Model, fmt: str, text: str) -> tuple[bytes, int]:
         # Attribute values come quoted with &#13; already; a raw CR can only be field text.
         return text.replace("\r", "&#13;").encode("utf-8"), replaced
     return _NOT_XML_IN_JSON.sub(_json_escape, text).encode("utf-8"), 0
+
+
+def _ascii_as_is(text: str) -> bytes | None:
+    """ASCII XML text that needs no change, encoded; else None. ASCII can only hold C0
+    controls of the characters to change: deleting them is a table lookup per byte, ~5x
+    faster than the regex."""
+    if not text.isascii():
+        return None
+    data = text.encode("ascii")
+    return data if len(data.translate(None, _ASCII_NOT_XML_OR_CR)) == len(data) else None
 
 
 def _json_escape(match: re.Match[str]) -> str:
