@@ -16,6 +16,7 @@ from django.test.utils import CaptureQueriesContext
 from twitter.models import Tweet
 
 import scalepub
+from scalepub.django import atomic
 from scalepub.django.models import OutboxEntry
 from scalepub.settings import Settings
 
@@ -99,18 +100,17 @@ def test_saving_again_after_a_failed_create_is_atomic_too(refusing_outbox: Setti
 
 
 def test_without_the_wrapper_autocommit_leaves_a_row_without_entry(
-    refusing_outbox: Settings,
+    refusing_outbox: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The bug the wrapper fixes, shown: Django commits the INSERT by itself, before the
-    entry is written (the insert hook kept, only save_base's transaction taken away)."""
-    wrapped = Tweet.__dict__["save_base"]
-    assert wrapped.scalepub_own is None  # Tweet inherits Model.save_base
-    del Tweet.save_base
-    try:
-        with pytest.raises(DatabaseError, match=REFUSED):
-            Tweet.objects.create(author="ann", text="orphan")
-    finally:
-        Tweet.save_base = wrapped
+    entry is written (the insert hook kept, only its transaction taken away)."""
+    def no_transaction(connection: Any, using: str, insert: Callable[..., Any],
+                       args: tuple[Any, ...], kwargs: dict[str, Any], claim: Any = None) -> Any:
+        return insert(*args, **kwargs)
+
+    monkeypatch.setattr(atomic, "_atomic", no_transaction)
+    with pytest.raises(DatabaseError, match=REFUSED):
+        Tweet.objects.create(author="ann", text="orphan")
     assert Tweet.objects.count() == 1 and not OutboxEntry.objects.exists()
 
 

@@ -7,9 +7,9 @@ simple Query and each Sync of the extended protocol is one round trip). Run in b
 of make test (SQLite, then PostgreSQL). Checked here: one statement; the entry byte for byte
 what the transaction path writes (serialize() of the saved instance, Tweet and fieldzoo.Wide
 under hypothesis, XML and JSON); a failing outbox insert or a failing row INSERT leaves
-neither; the fallbacks (explicit pk, inside atomic(), another post_save receiver, a pk-based
-node rule, many-to-many, multi-table inheritance, a db_default column) take the transaction
-path and stay correct.
+neither; the fallbacks (explicit pk, inside atomic(), a pk-based node rule, many-to-many,
+multi-table inheritance, a db_default column) take the transaction path and stay correct; the
+save's receivers, outside the create's unit on every path, change nothing.
 """
 
 from __future__ import annotations
@@ -227,13 +227,6 @@ def node_rule() -> Iterator[Callable[[Any], None]]:
     scalepub.register(Tweet, node=original.node)
 
 
-@pytest.fixture
-def other_receiver() -> Iterator[None]:
-    post_save.connect(lambda **kw: None, sender=Tweet, weak=False, dispatch_uid="test-one-other")
-    yield
-    post_save.disconnect(sender=Tweet, dispatch_uid="test-one-other")
-
-
 def _transaction_path(make: Callable[[], models.Model], fmt: str, node: str) -> None:
     warm(Tweet(author="bob", text="first"))
     with Trips() as trips:
@@ -255,10 +248,24 @@ def test_inside_atomic_it_joins_the_callers_transaction(kept: Settings) -> None:
     check_entry(tweet, kept.payload_format, "/twitter/Tweet/ann")
 
 
-def test_another_post_save_receiver_keeps_the_transaction(kept: Settings,
-                                                          other_receiver: None) -> None:
-    _transaction_path(lambda: Tweet.objects.create(author="ann", text="receiver"),
-                      kept.payload_format, "/twitter/Tweet/ann")
+def test_a_post_save_receiver_runs_after_the_one_statement(kept: Settings) -> None:
+    """post_save runs after the create's unit committed, on every path: a receiver of the
+    model does not keep the create from being one statement."""
+    seen: list[tuple[bool, bool]] = []
+
+    def after(sender: Any, instance: Tweet, **kwargs: Any) -> None:
+        seen.append((connection.in_atomic_block, OutboxEntry.objects.filter(
+            object_pk=str(instance.pk)).exists()))
+
+    warm(Tweet(author="bob", text="first"))
+    post_save.connect(after, sender=Tweet, weak=False, dispatch_uid="test-one-after")
+    try:
+        with Trips() as trips:
+            tweet = Tweet.objects.create(author="ann", text="receiver")
+    finally:
+        post_save.disconnect(sender=Tweet, dispatch_uid="test-one-after")
+    assert not trips.began and seen == [(False, True)], trips.seen
+    check_entry(tweet, kept.payload_format, "/twitter/Tweet/ann")
 
 
 @pytest.mark.parametrize("rule", [lambda t: f"/by-pk/{t.pk}", lambda t: f"/parity/{t.pk % 2}"])
@@ -273,22 +280,26 @@ def test_a_node_rule_that_reads_the_pk_keeps_the_transaction(
     check_entry(tweet, kept.payload_format, rule(tweet))
 
 
-def test_an_insert_before_the_creates_own_is_not_taken_for_it(kept: Settings) -> None:
-    """A pre_save receiver that creates another row of the same table first: that INSERT is
-    not the claimed create's, so the save takes the transaction path, each entry its own."""
+def test_a_create_in_a_pre_save_receiver_is_a_unit_of_its_own(kept: Settings) -> None:
+    """A pre_save receiver that creates another row of the same table first: pre_save runs
+    before the create's unit, so that row is a create of its own, one statement each, each
+    with its own entry."""
     side: list[Tweet] = []
 
     def first(sender: Any, instance: Tweet, **kwargs: Any) -> None:
         if instance.text == "outer":
             side.append(Tweet.objects.create(author="side", text="made in pre_save"))
 
+    warm(Tweet(author="bob", text="first"))
     pre_save.connect(first, sender=Tweet, weak=False, dispatch_uid="test-one-first")
     try:
-        _transaction_path(lambda: Tweet.objects.create(author="ann", text="outer"),
-                          kept.payload_format, "/twitter/Tweet/ann")
+        with Trips() as trips:
+            outer = Tweet.objects.create(author="ann", text="outer")
     finally:
         pre_save.disconnect(sender=Tweet, dispatch_uid="test-one-first")
+    assert not trips.began and trips.count == 2, trips.seen
     check_entry(side[0], kept.payload_format, "/twitter/Tweet/side")
+    check_entry(outer, kept.payload_format, "/twitter/Tweet/ann")
 
 
 def test_many_to_many_keeps_the_transaction(kept: Settings) -> None:

@@ -15,13 +15,13 @@ from typing import Any
 import psycopg
 import pytest
 from django.db import IntegrityError, connection, transaction
-from django.db.models.signals import post_save, pre_save
 from django.test.utils import CaptureQueriesContext
 from twitter.models import Tweet
 
 import scalepub
-from scalepub.django import announce, notify, onestatement
+from scalepub.django import announce, atomic, notify, onestatement
 from scalepub.django.models import OutboxEntry
+from scalepub.django.registry import registry
 from scalepub.settings import Settings
 from tests.conftest import django_side
 
@@ -86,15 +86,18 @@ def test_postgres_outbox_row_rides_with_the_commit(outbox_kept: Settings,
     monkeypatch.setattr(onestatement, "ENABLED", False)
     statements = Statements()
 
-    def innermost(sender: Any, **kwargs: Any) -> None:
-        # inside scalepub's own wrapper, which Held installs as the save's transaction begins
+    enter = atomic._Outer.__enter__
+
+    def innermost(block: atomic._Outer) -> None:
+        # inside scalepub's own wrapper, which the block installs as the create's transaction
+        # begins
+        enter(block)
         connection.execute_wrappers.append(statements)
 
-    pre_save.connect(innermost, sender=Tweet, dispatch_uid="test-innermost")
+    monkeypatch.setattr(atomic._Outer, "__enter__", innermost)
     try:
         tweet = Tweet.objects.create(author="ann", text="pipelined")
     finally:
-        pre_save.disconnect(sender=Tweet, dispatch_uid="test-innermost")
         connection.execute_wrappers.remove(statements)
     # the model's INSERT rides in a pipeline with psycopg's BEGIN, the outbox row with the
     # COMMIT: two round trips for the save, as many as one statement inside a transaction
@@ -113,9 +116,16 @@ def test_postgres_outbox_row_rides_with_the_commit(outbox_kept: Settings,
 
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
-def test_postgres_savepoint_rows_are_not_held_and_order_is_kept(outbox_kept: Settings) -> None:
-    def nested(sender: Any, instance: Tweet, created: bool, **kwargs: Any) -> None:
-        if created and instance.text == "outer":
+def test_postgres_savepoint_rows_are_not_held_and_order_is_kept(
+        outbox_kept: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The transaction path (Held), and creates inside the create's own block: its node rule
+    # is the user code that runs there, before the create's own entry is written.
+    monkeypatch.setattr(onestatement, "ENABLED", False)
+    original = registry.get(Tweet)
+    assert original is not None
+
+    def nested(tweet: Tweet) -> str:
+        if tweet.text == "outer":
             Tweet.objects.create(author="ann", text="held too")
             with transaction.atomic():  # a savepoint: the held rows are written first
                 Tweet.objects.create(author="ann", text="in a savepoint")
@@ -125,17 +135,18 @@ def test_postgres_savepoint_rows_are_not_held_and_order_is_kept(outbox_kept: Set
                     raise IntegrityError("the savepoint rolls back")
             except IntegrityError:
                 pass
+        return original.node_for(tweet)
 
-    post_save.connect(nested, sender=Tweet, dispatch_uid="test-nested")
+    scalepub.register(Tweet, node=nested)
     try:
         Tweet.objects.create(author="ann", text="outer")
     finally:
-        post_save.disconnect(sender=Tweet, dispatch_uid="test-nested")
+        scalepub.register(Tweet, node=original.node)
     rows = dict(Tweet.objects.values_list("pk", "text"))
     assert sorted(rows.values()) == ["held too", "in a savepoint", "outer"]
     announced = [rows[int(pk)] for pk in
                  OutboxEntry.objects.order_by("id").values_list("object_pk", flat=True)]
-    assert announced == ["outer", "held too", "in a savepoint"]  # ids in announcement order
+    assert announced == ["held too", "in a savepoint", "outer"]  # ids in announcement order
 
 
 def wakes(monkeypatch: pytest.MonkeyPatch) -> list[str]:

@@ -60,10 +60,10 @@ def test_register_rejects_bad_arguments() -> None:
 
 
 def test_register_wraps_save_once_and_unregister_restores_it(restore_tweet: None) -> None:
-    wrapped = Tweet.__dict__["save_base"]
+    wrapped = Tweet.__dict__["_do_insert"]
     scalepub.register(Tweet)
-    assert Tweet.__dict__["save_base"] is wrapped  # registering again: no second wrapper
+    assert Tweet.__dict__["_do_insert"] is wrapped  # registering again: no second wrapper
     scalepub.unregister(Tweet)
-    assert "save_base" not in Tweet.__dict__  # Django's own save_base again
-    assert Tweet.save_base is Model.save_base
-
+    assert "_do_insert" not in Tweet.__dict__  # Django's own _do_insert again
+    assert Tweet._do_insert is Model._do_insert
+    assert "save_base" not in Tweet.__dict__  # the save around it is Django's, untouched

@@ -1,18 +1,19 @@
 """A registered create and its entry are one unit, in every transaction mode.
 
-A created row is announced right after its own INSERT (``_wrap_insert``: serialized, and in
-outbox delivery an outbox row written). Under autocommit, Django commits that INSERT by
-itself, so the outbox row would be a second transaction: a failure, or a process killed in
-between, would leave a row without its entry. ``wrap_save`` therefore runs a registered
-model's create outside any transaction in ``transaction.atomic()`` (an update, one statement
-in its own transaction under autocommit anyway, is wrapped too). Inside the caller's own
-``atomic()`` (or with autocommit off) the save is left as it is: the entry joins that
-transaction, no extra savepoint. ``bulk_create`` does the same for ``bulk_create`` plus
-``publish_many``.
+A created row is announced right after its own INSERT (Django's ``_do_insert``, wrapped at
+``register()``): serialized, and in outbox delivery an outbox row written. Under autocommit,
+Django commits that INSERT by itself, so the outbox row would be a second transaction: a
+failure, or a process killed in between, would leave a row without its entry. The wrapper
+therefore runs the INSERT and the entry in one transaction of their own when none is open,
+and only them: the save's ``pre_save`` and ``post_save`` receivers run outside it, before and
+after, as for any model under autocommit (a ``post_save`` receiver that fails leaves the row,
+and its entry, committed). Inside the caller's own ``atomic()`` (or with autocommit off) the
+entry joins that transaction, no extra savepoint. ``bulk_create`` does the same for
+``bulk_create`` plus ``publish_many``.
 
-A plain create that ``onestatement`` claims needs no transaction at all: ``_Outer`` then
-begins nothing until the first statement, and if that is the create's own INSERT it runs as
-one statement that also writes the entry (its own transaction under autocommit).
+A create that ``onestatement`` claims needs no transaction at all: ``_Outer`` then begins
+nothing until the first statement, and if that is the create's own INSERT it runs as one
+statement that also writes the entry (its own transaction under autocommit).
 """
 
 from __future__ import annotations
@@ -34,68 +35,53 @@ _MARK = "scalepub_atomic_create"
 
 
 def wrap_save(model: type[Model]) -> None:
-    """Make ``model``'s saves outside a transaction atomic with their entry."""
-    own = model.__dict__.get("save_base")
+    """Announce ``model``'s created rows, each in one unit with its INSERT (once: a model
+    wrapped already is left as it is)."""
+    own = model.__dict__.get("_do_insert")
     if getattr(own, _MARK, False):
         return
-    original: Callable[..., Any] = model.save_base
-
-    @functools.wraps(original)
-    def save_base(self: Model, *args: Any, **kwargs: Any) -> Any:
-        # Model.save passes keywords only: no dict to build then.
-        flags = dict(zip(_SAVE_BASE_ARGS, args, strict=False)) | kwargs if args else kwargs
-        # Not only while _state.adding: a create that failed after its INSERT leaves the instance
-        # with a pk and adding=False, and saving it again is a create Django finds out late.
-        if not flags.get("raw"):
-            using = flags.get("using") or router.db_for_write(type(self), instance=self)
-            connection = connections[using]
-            # get_autocommit() without its async-safety check (~2 us: it raises and catches
-            # inside) when connected: Django's cursor for the INSERT checks that anyway.
-            if connection.autocommit if connection.connection is not None \
-                    else connection.get_autocommit():  # not inside any transaction
-                claim = onestatement.claim(self, using, connection.vendor, flags)
-                return _atomic(connection, using, original, (self, *args), kwargs, claim)
-        return original(self, *args, **kwargs)
-
-    setattr(save_base, _MARK, True)
-    save_base.scalepub_own = own  # type: ignore[attr-defined]
-    model.save_base = save_base
-    _wrap_insert(model)
-
-
-# save_base's parameters in order (Django 4.2-5.2), to read positional arguments.
-_SAVE_BASE_ARGS = ("raw", "force_insert", "force_update", "using", "update_fields")
-
-
-def _wrap_insert(model: type[Model]) -> None:
-    """Announce the created row right after its own INSERT (Django's ``_do_insert``, called
-    once per table a save inserts into; a raw save, a fixture, is not announced), in the
-    save's transaction; for the create ``onestatement`` claimed, that INSERT also writes the
-    entry. Here rather than in a ``post_save`` receiver: Django's dispatch to one receiver
-    was ~20 us of a ~250 us SQLite save (loadtest/bench_ingest.py). The entry is made before
-    any ``post_save`` receiver runs, as the receiver connected at ``register()`` did."""
-    own = model.__dict__.get("_do_insert")
     original: Callable[..., Any] = model._do_insert
+    concrete = model._meta.concrete_model
 
     @functools.wraps(original)
     def _do_insert(self: Model, manager: Any, using: str, fields: Any, returning_fields: Any,
                    raw: bool, *args: Any, **kwargs: Any) -> Any:
         call = (manager, using, fields, returning_fields, raw, *args)
-        if onestatement.claimed(self):
-            results = onestatement.insert(self, original, call, kwargs)
-        else:
-            results = original(self, *call, **kwargs)
         # The row of this very class, not a parent's (multi-table inheritance): a subclass
         # inherits this wrapper (or calls it from its own), and post_save's sender, which
-        # the receiver this replaces listened to, was the instance's own class.
-        if not raw and type(self) is model and manager.model is model._meta.concrete_model:
-            reg = registry.get(model)
-            if reg is not None:
-                _created(self, reg, using, results, returning_fields)
-        return results
+        # the receiver this replaced listened to, was the instance's own class. A raw save
+        # (a fixture) is not announced.
+        reg = None if raw or type(self) is not model or manager.model is not concrete \
+            else registry.get(model)
+        if reg is None:
+            return original(self, *call, **kwargs)
+        connection = connections[using]
+        # get_autocommit() without its async-safety check (~2 us: it raises and catches
+        # inside) when connected: Django's cursor for the INSERT checks that anyway.
+        if not (connection.autocommit if connection.connection is not None
+                else connection.get_autocommit()):  # inside a transaction: join it
+            return _insert(self, reg, original, call, kwargs)
+        claim = onestatement.claim(self, reg, using, connection.vendor)
+        return _atomic(connection, using, _insert, (self, reg, original, call, kwargs), {},
+                       claim)
 
+    setattr(_do_insert, _MARK, True)
     _do_insert.scalepub_own = own  # type: ignore[attr-defined]
     model._do_insert = _do_insert
+
+
+def _insert(instance: Model, reg: Registration, model_insert: Callable[..., Any],
+            call: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Django's ``_do_insert`` of ``instance`` (``call``: its arguments from the manager on),
+    then its announcement; for the create ``onestatement`` claimed, one statement does both.
+    Here rather than in a ``post_save`` receiver: Django's dispatch to one receiver was ~20 us
+    of a ~250 us SQLite save (loadtest/bench_ingest.py)."""
+    if onestatement.claimed(instance):
+        results = onestatement.insert(instance, model_insert, call, kwargs)
+    else:
+        results = model_insert(instance, *call, **kwargs)
+    _created(instance, reg, call[1], results, call[3])
+    return results
 
 
 def _created(instance: Model, reg: Registration, using: str, results: Any,
@@ -299,15 +285,14 @@ def _autocommit_on(c: Any) -> None:
 
 def unwrap_save(model: type[Model]) -> None:
     """Undo ``wrap_save`` (after ``unregister``)."""
-    own = model.__dict__.get("save_base")
+    own = model.__dict__.get("_do_insert")
     if not getattr(own, _MARK, False):
         return
-    for name in ("save_base", "_do_insert"):
-        previous = getattr(model.__dict__[name], "scalepub_own", None)
-        if previous is None:
-            delattr(model, name)
-        else:
-            setattr(model, name, previous)
+    previous = getattr(own, "scalepub_own", None)
+    if previous is None:
+        delattr(model, "_do_insert")
+    else:
+        model._do_insert = previous
 
 
 def bulk_create(objs: Iterable[M], *, using: str | None = None, node: str | None = None,

@@ -32,10 +32,9 @@ from typing import Any
 
 from django.db.models import Model
 from django.db.models.fields import AutoFieldMixin
-from django.db.models.signals import post_save
 
 from scalepub.django import notify, outbox
-from scalepub.django.registry import Registration, registry
+from scalepub.django.registry import Registration
 from scalepub.django.rowformat import row_format
 from scalepub.django.runtime import runtime
 from scalepub.django.serialize import plain_payload
@@ -105,20 +104,14 @@ class _State(threading.local):
 _state = _State()
 
 
-def claim(instance: Model, using: str, vendor: str, flags: dict[str, Any]) -> Claim | None:
-    """A Claim if ``instance``'s save (save_base's ``flags``) is a plain create of a model
-    whose table gets exactly one INSERT with only its auto pk returned, in outbox delivery."""
-    if not ENABLED or vendor not in VENDORS or flags.get("raw"):
+def claim(instance: Model, reg: Registration, using: str, vendor: str) -> Claim | None:
+    """A Claim if the INSERT about to run (atomic's ``_do_insert`` hook, outside any
+    transaction) is a plain create of a model whose table gets exactly one INSERT with only
+    its auto pk returned, in outbox delivery. Receivers of the save's signals do not matter:
+    they run outside the create's unit on every path (``post_save`` after its commit)."""
+    if not ENABLED or vendor not in VENDORS or instance.pk is not None:
         return None
-    if flags.get("force_update"):
-        return None
-    if flags.get("update_fields") is not None or not instance._state.adding:
-        return None
-    model = type(instance)
-    reg = registry.get(model)
-    if reg is None or not eligible(model) or instance.pk is not None or not _alone(model):
-        return None
-    if runtime.settings().delivery != "outbox":
+    if not eligible(type(instance)) or runtime.settings().delivery != "outbox":
         return None
     return Claim(instance, reg, using)
 
@@ -137,18 +130,6 @@ def eligible(model: type[Model]) -> bool:
 
 
 _eligible: dict[type[Model], bool] = {}
-
-
-def _alone(model: type[Model]) -> bool:
-    """Whether ``model`` has no ``post_save`` receiver (scalepub needs none: atomic's
-    ``_do_insert`` hook announces). One would run after the INSERT, and on the transaction
-    path a receiver that fails rolls the create back: with one statement the row would
-    already be committed (as in plain Django)."""
-    try:
-        sync, asynchronous = post_save._live_receivers(model)  # Django 5.x, cached per sender
-    except Exception:  # another Django's shape: keep the transaction
-        return False
-    return not sync and not asynchronous
 
 
 def begin(claimed: Claim) -> None:
