@@ -108,7 +108,11 @@ def test_without_the_wrapper_autocommit_leaves_a_row_without_entry(
                        args: tuple[Any, ...], kwargs: dict[str, Any], claim: Any = None) -> Any:
         return insert(*args, **kwargs)
 
+    def no_unit(connection: Any, using: str, *args: Any) -> Any:
+        return atomic._insert(*args)
+
     monkeypatch.setattr(atomic, "_atomic", no_transaction)
+    monkeypatch.setattr(atomic, "_sqlite_unit", no_unit)
     with pytest.raises(DatabaseError, match=REFUSED):
         Tweet.objects.create(author="ann", text="orphan")
     assert Tweet.objects.count() == 1 and not OutboxEntry.objects.exists()

@@ -76,21 +76,25 @@ def _idle() -> None:
     assert not connection.needs_rollback and connection.run_on_commit == []
 
 
-def test_the_lean_block_is_the_one_used(outbox_django: Settings) -> None:
-    """Outside DEBUG query logging a save runs in _Outer, not Django's Atomic."""
-    seen: list[type] = []
-    original = atomic._Outer.__enter__
+def test_the_lean_block_is_the_one_used(outbox_django: Settings,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside DEBUG query logging a create runs in scalepub's lean block (SQLite: its
+    _sqlite_unit; PostgreSQL: _Outer), never in Django's Atomic."""
+    seen: list[str] = []
+    outer_enter, unit, atomic_enter = (atomic._Outer.__enter__, atomic._sqlite_unit,
+                                       transaction.Atomic.__enter__)
 
-    def enter(self: Any) -> None:
-        seen.append(type(self))
-        original(self)
+    def recording(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            seen.append(name)
+            return fn(*args, **kwargs)
+        return call
 
-    atomic._Outer.__enter__ = enter  # type: ignore[method-assign]
-    try:
-        Tweet.objects.create(author="ann", text="lean")
-    finally:
-        atomic._Outer.__enter__ = original  # type: ignore[method-assign]
-    assert seen == [atomic._Outer]
+    monkeypatch.setattr(atomic._Outer, "__enter__", recording("_Outer", outer_enter))
+    monkeypatch.setattr(atomic, "_sqlite_unit", recording("_sqlite_unit", unit))
+    monkeypatch.setattr(transaction.Atomic, "__enter__", recording("Atomic", atomic_enter))
+    Tweet.objects.create(author="ann", text="lean")
+    assert seen == ["_sqlite_unit" if connection.vendor == "sqlite" else "_Outer"]
     _idle()
 
 
