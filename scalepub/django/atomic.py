@@ -108,7 +108,7 @@ def _sqlite_unit(c: Any, using: str, instance: Model, reg: Registration,
     """The usual SQLite create: ``_atomic``'s ``_Outer`` and ``_insert`` in fewer steps.
     BEGIN and COMMIT go to the driver; Django's connection is in the states ``_Outer`` puts
     it in (code inside, a node rule or a serializer, may nest ``atomic()`` or call
-    ``on_commit``). In-process, against ``_Outer`` around the same INSERT and entry: ~15-25
+    ``on_commit``). In-process, against ``_Outer`` around the same INSERT and entry: ~10-20
     us less per ``Tweet`` save (docs/benchmarks.md, ingest, seventh pass)."""
     c.close_if_health_check_failed()  # as set_autocommit does: never BEGIN on a dead one
     if c.connection is None:  # it was closed: reconnect, as set_autocommit would
