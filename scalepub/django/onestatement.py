@@ -168,7 +168,9 @@ def run(claimed: Claim, execute: Callable[..., Any], sql: str, params: Any, many
     statement, or DECLINED (nothing executed) for the old path."""
     instance, connection = claimed.instance, context["connection"]
     if many or _state.inserting is not instance:
-        return DECLINED  # not the create's own INSERT (a signal handler's, say)
+        # not the create's own INSERT: a custom field's query, say, or an INSERT returning
+        # more than the pk (insert() did not mark it)
+        return DECLINED
     table = claimed.instance._meta.db_table
     if not sql.startswith(f"INSERT INTO {connection.ops.quote_name(table)} "):
         return DECLINED
