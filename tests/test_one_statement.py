@@ -14,6 +14,7 @@ save's receivers, outside the create's unit on every path, change nothing.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import tempfile
 from collections.abc import Callable, Iterator
@@ -248,6 +249,16 @@ def test_inside_atomic_it_joins_the_callers_transaction(kept: Settings) -> None:
     check_entry(tweet, kept.payload_format, "/twitter/Tweet/ann")
 
 
+@contextlib.contextmanager
+def connected(signal: Any, receiver: Callable[..., None]) -> Iterator[None]:
+    """``receiver`` connected to Tweet's ``signal`` while the block runs."""
+    signal.connect(receiver, sender=Tweet, weak=False, dispatch_uid="test-one-receiver")
+    try:
+        yield
+    finally:
+        signal.disconnect(sender=Tweet, dispatch_uid="test-one-receiver")
+
+
 def test_a_post_save_receiver_runs_after_the_one_statement(kept: Settings) -> None:
     """post_save runs after the create's unit committed, on every path: a receiver of the
     model does not keep the create from being one statement."""
@@ -258,12 +269,8 @@ def test_a_post_save_receiver_runs_after_the_one_statement(kept: Settings) -> No
             object_pk=str(instance.pk)).exists()))
 
     warm(Tweet(author="bob", text="first"))
-    post_save.connect(after, sender=Tweet, weak=False, dispatch_uid="test-one-after")
-    try:
-        with Trips() as trips:
-            tweet = Tweet.objects.create(author="ann", text="receiver")
-    finally:
-        post_save.disconnect(sender=Tweet, dispatch_uid="test-one-after")
+    with connected(post_save, after), Trips() as trips:
+        tweet = Tweet.objects.create(author="ann", text="receiver")
     assert not trips.began and seen == [(False, True)], trips.seen
     check_entry(tweet, kept.payload_format, "/twitter/Tweet/ann")
 
@@ -291,12 +298,8 @@ def test_a_create_in_a_pre_save_receiver_is_a_unit_of_its_own(kept: Settings) ->
             side.append(Tweet.objects.create(author="side", text="made in pre_save"))
 
     warm(Tweet(author="bob", text="first"))
-    pre_save.connect(first, sender=Tweet, weak=False, dispatch_uid="test-one-first")
-    try:
-        with Trips() as trips:
-            outer = Tweet.objects.create(author="ann", text="outer")
-    finally:
-        pre_save.disconnect(sender=Tweet, dispatch_uid="test-one-first")
+    with connected(pre_save, first), Trips() as trips:
+        outer = Tweet.objects.create(author="ann", text="outer")
     assert not trips.began and trips.count == 2, trips.seen
     check_entry(side[0], kept.payload_format, "/twitter/Tweet/side")
     check_entry(outer, kept.payload_format, "/twitter/Tweet/ann")
