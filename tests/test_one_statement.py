@@ -63,7 +63,8 @@ class Trips:
 
     def __enter__(self) -> Trips:
         connection.ensure_connection()
-        self.raw, self.seen = connection.connection, []
+        self.raw = connection.connection
+        self.seen: list[str] = []
         if connection.vendor == "sqlite":
             self.raw.set_trace_callback(self._statement)
         else:
@@ -125,7 +126,9 @@ def warm(obj: models.Model) -> None:
 
 
 def entry_of(obj: models.Model) -> OutboxEntry:
-    return OutboxEntry.objects.get(model=obj._meta.label_lower, object_pk=str(obj.pk))
+    row: OutboxEntry = OutboxEntry.objects.get(model=obj._meta.label_lower,
+                                               object_pk=str(obj.pk))
+    return row
 
 
 def check_entry(obj: models.Model, fmt: str, node: str) -> None:
@@ -155,7 +158,7 @@ def test_without_it_the_transaction_path_takes_more(kept: Settings) -> None:
     check_entry(tweet, kept.payload_format, "/twitter/Tweet/ann")
 
 
-SAFE_TEXT = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"),
+SAFE_TEXT = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"),
                     max_size=30)
 WIDE = st.fixed_dictionaries({
     "title": SAFE_TEXT, "body": SAFE_TEXT,

@@ -19,9 +19,10 @@ from django.test.utils import CaptureQueriesContext
 from twitter.models import Tweet
 
 import scalepub
-from scalepub.django import announce, atomic, notify, onestatement
+from scalepub.django import atomic, notify, onestatement
 from scalepub.django.models import OutboxEntry
 from scalepub.django.registry import registry
+from scalepub.django.runtime import runtime
 from scalepub.settings import Settings
 from tests.conftest import django_side
 
@@ -152,7 +153,7 @@ def test_postgres_savepoint_rows_are_not_held_and_order_is_kept(
 def wakes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Calls of the relay's wake, recorded (the hook announce registers on commit)."""
     calls: list[str] = []
-    monkeypatch.setattr(announce.runtime, "wake", lambda using, notified=True: calls.append(using))
+    monkeypatch.setattr(runtime, "wake", lambda using, notified=True: calls.append(using))
     return calls
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import redis
 from django.db.models import Model
@@ -18,7 +20,7 @@ pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
 
 
 @pytest.fixture
-def restore_tweet():
+def restore_tweet() -> Iterator[None]:
     original = registry.get(Tweet)
     yield
     assert original is not None
