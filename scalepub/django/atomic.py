@@ -62,8 +62,7 @@ def wrap_save(model: type[Model]) -> None:
                 else connection.get_autocommit()):  # inside a transaction: join it
             return _insert(self, reg, original, call, kwargs)
         vendor = connection.vendor
-        claim = onestatement.claim(self, reg, using, vendor) \
-            if vendor in onestatement.VENDORS else None
+        claim = onestatement.claim(self, reg, using, vendor)
         if claim is None and vendor == "sqlite" and _LEAN_DJANGO \
                 and not connection.queries_logged:
             return _sqlite_unit(connection, using, self, reg, original, call, kwargs)
@@ -113,18 +112,14 @@ def _sqlite_unit(c: Any, using: str, instance: Model, reg: Registration,
     c.close_if_health_check_failed()  # as set_autocommit does: never BEGIN on a dead one
     if c.connection is None:  # it was closed: reconnect, as set_autocommit would
         c.ensure_connection()
-    mode = getattr(c, "transaction_mode", None)  # Django >= 5.1
-    _driver(c, f"BEGIN {mode}" if mode else "BEGIN")
+    _sqlite_begin(c)
     c.commit_on_exit, c.needs_rollback = True, False
     c.autocommit, c.in_atomic_block = False, True
     c.atomic_blocks.append(_SQLITE_BLOCK)
     before = atomic_state.enter(using, c)  # announce needs no lookup of its own
     try:
         results = model_insert(instance, *call, **kwargs)
-        if results:  # as _save_table sets them next
-            for value, field in zip(results[0], call[3], strict=False):
-                setattr(instance, field.attname, value)
-        announce([(instance, reg)], using)
+        _created(instance, reg, using, results, call[3])
     except BaseException:
         atomic_state.leave(before)
         _end_block(c, False)
@@ -134,11 +129,13 @@ def _sqlite_unit(c: Any, using: str, instance: Model, reg: Registration,
     return results
 
 
-def _driver(c: Any, sql: str) -> None:
-    """``sql`` on the driver's connection of Django's ``c``; its errors as Django's (the
-    wrapper entered only on failure: per statement it was ~1 us)."""
+def _sqlite_begin(c: Any) -> None:
+    """BEGIN (in the connection's ``transaction_mode``, Django >= 5.1) on the driver's
+    connection of Django's SQLite ``c``, which stays in autocommit; its errors as Django's
+    (the wrapper entered only on failure: per statement it was ~1 us)."""
+    mode = getattr(c, "transaction_mode", None)
     try:
-        c.connection.execute(sql)
+        c.connection.execute(f"BEGIN {mode}" if mode else "BEGIN")
     except Exception:
         with c.wrap_database_errors:
             raise
@@ -219,13 +216,10 @@ class _Outer:
         if c.connection is None:  # it was closed: reconnect, as set_autocommit would
             c.ensure_connection()
         c.commit_on_exit, c.needs_rollback = True, False
+        # (SQLite without a claim never comes here: atomic._sqlite_unit runs it.)
         if self.claim is not None:
             onestatement.begin(self.claim)
             c.execute_wrappers.append(self._first)
-        elif c.vendor == "sqlite":
-            mode = getattr(c, "transaction_mode", None)  # Django >= 5.1
-            with c.wrap_database_errors:
-                c.connection.execute(f"BEGIN {mode}" if mode else "BEGIN")
         elif outbox.pipelines(c):
             c.execute_wrappers.append(self._first)
         else:
@@ -258,15 +252,13 @@ class _Outer:
         the driver's connection directly, bypassing Django's cursors, before any other would
         run outside the transaction.)"""
         c = self.connection
-        raw = c.connection
         if c.vendor == "sqlite":
-            mode = getattr(c, "transaction_mode", None)  # Django >= 5.1
-            with c.wrap_database_errors:
-                raw.execute(f"BEGIN {mode}" if mode else "BEGIN")
+            _sqlite_begin(c)
             return execute(sql, params, many, context)
         if not outbox.pipelines(c):
             c._set_autocommit(False)
             return execute(sql, params, many, context)
+        raw = c.connection
         with c.wrap_database_errors, raw.pipeline():
             raw.execute("BEGIN")
             return execute(sql, params, many, context)
