@@ -120,7 +120,7 @@ def append_rates(base: Settings, count: int) -> tuple[float, float, float]:
         batched = timed(lambda: [producer.append(c) for c in chunks], count)
         singles = entries(count // 10, count)
         single = timed(lambda: [producer.append([e]) for e in singles], len(singles))
-        relayed = [dataclasses.replace(e, oid=i + 1) for i, e in enumerate(entries(count))]
+        relayed = [e._replace(oid=i + 1) for i, e in enumerate(entries(count))]
         rchunks = [relayed[i:i + BATCH] for i in range(0, count, BATCH)]
 
         def relay() -> None:

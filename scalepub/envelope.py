@@ -7,8 +7,9 @@ shard only splices those in. Version 1 (entries written before) is read as well.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import msgpack
 
@@ -28,7 +29,6 @@ Fields = tuple[bytes, int, int, bytes, bytes, bytes, bytes]
 # What decode_wire returns: node, seq, ts_ns, the entry's XML after its stream id.
 Wire = tuple[bytes, int, int, bytes]
 _unpackb = msgpack.unpackb  # a module global: one lookup less per entry on the hot path
-_packb = msgpack.packb
 # What precedes the seq in every envelope of a version: the map's header, "v", the version,
 # the key "seq".
 _HEADS = {v: msgpack.Packer().pack_map_header(len(_FIELDS)) + msgpack.packb("v") +
@@ -52,6 +52,23 @@ class Envelope:
     payload: bytes  # the serialized instance, embedded verbatim by the shard
 
 
+class EntryFields(Protocol):
+    """What the encoders read of an entry (``producer.PendingEntry`` has these)."""
+
+    @property
+    def node(self) -> str: ...
+    @property
+    def ts_ns(self) -> int: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def pk(self) -> str: ...
+    @property
+    def fmt(self) -> str: ...
+    @property
+    def payload(self) -> bytes: ...
+
+
 def split_encode(
     node: str, *, ts_ns: int, model: str, pk: str, fmt: str, payload: bytes,
     version: int = VERSION,
@@ -62,8 +79,35 @@ def split_encode(
     halves and the script splices the packed counter in between. ``version`` 1 writes the
     payload as it is (for readers older than version 2, and the tests).
     """
+    _check_version(version)
+    return _HEADS[version], _tail(_packer().pack, node, ts_ns, model, pk, fmt, payload, version)
+
+
+def split_encode_many(entries: Iterable[EntryFields],
+                      version: int = VERSION) -> tuple[bytes, list[bytes]]:
+    """``split_encode`` of each entry: the head they share and each one's tail.
+
+    One Packer packs them all: ``msgpack.packb`` makes a Packer per call, 1.2 of the 6 us
+    an entry took here (the relay encodes every row it moves, holding the GIL).
+    """
+    _check_version(version)
+    pack = _packer().pack
+    return _HEADS[version], [_tail(pack, e.node, e.ts_ns, e.model, e.pk, e.fmt, e.payload,
+                                   version) for e in entries]
+
+
+def _packer() -> msgpack.Packer:
+    # a Packer is not thread-safe (it reuses its buffer): one per call
+    return msgpack.Packer(use_bin_type=True)
+
+
+def _check_version(version: int) -> None:
     if version not in VERSIONS:
         raise ValueError(f"envelope version {version!r}: this writer knows {VERSIONS}")
+
+
+def _tail(pack: Callable[..., bytes], node: str, ts_ns: int, model: str, pk: str, fmt: str,
+          payload: bytes, version: int) -> bytes:
     if version == 1:
         last, value = "payload", payload
     else:
@@ -72,9 +116,8 @@ def split_encode(
     # One C call for the pairs after the seq: a 12-item list packs as its one-byte header
     # and then the items, keys and values in turn, as a map's pairs (a Packer and a pack per
     # item took ~26 us an entry here, most of the relay's per-row CPU).
-    tail = _packb(["node", node, "ts", ts_ns, "model", model, "pk", pk, "fmt", fmt, last,
-                   value], use_bin_type=True)[1:]
-    return _HEADS[version], tail
+    return pack(["node", node, "ts", ts_ns, "model", model, "pk", pk, "fmt", fmt, last,
+                 value])[1:]
 
 
 def encode(env: Envelope, version: int = VERSION) -> bytes:

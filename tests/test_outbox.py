@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 import uuid
@@ -168,7 +167,7 @@ def test_rows_appended_by_a_relay_that_died_are_not_appended_twice(
     assert sorted((e.env.node, e.env.seq) for e in stored) == sorted(
         (f"/twitter/Tweet/d{n}", s) for n in range(2) for s in range(1, 11))
     # A new row that reuses a deleted row's id (MySQL < 8 after a restart) is still appended.
-    reused = dataclasses.replace(entries[0], ts_ns=entries[0].ts_ns + 1)
+    reused = entries[0]._replace(ts_ns=entries[0].ts_ns + 1)
     assert dying.producer.append([reused], source=dying.database).appended
     assert len(read_all(redis_client, external_relay)) == 21
 

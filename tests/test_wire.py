@@ -11,7 +11,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scalepub.envelope import Envelope, EnvelopeError, decode, encode, split_encode
+from scalepub.envelope import (
+    Envelope,
+    EnvelopeError,
+    decode,
+    encode,
+    split_encode,
+    split_encode_many,
+)
 from scalepub.sharding import Keys, shard_for
 
 
@@ -50,6 +57,17 @@ def test_split_encoding_splices_the_seq(env: Envelope, version: int) -> None:
     head, tail = split_encode(env.node, ts_ns=env.ts_ns, model=env.model, pk=env.pk,
                               fmt=env.fmt, payload=env.payload, version=version)
     assert decode(head + msgpack.packb(env.seq) + tail) == env
+
+
+@given(st.lists(envelopes, max_size=5), versions)
+def test_one_packer_encodes_many_as_one_at_a_time(envs: list[Envelope], version: int) -> None:
+    # the relay's batch encoder shares a Packer between entries: nothing may carry over
+    head, tails = split_encode_many(envs, version)
+    decoded = [decode(head + msgpack.packb(env.seq) + tail)
+               for env, tail in zip(envs, tails, strict=True)]
+    assert decoded == envs
+    with pytest.raises(ValueError, match="version 3"):
+        split_encode_many(envs, 3)
 
 
 def test_producers_write_version_2_with_the_entry_xml() -> None:
