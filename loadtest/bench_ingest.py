@@ -420,7 +420,7 @@ def profile(args: argparse.Namespace) -> int:
     try:
         from pyinstrument import Profiler
     except ImportError:
-        log("--profile needs pyinstrument: .venv/bin/pip install pyinstrument")
+        log("--profile needs pyinstrument: .venv/bin/pip install -e '.[profile]'")
         return 2
     mode = make_modes(args.models[0], [args.profile])[0]
     run_saves(mode, args.warmup, timed=False)

@@ -410,6 +410,8 @@ def main() -> None:
     global PROFILE_DIR
     PROFILE_DIR = opts.profile
     if PROFILE_DIR:
+        if not (Path(sys.executable).parent / "py-spy").exists():
+            sys.exit("--profile needs py-spy in the venv: .venv/bin/pip install -e '.[profile]'")
         Path(PROFILE_DIR).mkdir(parents=True, exist_ok=True)
     stop = own_stack() if opts.own_stack else None
     try:
