@@ -29,7 +29,7 @@ test-postgres: venv
 ## lint: ruff, mypy --strict, and the layering contracts of pyproject.toml (import-linter)
 lint: venv
 	$(BIN)/ruff check .
-	$(BIN)/mypy scalepub
+	$(BIN)/mypy scalepub tests loadtest
 	$(BIN)/lint-imports
 
 ## bench: the benchmarks (needs `eval "$$(ops/stack env)"` or a running `make stack-up`)

@@ -168,7 +168,7 @@ class View:
         match = resolve("/scalepub/history")
         self.view = match.func
         self.module = sys.modules[self.view.__module__]
-        self.current = self.module.read_history  # type: ignore[attr-defined]
+        self.current = self.module.read_history
         self.factory = RequestFactory()
         self.side = "per-node history"
 

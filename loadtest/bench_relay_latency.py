@@ -89,7 +89,7 @@ def main() -> int:
         loads.append(busy)
         return gap(took, busy)
 
-    relay.round_gap = recorded  # type: ignore[assignment]
+    relay.round_gap = recorded
     rng = random.Random(1)
     committed: dict[bool, dict[str, float]] = {True: {}, False: {}}
     seen: dict[bool, list[float]] = {True: [], False: []}

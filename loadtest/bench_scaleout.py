@@ -396,7 +396,7 @@ def monitor(bench: Bench, prefix: str, seconds: float) -> dict[str, int]:
     counts = dict.fromkeys(CLASSES, 0)
     conn = redis.Redis.from_url(bench.stack.env["SCALEPUB_REDIS_URL"])
     end = time.monotonic() + seconds
-    with conn.monitor() as m:
+    with conn.monitor() as m:  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
         for event in m.listen():
             if time.monotonic() > end:
                 break

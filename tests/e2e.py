@@ -79,9 +79,10 @@ class PoolProcess:
             self.proc.wait(10)
         self._log.close()
 
-    def kill_tree(self) -> None:
+    def kill_tree(self) -> float | None:
         """kill -9 of the supervisor and every process under it at once: nothing publishes
-        after this returns (a supervisor killed alone leaves its shard processes to notice)."""
+        after this returns (a supervisor killed alone leaves its shard processes to notice).
+        Returns None here; tests/leases.py's Supervisor overrides it to say when the kill went."""
         tree, todo = [], [self.proc.pid]
         while todo:
             pid = todo.pop()
@@ -91,6 +92,7 @@ class PoolProcess:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.kill()
+        return None
 
     def output(self) -> str:
         """Everything the pool logged so far."""

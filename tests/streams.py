@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
+from typing import cast
 
 import redis
 
@@ -18,6 +19,11 @@ from scalepub.settings import Settings
 from scalepub.shard import acks, streams
 from scalepub.shard.lease import LeaseTiming, ShardLease
 from scalepub.sharding import ENTRY_FIELD, Keys
+
+# XRANGE's reply on a client without decode_responses (redis-py types it for decoded and
+# deleted entries too), and a one-key XREADGROUP's: [[stream, entries]].
+RawEntries = list[tuple[bytes, dict[bytes, bytes]]]
+RawRead = list[tuple[bytes, RawEntries]]
 
 
 @dataclass(frozen=True)
@@ -34,7 +40,7 @@ def read_all(client: redis.Redis, settings: Settings) -> list[StoredEntry]:
     keys = Keys(settings.key_prefix)
     out = []
     for shard in range(settings.shards):
-        for sid, fields in client.xrange(keys.stream(shard)):
+        for sid, fields in cast(RawEntries, client.xrange(keys.stream(shard))):
             out.append(StoredEntry(shard, sid.decode(), decode(fields[ENTRY_FIELD])))
     return out
 

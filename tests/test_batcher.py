@@ -106,7 +106,8 @@ def test_publish_iq_carries_one_item_whose_cdata_parses_into_entries() -> None:
     fragment = ET.fromstring(f"<entries>{payload_el.text}</entries>")
     entries = fragment.findall("entry")
     assert [e.get("seq") for e in entries] == ["1", "2", "3"]
-    assert entries[1].find("p").get("a") == "]]>"  # split across two CDATA sections
+    split = entries[1].find("p")
+    assert split is not None and split.get("a") == "]]>"  # split across two CDATA sections
     assert entries[2].text == '{"t": "<b>&]]>"}'
 
 

@@ -25,6 +25,7 @@ from loadtest.bosh import (
 from loadtest.entries import Histogram, NodeTrack, Tracker, entries_of_batch, scan_body
 from loadtest.leanhttp import LeanTransport
 from tests.httpstub import Handler, serving
+from tests.stack import Stack
 
 B = f"xmlns='{NS_HTTPBIND}'"
 STREAM = "xmlns:stream='http://etherx.jabber.org/streams'"
@@ -58,6 +59,13 @@ class Scripted:
         return answer.encode()
 
 
+def find(element: ET.Element, path: str) -> ET.Element:
+    """``element.find(path)``, which the test expects to be there."""
+    found = element.find(path)
+    assert found is not None, path
+    return found
+
+
 def connected(*more: str | Exception) -> tuple[BoshClient, Scripted]:
     transport = Scripted(CREATED, SUCCESS, RESTARTED, bound(), EMPTY, *more)
     client = BoshClient(transport, "anon.example", wait=7, rid=1000, sleep=lambda _s: None)
@@ -79,8 +87,8 @@ def test_session_creation_and_login_are_framed_per_xep_0124_and_0206() -> None:
     assert {r.get("sid") for r in t.sent[1:]} == {"s1"}
     assert auth[0].tag == f"{{{SASL}}}auth" and auth[0].get("mechanism") == "ANONYMOUS"
     assert restart.get("{urn:xmpp:xbosh}restart") == "true" and len(restart) == 0
-    assert bind[0].find("{urn:ietf:params:xml:ns:xmpp-bind}bind/"
-                        "{urn:ietf:params:xml:ns:xmpp-bind}resource").text == "r"
+    assert find(bind[0], "{urn:ietf:params:xml:ns:xmpp-bind}bind/"
+                         "{urn:ietf:params:xml:ns:xmpp-bind}resource").text == "r"
     assert presence[0].tag == f"{{{NS_HTTPBIND}}}presence"
     assert client.session is not None and client.session.wait == 7
 
@@ -90,7 +98,9 @@ def test_plain_login_sends_authzid_less_credentials() -> None:
     BoshClient(t, "example", rid=5).connect("pub", "s3cret")
     import base64
     assert t.sent[1][0].get("mechanism") == "PLAIN"
-    assert base64.b64decode(t.sent[1][0].text) == b"\0pub\0s3cret"
+    credentials = t.sent[1][0].text
+    assert credentials is not None
+    assert base64.b64decode(credentials) == b"\0pub\0s3cret"
 
 
 def test_refused_sasl_names_the_condition() -> None:
@@ -105,8 +115,8 @@ def test_subscribe_sends_all_iqs_in_one_request_and_waits_for_every_result() -> 
                           f"<body {B}><iq xmlns='jabber:client' type='result' id='lt3'/></body>")
     client.subscribe("pubsub.example", ["/a", "/b"])
     sub, poll = t.sent[-2:]
-    assert [iq.find("{http://jabber.org/protocol/pubsub}pubsub/"
-                    "{http://jabber.org/protocol/pubsub}subscribe").attrib for iq in sub] == [
+    assert [find(iq, "{http://jabber.org/protocol/pubsub}pubsub/"
+                     "{http://jabber.org/protocol/pubsub}subscribe").attrib for iq in sub] == [
         {"node": "/a", "jid": "a@anon/r"}, {"node": "/b", "jid": "a@anon/r"}]
     assert len(poll) == 0  # the second result came on an empty poll
     assert results  # both ids answered
@@ -301,7 +311,7 @@ def test_tracker_latency_and_percentiles() -> None:
 
 @pytest.mark.stack
 @pytest.mark.timeout(60)
-def test_against_ejabberd_subscribe_receive_terminate_and_reconnect(stack) -> None:
+def test_against_ejabberd_subscribe_receive_terminate_and_reconnect(stack: Stack) -> None:
     env = stack.env
     url, service = env["SCALEPUB_BOSH_URL"], env["SCALEPUB_PUBSUB_SERVICE"]
     user, _, domain = env["SCALEPUB_XMPP_JID"].partition("@")
@@ -342,9 +352,10 @@ def test_against_ejabberd_subscribe_receive_terminate_and_reconnect(stack) -> No
     assert all(n == node.encode() for n, _s, _t in got)
 
     # A session the server no longer knows: terminate, then a fresh session resubscribes.
+    assert sub.session is not None
     old_sid = sub.session.sid
     sub.close()
-    sub.session = type(pub.session)(old_sid, 5, 1, 2, 30)
+    sub.session = Session(old_sid, 5, 1, 2, 30)
     with pytest.raises(BoshTerminated):
         sub.poll()
     sub.connect(resource="sub2")

@@ -42,7 +42,8 @@ def test_page_catches_up_a_quiet_node_behind_a_busy_shard(
         (1, "live"), (2, "missed 1"), (3, "missed 2")], d.page.diagnose()
     assert d.page.state()["lost"] == []
     # the catch-up may finish before the subscription's answer: wait for the latter too
-    assert d.page.wait_for(lambda: "subscribed" in d.page.statuses()[before:], 30), \
+    page = d.page  # narrowed above; a lambda keeps only a local's narrowing
+    assert page.wait_for(lambda: "subscribed" in page.statuses()[before:], 30), \
         d.page.statuses()[before:]
     fetches = d.page.history_fetches()
     assert [(f["status"], f["entries"]) for f in fetches] == [(200, 2)], fetches

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from pathlib import Path
+from typing import cast
 
 import pytest
 import redis
@@ -52,7 +54,7 @@ def test_thousand_tweets_fifty_nodes(scalepub_django: Settings, redis_client: re
 
 
 def test_updates_raw_loads_and_rollbacks_publish_nothing(
-    scalepub_django: Settings, redis_client: redis.Redis, tmp_path
+    scalepub_django: Settings, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
     tweet = Tweet.objects.create(author="alice", text="first")
     tweet.text = "edited"
@@ -160,7 +162,7 @@ def _closed_port() -> int:
     (lambda t: 42, "must be a str, got int"),
     (lambda t: "", "must start with /"),
     (lambda t: "/" + "é" * 200, "401 bytes of UTF-8, more than 255"),
-    (lambda t: {}["missing"], "raised KeyError"),
+    (lambda t: cast(dict[str, str], {})["missing"], "raised KeyError"),
 ])
 def test_every_kind_of_bad_node_rule_fails_the_save(
     outbox_django: Settings, rule: object, says: str

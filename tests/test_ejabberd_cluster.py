@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 import redis
@@ -108,7 +109,8 @@ def login(raw: RawClient, env: dict[str, str], resource: str) -> str:
     raw.send("<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'>"
              f"<resource>{resource}</resource></bind></iq>")
     bound = raw.read_until(rb"<jid>[^<]+</jid>")
-    return re.findall(rb"<jid>([^<]+)</jid>", bound)[-1].decode()
+    jids: list[bytes] = re.findall(rb"<jid>([^<]+)</jid>", bound)
+    return jids[-1].decode()
 
 
 def test_a_login_on_node_2_replaces_the_same_full_jid_on_node_1(cluster: Stack) -> None:
@@ -182,7 +184,8 @@ def test_a_pool_on_node_1_reaches_subscribers_on_both_nodes_in_order(
 def lease_owners(client: redis.Redis, settings: Settings) -> list[str]:
     """Each shard's owner (the supervisor's --name), '' for none, read from its lease."""
     keys = Keys(settings.key_prefix)
-    fences = [client.hget(keys.lease(s), "fence") for s in range(settings.shards)]
+    fences = [cast(bytes | None, client.hget(keys.lease(s), "fence"))
+              for s in range(settings.shards)]
     return [f.decode().partition(":")[2].rpartition("#")[0] if f else "" for f in fences]
 
 

@@ -30,6 +30,7 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import pytest
 import redis
@@ -42,7 +43,7 @@ from scalepub.settings import Settings, env_mapping
 from scalepub.sharding import CONSUMER_GROUP, ENTRY_FIELD, Keys, shard_for
 from tests.e2e import Collector, Got, PoolProcess, create_nodes, stored_entries, wait_until
 from tests.stack import Stack, running
-from tests.streams import drained
+from tests.streams import RawEntries, drained
 
 pytestmark = [pytest.mark.stack, pytest.mark.timeout(150)]
 
@@ -193,7 +194,7 @@ def appended_ids(client: redis.Redis, keys: Keys) -> dict[tuple[str, int], str]:
     """(node, seq) → stream id of every entry in the shard streams."""
     out: dict[tuple[str, int], str] = {}
     for shard in range(SHARDS):
-        for sid, fields in client.xrange(keys.stream(shard)):
+        for sid, fields in cast(RawEntries, client.xrange(keys.stream(shard))):
             env = decode(fields[ENTRY_FIELD])
             assert (env.node, env.seq) not in out, f"{env.node} seq {env.seq} appended twice"
             out[(env.node, env.seq)] = sid.decode()
@@ -204,7 +205,8 @@ def seq_counters(client: redis.Redis, keys: Keys) -> dict[str, int]:
     """The per-node seq counters: the last seq each node was given."""
     out: dict[str, int] = {}
     for shard in range(SHARDS):
-        out.update({k.decode(): int(v) for k, v in client.hgetall(keys.seqs(shard)).items()})
+        seqs = cast(dict[bytes, bytes], client.hgetall(keys.seqs(shard)))
+        out.update({k.decode(): int(v) for k, v in seqs.items()})
     return out
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 from pathlib import Path
+from typing import cast
 
 import pytest
 import redis
@@ -42,7 +43,7 @@ def test_problem_names_each_cause_until_it_passes() -> None:
 
 
 def problem(client: redis.Redis, settings: Settings) -> bytes | None:
-    value = client.hget(Keys(settings.key_prefix).heartbeat(0), "problem")
+    value = cast(bytes | None, client.hget(Keys(settings.key_prefix).heartbeat(0), "problem"))
     return value if value is None else bytes(value)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from typing import Any, cast
 
 import pytest
 import redis
@@ -15,14 +16,15 @@ from scalepub.producer import PendingEntry, StreamProducer
 from scalepub.settings import Settings
 from scalepub.sharding import Keys, shard_for
 from tests.conftest import django_side
+from tests.streams import RawEntries
 
 pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
 
 
-def get(client: Client, **params: object) -> dict:  # type: ignore[type-arg]
+def get(client: Client, **params: object) -> dict[str, Any]:
     response = client.get("/scalepub/history", params)
     assert response.status_code == 200, response.content
-    return response.json()
+    return cast(dict[str, Any], response.json())
 
 
 def bury(settings: Settings, node: str, count: int, busy_nodes: int = 20) -> list[str]:
@@ -73,7 +75,7 @@ def test_quiet_node_behind_200000_entries_of_its_shard(scalepub_django: Settings
     assert [e["pk"] for e in body["entries"]] == [
         str(t.pk) for t in Tweet.objects.filter(author="quiet").order_by("pk")]
     # the shard stream id, as in the pubsub item (docs/protocol.md section 3)
-    stream_ids = {sid.decode() for sid, _ in redis_client.xrange(stream, count=2)}
+    stream_ids = {sid.decode() for sid, _ in cast(RawEntries, redis_client.xrange(stream, count=2))}
     assert {e["id"] for e in body["entries"]} == stream_ids
     assert get(Client(), node=node, after=1)["entries"][0]["seq"] == 2
 
@@ -138,7 +140,8 @@ def test_a_history_older_than_its_seq_counter_does_not_block_the_shard(
         assert append(2) == [1, 2]
     finally:
         producer.close()
-    assert [sid for sid, _ in redis_client.xrange(keys.history(shard, node))] == [b"1-0", b"2-0"]
+    kept = cast(RawEntries, redis_client.xrange(keys.history(shard, node)))
+    assert [sid for sid, _ in kept] == [b"1-0", b"2-0"]
     found = read_history(redis_client, keys, settings_for.shards, node, 0, 100)
     assert [e.seq for e in found.entries] == [1, 2] and not found.lost and found.last_seq == 2
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 import pytest
@@ -19,6 +19,9 @@ import pytest
 from scalepub.producer import PendingEntry, StreamProducer
 from scalepub.settings import Settings
 from tests.test_browser import Browser
+
+if TYPE_CHECKING:  # playwright is imported where a browser starts (tests/test_browser.py)
+    from playwright.sync_api import Dialog
 
 pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True),
               pytest.mark.timeout(240)]
@@ -33,7 +36,7 @@ MARKUP_NODE = "/" + SCRIPT + IMG
 SHOWN = """() => [document.contentType,
                  (document.querySelector("pre") || document.body || {}).textContent || "",
                  window.__pwned === undefined ? null : window.__pwned]"""
-LINKS = {
+LINKS: dict[str, dict[str, str | list[str]]] = {
     "node: script": {"node": SCRIPT},
     "node: img onerror": {"node": IMG},
     "node: closing quote, then script": {"node": "'\"></pre>" + SCRIPT},
@@ -63,11 +66,15 @@ def visit(browser: Browser, url: str) -> Visit:
     dialogs: list[str] = []
     errors: list[str] = []
 
+    def dismiss(dialog: Dialog) -> None:
+        dialogs.append(dialog.message)
+        dialog.dismiss()
+
     def run() -> Visit:
         context = browser._browser.new_context()
         try:
             page = context.new_page()
-            page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+            page.on("dialog", dismiss)
             page.on("pageerror", lambda e: errors.append(str(e)))
             response = page.goto(url, wait_until="load")
             page.wait_for_timeout(300)  # an onerror/onload handler would have run by now

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from typing import cast
 
 import pytest
 import redis
@@ -21,7 +22,7 @@ from scalepub.shard.membership import Registry, spread, supervisor_id
 from scalepub.shard.pool import slot_shards
 from scalepub.sharding import CONSUMER_GROUP, Keys
 from scalepub.status import collect, collect_supervisors, supervisor_lines, table
-from tests.streams import produce
+from tests.streams import RawRead, produce
 
 # --- pure parts -------------------------------------------------------------------------
 
@@ -180,7 +181,8 @@ def test_acks_are_fenced_by_the_lease(settings_for: Settings, aclient: aredis.Re
         await streams.ensure_group(aclient, stream)
         old = _lease(aclient, settings_for, "A")
         assert await old.acquire(asyncio.Event())
-        got = await aclient.xreadgroup(CONSUMER_GROUP, "shard-0", {stream: ">"}, count=10)
+        got = cast(RawRead, await aclient.xreadgroup(CONSUMER_GROUP, "shard-0", {stream: ">"},
+                                                     count=10))
         ids = [sid for sid, _ in got[0][1]]
         assert len(ids) == 3
         assert await _fenced_ack(aclient, keys, old.fence, ids[:1]) == 1  # under the lease

@@ -13,6 +13,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 import redis
@@ -191,7 +192,8 @@ def test_a_supervisor_killed_alone_hands_over_long_before_the_ttl(
         took = time.monotonic() - t0
         assert took < settings.lease_ttl_s / 2, took
         members = Keys(settings.key_prefix).supervisors
-        assert [m.decode() for m in redis_client.zrange(members, 0, -1)] == ["b"]
+        live = cast(list[bytes], redis_client.zrange(members, 0, -1))
+        assert [m.decode() for m in live] == ["b"]
         assert "removed it from the live supervisors" in a.output()
         assert b.stop() == 0, b.output()[-3000:]
     finally:

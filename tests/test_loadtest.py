@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 import psutil
@@ -37,7 +38,7 @@ def test_every_shipped_scenario_is_valid(path: Path) -> None:
     ({"rate": 5}, "'name' is required"),
     ({"name": "x", "hot_share": 0, "authors_per_subscriber": 0}, "follow nothing"),
 ])
-def test_a_bad_scenario_names_the_key(data: dict, message: str) -> None:
+def test_a_bad_scenario_names_the_key(data: dict[str, object], message: str) -> None:
     with pytest.raises(ScenarioError) as info:
         from_mapping(data, "f.toml")
     assert message in str(info.value) and "f.toml" in str(info.value)
@@ -160,7 +161,8 @@ def test_an_interrupted_run_stops_everything_it_started(tmp_path: Path) -> None:
 
 def _alive(pid: int) -> bool:
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        alive: bool = psutil.Process(pid).status() != psutil.STATUS_ZOMBIE  # psutil is untyped
+        return alive
     except psutil.NoSuchProcess:
         return False
 
@@ -212,8 +214,9 @@ def test_overrides_keep_the_rest_of_the_scenario() -> None:
     ({0, 1, 2, 3}, {0, 1}, {3}, {2}),
     (set(range(8)), set(range(4)), {6, 7}, {4, 5}),
 ])
-def test_auto_placement_keeps_the_server_apart(cpus: set[int], sut: set[int],
-                                              generator: set[int], app: set[int]) -> None:
+def test_auto_placement_keeps_the_server_apart(cpus: set[int], sut: AbstractSet[int],
+                                              generator: AbstractSet[int],
+                                              app: AbstractSet[int]) -> None:
     place = Placement.parse("auto", cpus)
     assert (place.sut, place.generator, place.app) == (sut, generator, app)
     assert not place.sut & (place.generator | place.app)

@@ -21,7 +21,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import pytest
 
 from scalepub.settings import Settings
-from tests.e2e import Collector, PoolProcess, create_nodes
+from tests.e2e import Collector, Got, PoolProcess, create_nodes
 from tests.stack import Stack
 from tests.test_browser import Browser
 
@@ -110,7 +110,11 @@ def test_readable_node_names_end_to_end(browser: Browser, live_server: Any, stac
             # One pubsub item per round: ejabberd replays only a node's last item to a new
             # subscriber, so the page that resumes from 0 must ask the history for the rest.
             made = len(authors) * (i + 1)
-            assert collector.wait_for(lambda got, n=made: len(got) >= n, 60), (
+
+            def enough(got: list[Got], n: int = made) -> bool:
+                return len(got) >= n
+
+            assert collector.wait_for(enough, 60), (
                 collector.received, pool.output()[-2000:])
         expected = [(n, seq, f"{a} says {seq - 1}")
                     for a, n in zip(authors, nodes, strict=True) for seq in range(1, TWEETS + 1)]

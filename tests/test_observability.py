@@ -22,7 +22,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import pytest
@@ -76,7 +76,7 @@ def substitute(expr: str) -> str:
 
 
 def dashboard() -> dict[str, Any]:
-    return json.loads(DASHBOARD.read_text())
+    return cast(dict[str, Any], json.loads(DASHBOARD.read_text()))
 
 
 def panels(board: dict[str, Any]) -> Iterator[dict[str, Any]]:

@@ -8,6 +8,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 import redis
@@ -23,7 +24,7 @@ from scalepub.sharding import CONSUMER_GROUP, Keys, shard_for
 from tests.conftest import django_side
 from tests.e2e import Collector, PoolProcess, assert_complete_and_ordered, create_nodes, wait_until
 from tests.stack import Stack
-from tests.streams import StoredEntry, read_all, wait_for_entries
+from tests.streams import RawRead, StoredEntry, read_all, wait_for_entries
 
 pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
 
@@ -130,7 +131,8 @@ def test_backpressure_keeps_entries_in_the_outbox(external_relay: Settings,
                                                                           "backpressure")
     stream = Keys(external_relay.key_prefix).stream(0)
     redis_client.xgroup_create(stream, CONSUMER_GROUP, id="0")
-    [[_, delivered]] = redis_client.xreadgroup(CONSUMER_GROUP, "test", {stream: ">"}, count=40)
+    [[_, delivered]] = cast(RawRead, redis_client.xreadgroup(CONSUMER_GROUP, "test", {stream: ">"},
+                                                             count=40))
     assert len(delivered) == 40
     redis_client.xack(stream, CONSUMER_GROUP, *[sid for sid, _ in delivered])
     # ... and counts them done in the shard's meta hash, as the pool's ack script does
@@ -147,7 +149,8 @@ def test_backpressure_keeps_entries_in_the_outbox(external_relay: Settings,
 def relay_state(client: redis.Redis, settings: Settings) -> dict[str, str]:
     """The backlog report of the relay of this test's database."""
     [key] = client.scan_iter(match=Keys(settings.key_prefix).relay_state_pattern)
-    return {k.decode(): v.decode() for k, v in client.hgetall(key).items()}
+    state = cast(dict[bytes, bytes], client.hgetall(key))
+    return {k.decode(): v.decode() for k, v in state.items()}
 
 
 def test_rows_appended_by_a_relay_that_died_are_not_appended_twice(

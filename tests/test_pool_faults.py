@@ -6,6 +6,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 import redis
@@ -17,7 +18,7 @@ from scalepub.settings import Settings, env_mapping
 from scalepub.sharding import CONSUMER_GROUP, ENTRY_FIELD, Keys, shard_for
 from tests.e2e import Collector, PoolProcess, create_nodes, stored_entries, wait_until
 from tests.stack import Stack, running
-from tests.streams import drained, produce
+from tests.streams import RawEntries, drained, produce
 
 pytestmark = pytest.mark.stack
 
@@ -87,7 +88,7 @@ def test_refused_batch_is_split_and_poison_is_dead_lettered(
     # Entries 1-50 (300 kB) were read together and fit one batch under --batch-max-bytes;
     # the server refuses a payload that big, so arriving in several items means it was split.
     assert len({g.item for g in got if g.seq <= 50}) >= 2, "the refused batch was not split"
-    dead = redis_client.xrange(keys.dead(0))
+    dead = cast(RawEntries, redis_client.xrange(keys.dead(0)))
     reasons = sorted(fields[b"reason"].decode() for _, fields in dead)
     assert len(reasons) == 2, reasons
     assert any("not well-formed" in r for r in reasons), reasons
@@ -129,7 +130,8 @@ def test_sigterm_under_load_exits_fast_and_acks_only_published(
         [group] = [g for g in redis_client.xinfo_groups(key) if g["name"] == CONSUMER_GROUP.encode()]
         pending = {p["message_id"] for p in redis_client.xpending_range(key, CONSUMER_GROUP, "-", "+", 100_000)}
         last = group["last-delivered-id"]
-        acked |= {sid.decode() for sid, _ in redis_client.xrange(key, max=last) if sid not in pending}
+        entries = cast(RawEntries, redis_client.xrange(key, max=last))
+        acked |= {sid.decode() for sid, _ in entries if sid not in pending}
     assert acked, "nothing was acknowledged"
     assert acked <= received, f"{len(acked - received)} acked entries never reached a subscriber"
     assert len(acked) < 4 * per_node, "the stop did not interrupt the load"

@@ -35,7 +35,9 @@ def test_the_stack_serves_the_example_projects_database(stack: Stack) -> None:
     url = stack.env["DATABASE_URL"]
     assert url.startswith("postgres://scalepub:") and "@127.0.0.1:" in url
     with psycopg.connect(url) as conn:
-        user, db = conn.execute("SELECT current_user, current_database()").fetchone()
+        found = conn.execute("SELECT current_user, current_database()").fetchone()
+        assert found is not None
+        user, db = found
         created = conn.execute("SELECT rolcreatedb FROM pg_roles WHERE rolname = current_user")
         assert (user, db) == ("scalepub", "scalepub")
         assert created.fetchone() == (True,)  # Django's test runner makes its own database

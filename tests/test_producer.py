@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import cast
 
 import pytest
 import redis
@@ -11,7 +12,7 @@ import redis
 from scalepub.producer import PendingEntry, Refusal, StreamProducer
 from scalepub.settings import Settings
 from scalepub.sharding import CONSUMER_GROUP, Keys
-from tests.streams import read_all
+from tests.streams import RawEntries, RawRead, read_all
 
 pytestmark = pytest.mark.stack
 
@@ -101,11 +102,11 @@ def test_waiting_entries_are_bounded_by_maxlen(settings_for: Settings,
     assert redis_client.xlen(stream) == 100  # no group yet: every entry counts as waiting
     # Once a pool has read and acknowledged them, they no longer count, and MAXLEN trims them.
     redis_client.xgroup_create(stream, CONSUMER_GROUP, id="0")
-    for _, got in redis_client.xreadgroup(CONSUMER_GROUP, "t", {stream: ">"}):
+    for _, got in cast(RawRead, redis_client.xreadgroup(CONSUMER_GROUP, "t", {stream: ">"})):
         redis_client.xack(stream, CONSUMER_GROUP, *[sid for sid, _ in got])
     for i in range(20):
         assert producer.enqueue([entry("/n/m", j) for j in range(i * 50, i * 50 + 50)])
-        for _, got in redis_client.xreadgroup(CONSUMER_GROUP, "t", {stream: ">"}):
+        for _, got in cast(RawRead, redis_client.xreadgroup(CONSUMER_GROUP, "t", {stream: ">"})):
             redis_client.xack(stream, CONSUMER_GROUP, *[sid for sid, _ in got])
     assert 100 <= redis_client.xlen(stream) < 400  # MAXLEN ~ trims whole macro nodes
     reasons = [f.reason for _ in range(3)  # 100 waiting again
@@ -158,7 +159,7 @@ def test_counters_count_what_waits(settings_for: Settings, redis_client: redis.R
             assert await shard.dead_letter(got[5][0], b"x", "t") == 1
 
     asyncio.run(scenario())
-    counts = redis_client.hmget(keys.meta(0), ["appended", "done"])
+    counts = cast(list[bytes], redis_client.hmget(keys.meta(0), ["appended", "done"]))
     assert [int(c) for c in counts] == [10, 6]
     assert stream_backlog(redis_client, key) == (2, 2)
     assert redis_client.xlen(keys.dead(0)) == 1
@@ -170,7 +171,7 @@ def test_history_is_written_with_the_entry(settings_for: Settings,
     appended = StreamProducer(capped).enqueue([entry("/n/h", j) for j in range(5)])
     assert appended is not None
     key = Keys(capped.key_prefix).history(appended[0].shard, "/n/h")
-    kept = redis_client.xrange(key)
+    kept = cast(RawEntries, redis_client.xrange(key))
     assert [sid for sid, _ in kept] == [b"3-0", b"4-0", b"5-0"]  # ids are the seqs
     assert [f[b"i"].decode() for _, f in kept] == [a.stream_id for a in appended[2:]]
     assert 0 < redis_client.ttl(key) <= 100

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -119,7 +119,7 @@ def test_relay_statements_skip_djangos_cursor_unless_watched(outbox_django: Sett
         assert [(r.node, r.pk, r.payload) for r in rows] == [
             ("/n/0", "0", b"<o>0</o>"), ("/n/1", "1", b"<o>1</o>")]
         assert outbox.count(connection.alias) == 3
-        outbox.delete(connection.alias, [rows[0].oid])
+        outbox.delete(connection.alias, [cast(int, rows[0].oid)])  # oldest_entries sets oids
     seen: list[str] = []
 
     def watch(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
@@ -129,7 +129,7 @@ def test_relay_statements_skip_djangos_cursor_unless_watched(outbox_django: Sett
     with connection.execute_wrapper(watch):
         rows = outbox.oldest_entries(connection.alias, 10)
         assert [r.pk for r in rows] == ["1", "2"]
-        outbox.delete(connection.alias, [r.oid for r in rows])
+        outbox.delete(connection.alias, [cast(int, r.oid) for r in rows])
         assert outbox.count(connection.alias) == 0
     assert seen == ["SELECT", "DELETE", "SELECT"]
 

@@ -360,7 +360,8 @@ async def try_everything(peer: Peer, service: str, node: str, own_node: str) -> 
     answers["publish (auto-create)"] = await refused(ps.publish(service, own_node + "x",
                                                                 payload=item))
     answers["get configuration"] = await refused(ps.get_node_config(service, node))
-    form = peer.client.plugin["xep_0004"].make_form(ftype="submit")
+    form = peer.client.plugin["xep_0004"].make_form(  # type: ignore[no-untyped-call]
+        ftype="submit")  # slixmpp leaves make_form unannotated
     form.add_field(var="FORM_TYPE", ftype="hidden",
                    value="http://jabber.org/protocol/pubsub#node_config")
     form.add_field(var="pubsub#publish_model", value="open")
