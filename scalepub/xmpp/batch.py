@@ -85,7 +85,8 @@ def entry_tail(*, ts_ns: int, model: bytes, pk: bytes, fmt: bytes, payload: byte
 def _has_cdata_end(xml: bytes) -> bool:
     # find(), not ``in``: bytes' ``in`` first tries its operand as an int and clears the
     # TypeError (0.85 against 0.3 us on an entry here, once per entry on the relay and the
-    # shard); "]" alone is one memchr, and rare in payloads.
+    # shard). "]" alone is one memchr and rare in XML payloads; a JSON payload always holds
+    # one, and then the two finds cost about what ``in`` did.
     return xml.find(b"]") >= 0 and xml.find(_CDATA_END) >= 0
 
 
