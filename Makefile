@@ -26,7 +26,7 @@ PG_TESTS := tests/test_atomic.py tests/test_outbox.py tests/test_django_handoff.
 test-postgres: venv
 	SCALEPUB_TEST_DATABASE=postgres $(BIN)/pytest -q -m "django_db or postgres" $(PG_TESTS)
 
-## lint: ruff, mypy --strict (scalepub, tests, loadtest: [tool.mypy] files), and the layering contracts of pyproject.toml (import-linter)
+## lint: ruff, mypy --strict (pyproject.toml [tool.mypy] files), the layering contracts (import-linter)
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy
