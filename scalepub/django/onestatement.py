@@ -66,7 +66,7 @@ _TRIGGERS = "scalepub_one_statement_triggers"  # attribute of Django's SQLite co
 
 @dataclass(slots=True)
 class Claim:
-    """A create that may run as one statement, from save_base until its block ends."""
+    """A create that may run as one statement, from its `_do_insert` until its block ends."""
 
     instance: Model
     reg: Registration
